@@ -1,0 +1,90 @@
+"""Block masks: a bool tensor of shape (ceil(R/bh), ceil(C/bw)), True = live block.
+
+A mask is a fact about the model: it is derived once from the pruned weights (a block is pruned iff every entry
+is zero) or given explicitly, and it never changes during training.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+BlockSize = Union[int, Sequence[int]]
+
+
+def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
+    """An int or a pair -> (bh, bw), both >= 1."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        bh = bw = block_size
+    else:
+        try:
+            bh, bw = (int(x) for x in block_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"block_size must be an int or a pair of ints, got {block_size!r}") from None
+    if bh < 1 or bw < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    return bh, bw
+
+
+def block_grid(shape: Sequence[int], block_size: BlockSize) -> Tuple[int, int]:
+    """Shape of the block mask of a 2-D tensor: (ceil(R/bh), ceil(C/bw))."""
+    bh, bw = normalize_block_size(block_size)
+    rows, cols = shape
+    return math.ceil(rows / bh), math.ceil(cols / bw)
+
+
+def _padded_blocks(weight: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+    """(nbr, bh, nbc, bw) view of `weight`, zero-padded to whole blocks (a copy only when padding is needed)."""
+    rows, cols = weight.shape
+    nbr, nbc = math.ceil(rows / bh), math.ceil(cols / bw)
+    if rows % bh or cols % bw:
+        weight = torch.nn.functional.pad(weight, (0, nbc * bw - cols, 0, nbr * bh - rows))
+    return weight.reshape(nbr, bh, nbc, bw)
+
+
+def block_mask_from_zeros(weight: torch.Tensor, block_size: BlockSize = 16) -> torch.Tensor:
+    """True where the block holds any nonzero (NaN counts as nonzero). Same device as `weight`."""
+    if weight.dim() != 2:
+        raise ValueError(f"block masks are for 2-D weights, got shape {tuple(weight.shape)}")
+    bh, bw = normalize_block_size(block_size)
+    return _padded_blocks(weight.detach().ne(0), bh, bw).any(dim=3).any(dim=1)
+
+
+def expand_block_mask(mask: torch.Tensor, shape: Sequence[int], block_size: BlockSize = 16) -> torch.Tensor:
+    """Element-wise bool mask of `shape` from a block mask (for references and tests, not the hot path)."""
+    bh, bw = normalize_block_size(block_size)
+    rows, cols = shape
+    return mask.repeat_interleave(bh, dim=0).repeat_interleave(bw, dim=1)[:rows, :cols]
+
+
+@torch.no_grad()
+def apply_block_mask_(weight: torch.Tensor, mask: torch.Tensor, block_size: BlockSize = 16) -> torch.Tensor:
+    """Zero the pruned blocks of `weight` in place and return it."""
+    weight.mul_(expand_block_mask(mask.to(weight.device), weight.shape, block_size).to(weight.dtype))
+    return weight
+
+
+def random_block_mask(
+    shape: Sequence[int],
+    sparsity: float,
+    block_size: BlockSize = 16,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device: Union[str, torch.device, None] = None,
+) -> torch.Tensor:
+    """A block mask with exactly round(sparsity * n_blocks) pruned blocks, chosen uniformly at random."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    nbr, nbc = block_grid(shape, block_size)
+    n_blocks = nbr * nbc
+    n_pruned = round(sparsity * n_blocks)
+    order = torch.randperm(n_blocks, generator=generator)
+    mask = torch.ones(n_blocks, dtype=torch.bool)
+    mask[order[:n_pruned]] = False
+    return mask.reshape(nbr, nbc).to(device)
+
+
+def live_block_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Row-major linear ids (br * nbc + bc) of the live blocks, int32, sorted: the order of compact state slots."""
+    return mask.reshape(-1).nonzero().reshape(-1).to(torch.int32)

@@ -1,0 +1,51 @@
+import os
+import random
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the H100 with `pytest -m gpu`)")
+    config.addinivalue_line("markers", "slow: takes more than a minute on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A factory for a tiny random LlamaForCausalLM (hidden 64, 2 layers); every Linear dim is a multiple of 16."""
+    def make(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, seed=0):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+    return make
