@@ -1,0 +1,93 @@
+"""Where a parameter's live blocks are, and how its compact optimizer state is laid out.
+
+Compact state format (what `exp_avg` / `exp_avg_sq` hold in the optimizer state):
+
+* A parameter **with** a block mask of shape (nbr, nbc) keeps its state as a tensor of shape (n_live, bh, bw):
+  slot s holds the s-th live block in row-major block order (block id br * nbc + bc ascending). A partial edge
+  block uses the top-left part of its slot; the rest of the slot is never read or written. Pruned blocks have
+  no slot, so state memory is the live fraction of dense.
+* A parameter **without** a mask keeps param-shaped state, exactly as torch.optim.AdamW does. The kernels see it
+  as a (ceil(numel / bw), bw) matrix of whole blocks; row-major order makes slot offsets equal element offsets.
+
+`compact_to_dense` / `dense_to_compact` convert between the two for tools that expect param-shaped state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .masks import block_grid, live_block_ids
+
+
+@dataclass
+class BlockLayout:
+    """The kernels' view of one parameter: a (rows, cols) matrix of (bh, bw) blocks, of which n_live are updated."""
+
+    rows: int
+    cols: int
+    numel: int
+    block: Tuple[int, int]
+    mask: Optional[torch.Tensor]  # (nbr, nbc) bool, or None for an all-live parameter
+    live_ids: Optional[torch.Tensor]  # int32 ids of live blocks (None when all live), on the param's device
+
+    @property
+    def n_block_cols(self) -> int:
+        return math.ceil(self.cols / self.block[1])
+
+    @property
+    def n_live(self) -> int:
+        if self.live_ids is None:
+            return math.ceil(self.rows / self.block[0]) * self.n_block_cols
+        return self.live_ids.numel()
+
+    @property
+    def state_shape(self) -> Tuple[int, ...]:
+        return (self.n_live, *self.block)
+
+    @classmethod
+    def for_param(cls, param: torch.Tensor, block: Tuple[int, int], mask: Optional[torch.Tensor]) -> "BlockLayout":
+        if mask is None:
+            bw = block[1]
+            return cls(math.ceil(param.numel() / bw), bw, param.numel(), block, None, None)
+        rows, cols = param.shape
+        return cls(rows, cols, param.numel(), block, mask, live_block_ids(mask).to(param.device))
+
+
+def new_state(param: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed state for one moment (exp_avg or exp_avg_sq) in the compact format."""
+    if layout.mask is None:
+        return torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+    return torch.zeros(layout.state_shape, dtype=dtype, device=param.device)
+
+
+def _live_coords(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    ids = live_block_ids(mask).long()
+    return ids // mask.shape[1], ids % mask.shape[1]
+
+
+def compact_to_dense(state: torch.Tensor, mask: Optional[torch.Tensor], shape, block) -> torch.Tensor:
+    """Param-shaped copy of a compact state tensor; pruned blocks read as zero."""
+    if mask is None:
+        return state.reshape(shape).clone()
+    bh, bw = block
+    rows, cols = shape
+    nbr, nbc = mask.shape
+    grid = torch.zeros(nbr, nbc, bh, bw, dtype=state.dtype, device=state.device)
+    br, bc = _live_coords(mask.to(state.device))
+    grid[br, bc] = state
+    return grid.permute(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)[:rows, :cols].contiguous()
+
+
+def dense_to_compact(dense: torch.Tensor, mask: Optional[torch.Tensor], block) -> torch.Tensor:
+    """Compact copy of a param-shaped state tensor (the inverse of `compact_to_dense` on live blocks)."""
+    if mask is None:
+        return dense.clone()
+    bh, bw = block
+    rows, cols = dense.shape
+    nbr, nbc = block_grid(dense.shape, block)
+    padded = torch.nn.functional.pad(dense, (0, nbc * bw - cols, 0, nbr * bh - rows))
+    br, bc = _live_coords(mask.to(dense.device))
+    return padded.reshape(nbr, bh, nbc, bw).permute(0, 2, 1, 3)[br, bc].contiguous()

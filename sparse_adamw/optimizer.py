@@ -1,0 +1,258 @@
+"""SparseAdamW: a drop-in torch.optim.Optimizer that updates only the live blocks of block-pruned weights."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Union
+
+import torch
+
+from .backends import ParamUpdate, requested_impl, select_backend
+from .layout import BlockLayout, compact_to_dense, new_state
+from .masks import BlockSize, block_grid, block_mask_from_zeros, normalize_block_size
+
+logger = logging.getLogger("sparse_adamw")
+
+_STATE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, torch.optim.AdamW's convention) restricted to live blocks.
+
+    Args:
+        params: tensors or param-group dicts, as for any torch optimizer.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW; per group as usual.
+        masks: None (every parameter dense), a dict {param: bool block mask, True = live}, or "auto": every 2-D
+            parameter with at least one all-zero block gets the mask of its nonzero blocks.
+        block_size: int or (bh, bw); a mask of a (R, C) parameter has shape (ceil(R/bh), ceil(C/bw)).
+        impl: "auto", "torch" or "triton". "auto" honours the SPARSE_ADAMW_IMPL environment variable.
+        state_dtype: dtype of exp_avg / exp_avg_sq: torch.float32 (default) or torch.bfloat16.
+
+    Pruned blocks are never read or written: they stay bitwise as they are whatever their gradient holds, and
+    they have no optimizer state (see `sparse_adamw.layout` for the compact state format).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        masks: Union[None, str, Dict[torch.Tensor, torch.Tensor]] = None,
+        block_size: BlockSize = 16,
+        impl: str = "auto",
+        state_dtype: Union[None, str, torch.dtype] = None,
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        block_size=normalize_block_size(block_size))
+        requested_impl(impl)  # validate early
+        self.impl = impl
+        self.state_dtype = _state_dtype(state_dtype)
+        self._layouts: Dict[torch.Tensor, BlockLayout] = {}
+        self._kernel_cache: Dict = {}
+        self._backends: Dict = {}
+        super().__init__(params, defaults)
+        if masks is not None:
+            self._set_masks(masks)
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def add_param_group(self, param_group):
+        if isinstance(param_group, dict) and "block_size" in param_group:
+            param_group["block_size"] = normalize_block_size(param_group["block_size"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if not float(lr) >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid eps: {eps} (must be >= 0)")
+        for i, beta in enumerate((beta1, beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta at index {i}: {beta} (must be in [0, 1))")
+        if not wd >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {wd} (must be >= 0)")
+        for p in group["params"]:
+            what = self._describe(p)
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError(f"SparseAdamW does not support sparse tensors: {what}")
+            if p.is_complex():
+                raise ValueError(f"SparseAdamW does not support complex tensors: {what}")
+            if p.dtype not in _PARAM_DTYPES:
+                raise ValueError(f"SparseAdamW supports float32/bfloat16/float16/float64 params: {what} is {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError(f"SparseAdamW needs contiguous params: {what} is not")
+
+    def _describe(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(getattr(self, "param_groups", [])):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    name = repr(names[pi]) if names else f"#{pi}"
+                    return f"parameter {name} of group {gi} (shape {tuple(p.shape)}, {p.dtype})"
+        return f"parameter of shape {tuple(p.shape)} ({p.dtype})"
+
+    def _group_of(self, p: torch.Tensor):
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        return None
+
+    def _set_masks(self, masks) -> None:
+        if isinstance(masks, str):
+            if masks != "auto":
+                raise ValueError(f'masks must be None, "auto" or a dict {{param: block mask}}, got {masks!r}')
+            self._auto_masks()
+            return
+        if not isinstance(masks, dict):
+            raise TypeError(f'masks must be None, "auto" or a dict {{param: block mask}}, got {type(masks).__name__}')
+        for p, mask in masks.items():
+            group = self._group_of(p) if isinstance(p, torch.Tensor) else None
+            if group is None:
+                what = f"tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)
+                raise ValueError(f"masks has a key that is not among the optimizer's parameters: {what}")
+            self._check_mask(p, mask, group["block_size"])
+            nonzero = block_mask_from_zeros(p, group["block_size"])
+            leaked = int((nonzero & ~mask).sum())
+            if leaked:
+                logger.warning("%s has nonzeros in %d blocks its mask marks pruned; SparseAdamW leaves them as they "
+                               "are (sparse_adamw.masks.apply_block_mask_ zeros them)", self._describe(p), leaked)
+            self.state[p]["block_mask"] = mask
+
+    def _check_mask(self, p: torch.Tensor, mask, block) -> None:
+        what = self._describe(p)
+        if p.dim() != 2:
+            raise ValueError(f"{what} has {p.dim()} dims; block masks are for 2-D parameters")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"the mask of {what} must be a torch.bool tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"the mask of {what} must be torch.bool (True = live block), got {mask.dtype}")
+        expected = block_grid(p.shape, block)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"the mask of {what} has shape {tuple(mask.shape)}; blocks of {block[0]}x{block[1]} "
+                             f"need {expected}")
+        if mask.device != p.device:
+            raise ValueError(f"the mask of {what} is on {mask.device}, the parameter on {p.device}")
+
+    @torch.no_grad()
+    def _auto_masks(self) -> None:
+        n_params = n_masked = n_blocks = n_pruned = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                n_params += 1
+                if p.dim() != 2:
+                    continue
+                mask = block_mask_from_zeros(p, group["block_size"])
+                if not mask.all():
+                    self.state[p]["block_mask"] = mask
+                    n_masked += 1
+                    n_blocks += mask.numel()
+                    n_pruned += int((~mask).sum())
+        bh, bw = self.defaults["block_size"]
+        logger.info("SparseAdamW: masks for %d of %d parameters (2-D, with all-zero %dx%d blocks); %.2f%% of their "
+                    "blocks pruned", n_masked, n_params, bh, bw, 100.0 * n_pruned / max(n_blocks, 1))
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def _layout(self, p: torch.Tensor, group) -> BlockLayout:
+        layout = self._layouts.get(p)
+        if layout is None:
+            layout = BlockLayout.for_param(p, group["block_size"], self.state[p].get("block_mask"))
+            self._layouts[p] = layout
+        return layout
+
+    def _backend(self, device: torch.device, dtypes):
+        key = (device, dtypes)
+        if key not in self._backends:
+            backend = select_backend(self.impl, device)
+            if not set(dtypes) <= set(backend.DTYPES):
+                if requested_impl(self.impl) != "auto":
+                    raise TypeError(f"sparse_adamw backend {self.impl!r} does not support {dtypes}")
+                backend = select_backend("torch", device)  # e.g. float64 params
+            self._backends[key] = backend
+        return self._backends[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches: Dict[tuple, list] = {}
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"SparseAdamW does not support sparse gradients: {self._describe(p)}")
+                if grad.shape != p.shape:
+                    raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for {self._describe(p)}")
+                grad = grad.contiguous()
+                layout = self._layout(p, group)
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = new_state(p, layout, self.state_dtype)
+                    state["exp_avg_sq"] = new_state(p, layout, self.state_dtype)
+                state["step"] += 1
+                update = ParamUpdate(p, grad, state["exp_avg"], state["exp_avg_sq"], layout, state["step"],
+                                     float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+                key = (p.device, p.dtype, grad.dtype, state["exp_avg"].dtype, layout.block)
+                batches.setdefault(key, []).append(update)
+        for (device, *dtypes, _), updates in batches.items():
+            self._backend(device, tuple(dtypes)).step(updates, self._kernel_cache)
+        return loss
+
+    # ----------------------------------------------------------------------------------------------- state I/O
+    def load_state_dict(self, state_dict) -> None:
+        # torch casts every floating state tensor to the param's dtype (and masks too); ours keep their dtype.
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved_group["params"], group["params"]):
+                for key, value in state_dict["state"].get(index, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+                self._check_loaded_state(p, group)
+        self._layouts.clear()
+        self._kernel_cache.clear()
+
+    def _check_loaded_state(self, p: torch.Tensor, group) -> None:
+        state = self.state[p]
+        if "block_mask" in state:
+            self._check_mask(p, state["block_mask"], group["block_size"])
+        if "exp_avg" in state:
+            layout = BlockLayout.for_param(p, group["block_size"], state.get("block_mask"))
+            expected = tuple(p.shape) if layout.mask is None else layout.state_shape
+            for key in ("exp_avg", "exp_avg_sq"):
+                if tuple(state[key].shape) != expected:
+                    raise ValueError(f"loaded {key} of shape {tuple(state[key].shape)} does not fit "
+                                     f"{self._describe(p)}: expected {expected}")
+
+    def dense_state(self, p: torch.Tensor) -> Dict[str, object]:
+        """Param-shaped copies of p's state ({"step", "exp_avg", "exp_avg_sq"}; pruned blocks read as 0)."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            return {}
+        block = self._group_of(p)["block_size"]
+        mask = state.get("block_mask")
+        return {"step": state["step"],
+                **{k: compact_to_dense(state[k], mask, p.shape, block) for k in ("exp_avg", "exp_avg_sq")}}
+
+    def state_bytes(self) -> int:
+        """Bytes held in exp_avg and exp_avg_sq over all parameters."""
+        return sum(s[k].numel() * s[k].element_size() for s in self.state.values()
+                   for k in ("exp_avg", "exp_avg_sq") if k in s)
+
+
+def _state_dtype(state_dtype) -> torch.dtype:
+    if state_dtype is None:
+        return torch.float32
+    if isinstance(state_dtype, str):
+        if state_dtype.lower() not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype!r}")
+        return _STATE_DTYPES[state_dtype.lower()]
+    if state_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+    return state_dtype

@@ -1,0 +1,152 @@
+"""Every backend against the reference, step by step, on fresh random inputs.
+
+Live values: the backend's error against an fp64 reference is at most twice that of the fp32 reference (plain
+PyTorch math) plus a little. Pruned blocks: params and state compared with torch.equal, while their gradients
+hold NaN, inf and huge values.
+"""
+import os
+
+import pytest
+import torch
+
+from sparse_adamw import SparseAdamW, apply_block_mask_, compact_to_dense, random_block_mask, sparse_adamw_reference
+from sparse_adamw.masks import expand_block_mask
+from tests.utils import assert_close_verbose
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["torch", "triton"]
+HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05)
+
+
+def _skip_unrunnable(impl, device):
+    if impl == "triton" and device == "cpu" and not INTERPRET:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+def _poison_grad(grad, live):
+    """Put NaN, inf and huge values in the pruned entries of `grad`."""
+    pruned = ~live
+    n = int(pruned.sum())
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -3e38])
+    grad[pruned] = junk.repeat(n // 5 + 1)[:n].to(grad.dtype)
+    return grad
+
+
+def _check_step(opt, param, before, grad, step, mask, block, msg):
+    """Compare one step of `opt` on `param` with the reference, from the same pre-step state `before`."""
+    p0, m0, v0 = before
+    ref32 = sparse_adamw_reference(p0, grad, m0, v0, step=step, block_mask=mask, block_size=block, **HYPER)
+    ref64 = sparse_adamw_reference(p0, grad, m0, v0, step=step, block_mask=mask, block_size=block,
+                                   compute_dtype=torch.float64, **HYPER)
+    state = opt.dense_state(param)
+    got = (param.detach(), state["exp_avg"], state["exp_avg_sq"])
+    live = expand_block_mask(mask.cpu(), param.shape, block) if mask is not None else torch.ones(param.shape, dtype=torch.bool)
+    for name, g, r32, r64, old in zip(("param", "exp_avg", "exp_avg_sq"), got, ref32, ref64, before):
+        g, r32, r64, old = (t.cpu() for t in (g, r32, r64, old))
+        assert torch.equal(g[~live], old[~live]), f"{msg}: {name} changed in a pruned block at step {step}"
+        if live.any():
+            err_ours = (g[live].double() - r64.double()[live]).abs().max().item()
+            err_torch = (r32[live].double() - r64.double()[live]).abs().max().item()
+            tiny = 1e-7 * r64.double()[live].abs().max().item()
+            assert err_ours <= 2 * err_torch + tiny, (
+                f"{msg}: {name} at step {step}: error {err_ours:.3g} vs reference fp32 error {err_torch:.3g}")
+    return tuple(t.detach().cpu().clone() for t in got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.5, 1.0])
+def test_backend_matches_reference(device, impl, dtype, sparsity):
+    _skip_unrunnable(impl, device)
+    shape, block = (75, 93), (16, 16)  # neither dim a multiple of 16: partial edge blocks everywhere
+    mask = random_block_mask(shape, sparsity, block, device=device)
+    param = apply_block_mask_(torch.randn(shape, device=device).to(dtype), mask, block)
+    opt = SparseAdamW([param], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                      weight_decay=HYPER["weight_decay"], masks={param: mask}, block_size=block, impl=impl)
+    live = expand_block_mask(mask.cpu(), shape, block)
+    before = (param.detach().cpu().clone(), torch.zeros(shape), torch.zeros(shape))
+    for step in range(1, 8):
+        grad = _poison_grad(torch.randn(shape), live).to(dtype)
+        param.grad = grad.to(device)
+        opt.step()
+        before = _check_step(opt, param, before, grad, step, mask.cpu(), block,
+                             f"{impl}/{device}/{dtype}/sparsity {sparsity}")
+    assert torch.equal(param.detach().cpu()[~live], torch.zeros(int((~live).sum()), dtype=dtype))
+    # Compact state: exactly one slot per live block.
+    assert opt.state[param]["exp_avg"].shape == (int(mask.sum()), *block)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("shape,block", [((1151, 278), (16, 16)), ((33, 100), (8, 32)), ((40, 21), (5, 3)),
+                                         ((1, 700), (16, 16)), ((16, 16), (16, 16))])
+def test_odd_shapes_and_block_sizes(device, impl, shape, block):
+    _skip_unrunnable(impl, device)
+    mask = random_block_mask(shape, 0.3, block, device=device)
+    param = apply_block_mask_(torch.randn(shape, device=device), mask, block)
+    opt = SparseAdamW([param], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                      weight_decay=HYPER["weight_decay"], masks={param: mask}, block_size=block, impl=impl)
+    live = expand_block_mask(mask.cpu(), shape, block)
+    before = (param.detach().cpu().clone(), torch.zeros(shape), torch.zeros(shape))
+    for step in range(1, 8):
+        grad = _poison_grad(torch.randn(shape), live)
+        param.grad = grad.to(device)
+        opt.step()
+        before = _check_step(opt, param, before, grad, step, mask.cpu(), block, f"{impl}/{shape}/{block}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_many_params_one_step(device, impl):
+    """Masked, unmasked, 1-D, empty and grad-less params of one dtype together, against per-param references."""
+    _skip_unrunnable(impl, device)
+    shapes = [(64, 48), (37, 50), (128,), (1,), (0,), (17, 33), (5, 3, 7), (48, 16)]
+    params = [torch.randn(s, device=device) for s in shapes]
+    masks = {}
+    for i in (0, 1, 7):
+        masks[params[i]] = random_block_mask(shapes[i], 0.4, device=device)
+        apply_block_mask_(params[i], masks[params[i]])
+    opt = SparseAdamW(params, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                      weight_decay=HYPER["weight_decay"], masks=masks, impl=impl)
+    no_grad = params[5]
+    frozen = no_grad.detach().clone()
+    befores = [(p.detach().cpu().clone(), torch.zeros(p.shape), torch.zeros(p.shape)) for p in params]
+    for step in range(1, 8):
+        grads = [torch.randn(p.shape) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.to(device)
+        no_grad.grad = None
+        opt.step()
+        for i, p in enumerate(params):
+            if p is no_grad:
+                continue
+            mask = masks.get(p)
+            befores[i] = _check_step(opt, p, befores[i], grads[i], step, None if mask is None else mask.cpu(),
+                                     (16, 16), f"{impl}, param {i} {tuple(p.shape)}")
+    assert torch.equal(no_grad, frozen)
+    assert "exp_avg" not in opt.state[no_grad]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_one_launch_per_dtype(device, monkeypatch):
+    _skip_unrunnable("triton", device)
+    from sparse_adamw.triton_kernels import sparse_adamw as kernels
+
+    launches = []
+    real = kernels._sparse_adamw_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_sparse_adamw_kernel", Counting())
+    fp32 = [torch.randn(32, 48, device=device) for _ in range(5)] + [torch.randn(20, device=device)]
+    bf16 = [torch.randn(16, 64, device=device, dtype=torch.bfloat16) for _ in range(4)]
+    opt = SparseAdamW(fp32 + bf16, impl="triton")
+    for p in fp32 + bf16:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert len(launches) == 2
