@@ -150,3 +150,29 @@ def test_triton_one_launch_per_dtype(device, monkeypatch):
         p.grad = torch.randn_like(p)
     opt.step()
     assert len(launches) == 2
+
+
+def _n_compiled(fn):
+    """Number of compiled variants of a Triton kernel (the cache attribute moved across Triton versions)."""
+    if hasattr(fn, "device_caches"):
+        return sum(len(caches[0]) for caches in fn.device_caches.values())
+    return sum(len(c) for c in fn.cache.values())
+
+
+@pytest.mark.gpu
+def test_triton_does_not_recompile_when_lr_and_step_change():
+    from sparse_adamw.triton_kernels import sparse_adamw as kernels
+
+    params = [torch.randn(64, 80, device="cuda"), torch.randn(33, device="cuda")]
+    masks = {params[0]: random_block_mask(params[0].shape, 0.5, device="cuda")}
+    opt = SparseAdamW(params, lr=1e-3, masks=masks, impl="triton")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    counts = []
+    for _ in range(6):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+        torch.cuda.synchronize()
+        counts.append(_n_compiled(kernels._sparse_adamw_kernel))
+    assert counts[0] >= 1 and counts == [counts[0]] * 6

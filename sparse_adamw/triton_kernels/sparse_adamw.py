@@ -107,6 +107,11 @@ def _sparse_adamw_kernel(
     _store(v_ptr + state_offs, v, ok, S_DTYPE)
 
 
+# Launch parameters; 0 blocks per program picks about 4096 elements. Benchmarks set these to sweep them.
+BLOCKS_PER_PROGRAM = 0
+NUM_WARPS = 4
+
+
 def _blocks_per_program(block) -> int:
     # About 4096 elements per program: enough bytes in flight per SM without starving the grid.
     return max(1, triton.next_power_of_2(max(1, 4096 // (block[0] * block[1]))))
@@ -134,14 +139,14 @@ def _plan(updates, cache: Dict, k: int):
     return shape_cols, prog_tensor
 
 
-def step(updates, cache: Dict, blocks_per_program: int = 0, num_warps: int = 4) -> None:
+def step(updates, cache: Dict) -> None:
     """Update `updates` (one device, param dtype, grad dtype and state dtype) in one launch."""
     updates = [u for u in updates if u.layout.numel and u.layout.n_live]
     if not updates:
         return
     first = updates[0]
     block = first.layout.block
-    k = blocks_per_program or _blocks_per_program(block)
+    k = BLOCKS_PER_PROGRAM or _blocks_per_program(block)
     shape_cols, prog_tensor = _plan(updates, cache, k)
 
     meta, hyper = [], []
@@ -162,5 +167,5 @@ def step(updates, cache: Dict, blocks_per_program: int = 0, num_warps: int = 4) 
         BH=block[0], BW=block[1],
         TILE_H=triton.next_power_of_2(block[0]), TILE_W=triton.next_power_of_2(block[1]),
         K=k,
-        num_warps=num_warps,
+        num_warps=NUM_WARPS,
     )

@@ -1,0 +1,134 @@
+"""Time one optimizer.step() on LLaMA-7B-shaped Linear weights with random 16x16 block masks.
+
+Contenders, side by side in one process on one card: torch AdamW (foreach, fused), fused + dense mask reapply,
+Wanda's gradient masking (per micro-step, and at gradient accumulation 8 with the fused step), SparseAdamW.
+Prints a markdown table last and appends CSV rows (card, versions, git SHA, date).
+
+    python benchmarks/bench_step.py --layers 8 --dtype fp32 bf16 --sparsity 0 0.2 0.5 0.8
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import (LLAMA7B_LAYER_SHAPES, append_csv, copy_bandwidth_gbs, environment,  # noqa: E402
+                    markdown_table, median_ms)
+
+from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask  # noqa: E402
+from sparse_adamw.masks import expand_block_mask  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONTENDERS = ("torch_foreach", "torch_fused", "fused_reapply", "wanda_gradmask_ga8", "sparse_adamw_triton")
+
+
+def make_params(layers, dtype, sparsity, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, masks = [], [], []
+    for _ in range(layers):
+        for shape in LLAMA7B_LAYER_SHAPES:
+            mask = random_block_mask(shape, sparsity, generator=gen, device="cuda")
+            p = torch.randn(shape, device="cuda", dtype=dtype).mul_(0.02)
+            apply_block_mask_(p, mask)
+            params.append(p)
+            grads.append(torch.randn(shape, device="cuda", dtype=dtype).mul_(1e-3))
+            masks.append(mask)
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params, masks
+
+
+def run_contender(name, params, masks, dtype, tuning=None):
+    """Return (ms per optimizer step, ms per micro-step or None, optimizer-state bytes, peak GiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    micro_ms = None
+    if name == "sparse_adamw_triton":
+        state_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl="triton", state_dtype=state_dtype)
+        from sparse_adamw.triton_kernels import sparse_adamw as kernels
+        kernels.BLOCKS_PER_PROGRAM, kernels.NUM_WARPS = tuning or (0, 4)
+        step = opt.step
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=name == "torch_foreach", fused=name != "torch_foreach")
+        step = opt.step
+        if name == "fused_reapply":
+            dense = [expand_block_mask(m, p.shape).to(p.dtype) for p, m in zip(params, masks)]
+
+            def step():
+                opt.step()
+                for p, d in zip(params, dense):
+                    p.mul_(d)
+        elif name == "wanda_gradmask_ga8":
+            def gradmask():
+                for p in params:
+                    p.grad[p == 0] = 0
+            micro_ms = median_ms(gradmask)
+
+    ms = median_ms(step)
+    if micro_ms is not None:
+        ms += 8 * micro_ms
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+                if k in ("exp_avg", "exp_avg_sq"))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del opt, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ms, micro_ms, state, peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="LLaMA-7B decoder layers of Linear weights (8 = 1.62 B)")
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    parser.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.2, 0.5, 0.8])
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--sweep", action="store_true", help="also try Triton blocks-per-program x num_warps")
+    parser.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results", "bench_step.csv"))
+    args = parser.parse_args()
+
+    env = environment()
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{env['gpu']}: copy bandwidth {copy_gbs:.0f} GB/s (read + write); torch {env['torch']}, "
+          f"triton {env['triton']}", flush=True)
+    rows = []
+    for dtype_name in args.dtype:
+        dtype = DTYPES[dtype_name]
+        # bytes per live element: read p g m v, write p m v (states fp32 for fp32 params, bf16 for bf16)
+        per_elem = 28 if dtype == torch.float32 else 14
+        for sparsity in args.sparsity:
+            params, masks = make_params(args.layers, dtype, sparsity)
+            n = sum(p.numel() for p in params)
+            live = sum(int(m.sum()) * 256 for m in masks)  # every shape is a multiple of 16
+            floor_ms = live * per_elem / copy_gbs / 1e6
+            variants = [(c, None) for c in args.contenders]
+            if args.sweep and "sparse_adamw_triton" in args.contenders:
+                variants += [("sparse_adamw_triton", (k, w)) for k in (8, 16, 32, 64) for w in (4, 8)]
+            for name, tuning in variants:
+                ms, micro, state, peak = run_contender(name, params, masks, dtype, tuning)
+                label = name if tuning is None else f"{name} K={tuning[0]} w={tuning[1]}"
+                row = dict(env, params=n, dtype=dtype_name, sparsity=sparsity, contender=label,
+                           ms=round(ms, 3), micro_step_ms=round(micro, 3) if micro else "",
+                           live_gbs=round(live * per_elem / ms / 1e6, 1),
+                           pct_copy_bw=round(100 * floor_ms / ms, 1), floor_ms=round(floor_ms, 3),
+                           state_gib=round(state / 2**30, 2), peak_gib=round(peak, 2), copy_gbs=round(copy_gbs))
+                rows.append(row)
+                print(f"  {dtype_name} s={sparsity} {label}: {ms:.2f} ms ({row['pct_copy_bw']}% of floor)", flush=True)
+            del params, masks
+            gc.collect()
+            torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    append_csv(args.csv, rows)
+    print()
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {rows[0]['params'] if rows else 0:,} params, "
+          f"copy {copy_gbs:.0f} GB/s; live GB/s and % of the live-bytes floor at copy bandwidth")
+    print(markdown_table(rows, ["dtype", "sparsity", "contender", "ms", "micro_step_ms", "floor_ms", "pct_copy_bw",
+                                "live_gbs", "state_gib", "peak_gib"]))
+
+
+if __name__ == "__main__":
+    main()

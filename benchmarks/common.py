@@ -1,0 +1,75 @@
+"""Shared by the benchmark scripts: timing, copy bandwidth, LLaMA-7B shapes, environment and CSV rows."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+from typing import Callable, Dict, List
+
+import torch
+
+# One LLaMA-7B decoder layer's Linear weights: q, k, v, o, gate, up, down.
+LLAMA7B_LAYER_SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+
+
+def median_ms(fn: Callable[[], None], warmup: int = 3, reps: int = 20) -> float:
+    """Median of CUDA-event timings of `fn`, in ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(n_bytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), reps=30)
+    del src, dst
+    return 2 * n_bytes / ms / 1e6
+
+
+def environment() -> Dict[str, str]:
+    import triton
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        sha = ""
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_sha": sha or "unknown",
+    }
+
+
+def append_csv(path: str, rows: List[Dict]) -> None:
+    if not rows:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: List[Dict], columns: List[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
