@@ -91,6 +91,8 @@ def load_model(model: str = DEFAULT_MODEL, device: Union[str, torch.device] = "c
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         lm, tokenizer = _load_gguf(path, dtype)
     else:
+        if not path.exists() and (path.is_absolute() or str(model).startswith((".", "~"))):
+            raise FileNotFoundError(f"model directory {path} does not exist")
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a saved Hugging Face model directory")
         try:

