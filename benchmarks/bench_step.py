@@ -107,7 +107,7 @@ def main():
             floor_ms = live * per_elem / copy_gbs / 1e6
             variants = [(c, None) for c in args.contenders]
             if args.sweep and "sparse_adamw_triton" in args.contenders:
-                variants += [("sparse_adamw_triton", (k, w)) for k in (8, 16, 32, 64) for w in (4, 8)]
+                variants += [("sparse_adamw_triton", (k, w)) for k in (4, 8, 16) for w in (2, 4, 8)]
             for name, tuning in variants:
                 ms, micro, state, peak = run_contender(name, params, masks, dtype, tuning)
                 label = name if tuning is None else f"{name} K={tuning[0]} w={tuning[1]}"

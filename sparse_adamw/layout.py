@@ -31,17 +31,17 @@ class BlockLayout:
     numel: int
     block: Tuple[int, int]
     mask: Optional[torch.Tensor]  # (nbr, nbc) bool, or None for an all-live parameter
-    live_ids: Optional[torch.Tensor]  # int32 ids of live blocks (None when all live), on the param's device
+    n_live: int  # live blocks = compact-state slots
 
     @property
     def n_block_cols(self) -> int:
         return math.ceil(self.cols / self.block[1])
 
-    @property
-    def n_live(self) -> int:
-        if self.live_ids is None:
-            return math.ceil(self.rows / self.block[0]) * self.n_block_cols
-        return self.live_ids.numel()
+    def live_ids(self) -> torch.Tensor:
+        """int32 row-major ids of the live blocks, on the mask's device (all blocks when there is no mask)."""
+        if self.mask is None:
+            return torch.arange(self.n_live, dtype=torch.int32)
+        return live_block_ids(self.mask)
 
     @property
     def state_shape(self) -> Tuple[int, ...]:
@@ -50,10 +50,10 @@ class BlockLayout:
     @classmethod
     def for_param(cls, param: torch.Tensor, block: Tuple[int, int], mask: Optional[torch.Tensor]) -> "BlockLayout":
         if mask is None:
-            bw = block[1]
-            return cls(math.ceil(param.numel() / bw), bw, param.numel(), block, None, None)
+            rows = math.ceil(param.numel() / block[1])
+            return cls(rows, block[1], param.numel(), block, None, math.ceil(rows / block[0]))
         rows, cols = param.shape
-        return cls(rows, cols, param.numel(), block, mask, live_block_ids(mask).to(param.device))
+        return cls(rows, cols, param.numel(), block, mask, int(mask.sum()))
 
 
 def new_state(param: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:

@@ -176,3 +176,31 @@ def test_triton_does_not_recompile_when_lr_and_step_change():
         torch.cuda.synchronize()
         counts.append(_n_compiled(kernels._sparse_adamw_kernel))
     assert counts[0] >= 1 and counts == [counts[0]] * 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_64", [False, True])
+@pytest.mark.parametrize("blocks_per_program", [1, 8])
+def test_triton_launch_variants(device, index_64, blocks_per_program, monkeypatch):
+    """Launch variants (64-bit offsets for huge tensors, tile sizes) compute the same update."""
+    _skip_unrunnable("triton", device)
+    from sparse_adamw.triton_kernels import sparse_adamw as kernels
+
+    monkeypatch.setattr(kernels, "BLOCKS_PER_PROGRAM", blocks_per_program)
+    if index_64:
+        monkeypatch.setattr(kernels, "_INT32_LIMIT", 1000)
+    shape, block = (70, 90), (16, 16)
+    mask = random_block_mask(shape, 0.3, device=device)
+    param = apply_block_mask_(torch.randn(shape, device=device), mask)
+    dense = torch.randn(150, device=device)
+    opt = SparseAdamW([param, dense], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                      weight_decay=HYPER["weight_decay"], masks={param: mask}, impl="triton")
+    live = expand_block_mask(mask.cpu(), shape, block)
+    before = (param.detach().cpu().clone(), torch.zeros(shape), torch.zeros(shape))
+    before_dense = (dense.cpu().clone(), torch.zeros(150), torch.zeros(150))
+    for step in range(1, 8):
+        grad, grad_dense = _poison_grad(torch.randn(shape), live), torch.randn(150)
+        param.grad, dense.grad = grad.to(device), grad_dense.to(device)
+        opt.step()
+        before = _check_step(opt, param, before, grad, step, mask.cpu(), block, "masked")
+        before_dense = _check_step(opt, dense, before_dense, grad_dense, step, None, block, "dense")

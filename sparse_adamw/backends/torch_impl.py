@@ -32,7 +32,7 @@ def _regions(layout: BlockLayout) -> List[_Region]:
     mask = layout.mask
     nbc = mask.shape[1]
     slot_of = torch.full((mask.numel(),), -1, dtype=torch.long, device=mask.device)
-    slot_of[layout.live_ids.long()] = torch.arange(layout.n_live, device=mask.device)
+    slot_of[layout.live_ids().long()] = torch.arange(layout.n_live, device=mask.device)
     full_r, full_c = rows // bh, cols // bw
     row_parts = [(0, full_r * bh, bh, 0, full_r), (full_r * bh, rows, rows - full_r * bh, full_r, 1)]
     col_parts = [(0, full_c * bw, bw, 0, full_c), (full_c * bw, cols, cols - full_c * bw, full_c, 1)]

@@ -8,6 +8,7 @@ plain data, so nothing recompiles. Pruned blocks are not in the live list: no pr
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List
 
 import torch
@@ -19,10 +20,11 @@ DTYPES = tuple(_TL_DTYPES)
 
 
 @triton.jit
-def _store(ptr, x, mask, DTYPE: tl.constexpr):
+def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
     """Store fp32 `x` as DTYPE, rounding to nearest even."""
-    if DTYPE == tl.bfloat16:
-        # By hand: the interpreter's fp32 -> bf16 cast truncates; this is exact on both. NaN and inf survive.
+    if DTYPE == tl.bfloat16 and EXACT_BF16:
+        # By hand: the interpreter's fp32 -> bf16 cast truncates; the GPU's cast is already exact. NaN and inf
+        # survive.
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
@@ -35,6 +37,7 @@ def _sparse_adamw_kernel(
     meta_ptr,
     hyper_ptr,
     prog_tensor_ptr,
+    block_ids_ptr,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
@@ -43,23 +46,37 @@ def _sparse_adamw_kernel(
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     K: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    CHECK_EDGES: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    # meta row (int64): param, grad, exp_avg, exp_avg_sq, live-id addresses; rows, cols, numel, block cols,
-    # live blocks, first program. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, sqrt(bc2).
+    # meta row (int64): param, grad, exp_avg, exp_avg_sq addresses; rows, cols, numel, block cols, live blocks,
+    # first program. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2).
+    # block_ids holds K block ids per program, so that load does not wait for the meta row.
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
-    meta = meta_ptr + t * 11
+    block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
+    meta = meta_ptr + t * 10
     p_ptr = tl.load(meta + 0).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(meta + 1).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(meta + 2).to(tl.pointer_type(S_DTYPE))
     v_ptr = tl.load(meta + 3).to(tl.pointer_type(S_DTYPE))
-    ids_addr = tl.load(meta + 4)
-    rows = tl.load(meta + 5)
-    cols = tl.load(meta + 6)
-    numel = tl.load(meta + 7)
-    n_block_cols = tl.load(meta + 8)
-    n_live = tl.load(meta + 9)
-    prog0 = tl.load(meta + 10)
+    # int32 index math unless some tensor of this launch is too large for it: half the registers and ops.
+    idx = tl.int64 if INDEX_64 else tl.int32
+    rows = tl.load(meta + 4).to(idx)
+    cols = tl.load(meta + 5).to(idx)
+    numel = tl.load(meta + 6).to(idx)
+    n_block_cols = tl.load(meta + 7).to(idx)
+    n_live = tl.load(meta + 8).to(idx)
+    prog0 = tl.load(meta + 9).to(idx)
+    if ALIGNED:
+        # Addresses cast from integers carry no alignment; without these hints every access is scalar.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        cols = tl.multiple_of(cols, 16)
 
     hyper = hyper_ptr + t * 8
     decay = tl.load(hyper + 0)
@@ -69,74 +86,88 @@ def _sparse_adamw_kernel(
     one_minus_beta2 = tl.load(hyper + 4)
     eps = tl.load(hyper + 5)
     step_size = tl.load(hyper + 6)
-    bc2_sqrt = tl.load(hyper + 7)
+    inv_bc2_sqrt = tl.load(hyper + 7)
 
     # Ordinals of this program's blocks among the parameter's live blocks = their compact-state slots.
-    slot = (pid - prog0) * K + tl.arange(0, K).to(tl.int64)
+    slot = (pid.to(idx) - prog0) * K + tl.arange(0, K).to(idx)
     slot_ok = slot < n_live
-    if ids_addr != 0:
-        ids_ptr = ids_addr.to(tl.pointer_type(tl.int32))
-        block_id = tl.load(ids_ptr + slot, mask=slot_ok, other=0).to(tl.int64)
-    else:  # no mask: every block is live, in order
-        block_id = slot
+    block_id = block_id.to(idx)
     block_row = block_id // n_block_cols
     block_col = block_id % n_block_cols
 
-    r = tl.arange(0, TILE_H)[None, :, None]
-    c = tl.arange(0, TILE_W)[None, None, :]
-    row = block_row[:, None, None] * BH + r
-    col = block_col[:, None, None] * BW + c
-    offs = row * cols + col
-    ok = slot_ok[:, None, None] & (r < BH) & (c < BW) & (row < rows) & (col < cols) & (offs < numel)
-    state_offs = slot[:, None, None] * (BH * BW) + r * BW + c
+    # A [K, TILE_H, TILE_W] tile. (A [TILE_H, K, TILE_W] order, a warp reading a row across neighbouring
+    # blocks, measured slower on H100 and H200.)
+    r3 = tl.arange(0, TILE_H).to(idx)[None, :, None]
+    c = tl.arange(0, TILE_W).to(idx)[None, None, :]
+    slot3 = slot[:, None, None]
+    row3 = block_row[:, None, None] * BH + r3
+    col3 = block_col[:, None, None] * BW + c
+    offs = row3 * cols + col3
+    state_offs = slot3 * (BH * BW) + r3 * BW + c
+    ok = slot_ok[:, None, None]
+    if CHECK_EDGES:  # partial blocks somewhere in this launch
+        ok = ok & (r3 < BH) & (c < BW) & (row3 < rows) & (col3 < cols) & (offs < numel)
 
     p = tl.load(p_ptr + offs, mask=ok).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
     m = tl.load(m_ptr + state_offs, mask=ok).to(tl.float32)
     v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
 
-    # DESIGN.md section 1, in torch.optim.AdamW's order; IEEE sqrt and division to track torch closely.
+    # DESIGN.md section 1, in torch.optim.AdamW's order. Fast sqrt and division: their few-ulp error in the
+    # update is far below the rounding of p itself, and IEEE ones cost bf16 a third of its bandwidth.
     p = p * decay
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p - step_size * tl.div_rn(m, denom)
+    denom = tl.sqrt(v) * inv_bc2_sqrt + eps
+    p = p - step_size * (m / denom)
 
-    _store(p_ptr + offs, p, ok, P_DTYPE)
-    _store(m_ptr + state_offs, m, ok, S_DTYPE)
-    _store(v_ptr + state_offs, v, ok, S_DTYPE)
+    _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
+    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
+    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
 
 
-# Launch parameters; 0 blocks per program picks about 4096 elements. Benchmarks set these to sweep them.
+# Launch parameters; 0 blocks per program picks about 2048 elements. Benchmarks set these to sweep them.
 BLOCKS_PER_PROGRAM = 0
 NUM_WARPS = 4
+_INT32_LIMIT = 2**31  # tests lower it to exercise the int64 path
 
 
 def _blocks_per_program(block) -> int:
-    # About 4096 elements per program: enough bytes in flight per SM without starving the grid.
-    return max(1, triton.next_power_of_2(max(1, 4096 // (block[0] * block[1]))))
+    # About 2048 elements per program, 16 per thread at 4 warps: the best of a sweep on H100 and H200
+    # (benchmarks/RESULTS.md); larger tiles spill registers.
+    return max(1, triton.next_power_of_2(max(1, 2048 // (block[0] * block[1]))))
 
 
 def _plan(updates, cache: Dict, k: int):
-    """Static part of a launch (cached per set of layouts): the int64 table's shape columns and program map."""
+    """Static part of a launch, cached per set of layouts: shape columns, program -> tensor map, block ids."""
     key = ("triton_plan", k) + tuple(id(u.layout) for u in updates)
     hit = cache.get(key)
     if hit is not None and all(a is u.layout for a, u in zip(hit[0], updates)):
-        return hit[1], hit[2]
+        return hit[1:]
+    bh, bw = updates[0].layout.block
+    check_edges = triton.next_power_of_2(bh) != bh or triton.next_power_of_2(bw) != bw
+    aligned = bw % 16 == 0
+    index_64 = False
     shape_cols: List[List[int]] = []
-    prog_tensor = []
+    prog_tensor, block_ids = [], []
     n_prog = 0
     for t, u in enumerate(updates):
         lay = u.layout
-        ids_addr = lay.live_ids.data_ptr() if lay.live_ids is not None and lay.n_live else 0
-        shape_cols.append([ids_addr, lay.rows, lay.cols, lay.numel, lay.n_block_cols, lay.n_live, n_prog])
+        shape_cols.append([lay.rows, lay.cols, lay.numel, lay.n_block_cols, lay.n_live, n_prog])
+        check_edges |= bool(lay.rows % bh or lay.cols % bw or lay.numel != lay.rows * lay.cols)
+        aligned &= lay.cols % 16 == 0
+        # Offsets reach past the last row/column in edge blocks, and past the last slot in the last program.
+        index_64 |= max((lay.rows + bh) * (lay.cols + bw), (lay.n_live + k) * bh * bw) >= _INT32_LIMIT
         progs = math.ceil(lay.n_live / k)
         prog_tensor.append(torch.full((progs,), t, dtype=torch.int32))
+        ids = lay.live_ids().cpu()
+        block_ids += [ids, torch.zeros(progs * k - ids.numel(), dtype=torch.int32)]
         n_prog += progs
     device = updates[0].param.device
-    prog_tensor = torch.cat(prog_tensor).to(device) if prog_tensor else torch.empty(0, dtype=torch.int32)
-    cache[key] = ([u.layout for u in updates], shape_cols, prog_tensor)
-    return shape_cols, prog_tensor
+    prog_tensor = torch.cat(prog_tensor).to(device)
+    block_ids = torch.cat(block_ids).to(device)
+    cache[key] = ([u.layout for u in updates], shape_cols, prog_tensor, block_ids, index_64, check_edges, aligned)
+    return cache[key][1:]
 
 
 def step(updates, cache: Dict) -> None:
@@ -147,25 +178,28 @@ def step(updates, cache: Dict) -> None:
     first = updates[0]
     block = first.layout.block
     k = BLOCKS_PER_PROGRAM or _blocks_per_program(block)
-    shape_cols, prog_tensor = _plan(updates, cache, k)
+    shape_cols, prog_tensor, block_ids, index_64, check_edges, aligned = _plan(updates, cache, k)
 
     meta, hyper = [], []
     for u, static in zip(updates, shape_cols):
-        meta.append([u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr(), *static])
+        addresses = [u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()]
+        aligned = aligned and all(a % 16 == 0 for a in addresses)
+        meta.append(addresses + static)
         hyper.append([
             1 - u.lr * u.weight_decay, u.beta1, 1 - u.beta1, u.beta2, 1 - u.beta2, u.eps,
-            u.lr / (1 - u.beta1**u.step), math.sqrt(1 - u.beta2**u.step),
+            u.lr / (1 - u.beta1**u.step), 1 / math.sqrt(1 - u.beta2**u.step),
         ])
     device = first.param.device
     meta = torch.tensor(meta, dtype=torch.int64).to(device)
     hyper = torch.tensor(hyper, dtype=torch.float32).to(device)
     _sparse_adamw_kernel[(prog_tensor.numel(),)](
-        meta, hyper, prog_tensor,
+        meta, hyper, prog_tensor, block_ids,
         P_DTYPE=_TL_DTYPES[first.param.dtype],
         G_DTYPE=_TL_DTYPES[first.grad.dtype],
         S_DTYPE=_TL_DTYPES[first.exp_avg.dtype],
         BH=block[0], BW=block[1],
         TILE_H=triton.next_power_of_2(block[0]), TILE_W=triton.next_power_of_2(block[1]),
-        K=k,
+        K=k, INDEX_64=index_64, CHECK_EDGES=check_edges,
+        EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1", ALIGNED=aligned,
         num_warps=NUM_WARPS,
     )
