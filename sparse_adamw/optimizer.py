@@ -27,6 +27,10 @@ class SparseAdamW(torch.optim.Optimizer):
         block_size: int or (bh, bw); a mask of a (R, C) parameter has shape (ceil(R/bh), ceil(C/bw)).
         impl: "auto", "torch" or "triton". "auto" honours the SPARSE_ADAMW_IMPL environment variable.
         state_dtype: dtype of exp_avg / exp_avg_sq: torch.float32 (default) or torch.bfloat16.
+        stochastic_rounding: round updated bf16 params up with probability equal to the dropped fraction, so that
+            updates smaller than half a bf16 ulp are kept in expectation. None (default) = on for bf16 params.
+            float16 params always round to nearest.
+        seed: seeds the rounding's counter-based random bits (per parameter and step): runs are reproducible.
 
     Pruned blocks are never read or written: they stay bitwise as they are whatever their gradient holds, and
     they have no optimizer state (see `sparse_adamw.layout` for the compact state format).
@@ -44,9 +48,12 @@ class SparseAdamW(torch.optim.Optimizer):
         block_size: BlockSize = 16,
         impl: str = "auto",
         state_dtype: Union[None, str, torch.dtype] = None,
+        stochastic_rounding: Optional[bool] = None,
+        seed: int = 0,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        block_size=normalize_block_size(block_size))
+                        block_size=normalize_block_size(block_size), stochastic_rounding=stochastic_rounding,
+                        seed=int(seed))
         requested_impl(impl)  # validate early
         self.impl = impl
         self.state_dtype = _state_dtype(state_dtype)
@@ -179,9 +186,12 @@ class SparseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches: Dict[tuple, list] = {}
+        index = -1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            stochastic = group["stochastic_rounding"] is not False
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 grad = p.grad
@@ -197,11 +207,12 @@ class SparseAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = new_state(p, layout, self.state_dtype)
                     state["exp_avg_sq"] = new_state(p, layout, self.state_dtype)
                 state["step"] += 1
+                seed = _rounding_seed(group["seed"], state["step"], index) if stochastic else None
                 update = ParamUpdate(p, grad, state["exp_avg"], state["exp_avg_sq"], layout, state["step"],
-                                     float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
-                key = (p.device, p.dtype, grad.dtype, state["exp_avg"].dtype, layout.block)
+                                     float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], seed)
+                key = (p.device, p.dtype, grad.dtype, state["exp_avg"].dtype, layout.block, stochastic)
                 batches.setdefault(key, []).append(update)
-        for (device, *dtypes, _), updates in batches.items():
+        for (device, *dtypes, _, _), updates in batches.items():
             self._backend(device, tuple(dtypes)).step(updates, self._kernel_cache)
         return loss
 
@@ -244,6 +255,14 @@ class SparseAdamW(torch.optim.Optimizer):
         """Bytes held in exp_avg and exp_avg_sq over all parameters."""
         return sum(s[k].numel() * s[k].element_size() for s in self.state.values()
                    for k in ("exp_avg", "exp_avg_sq") if k in s)
+
+
+def _rounding_seed(seed: int, step: int, index: int) -> int:
+    """A 32-bit seed per (optimizer seed, step, parameter position): murmur3's finaliser of their mix."""
+    h = (seed * 0x9E3779B1 ^ step * 0x85EBCA6B ^ index * 0xC2B2AE35) & 0xFFFFFFFF
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ (h >> shift)) * mult) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 
 
 def _state_dtype(state_dtype) -> torch.dtype:

@@ -13,6 +13,37 @@ import torch
 from .masks import BlockSize, expand_block_mask
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
+    """(a * b) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow."""
+    return (a * (b & 0xFFFF) + (((a * (b >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def hash32(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """32 random bits per element from (element index, seed): murmur3's finaliser, identical in every backend."""
+    h = _mul32(index.to(torch.int64) & _M32, 0x9E3779B1) ^ (seed & _M32)
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def round_to_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+    """Round fp32 `x` to bf16, up (in magnitude) with probability equal to the dropped fraction.
+
+    Adding 16 random bits below bf16's last mantissa bit and truncating is unbiased: E[result] = x. `index` is each
+    element's flat offset in its parameter, so a seed fixes every decision. NaN and inf pass through.
+    """
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _M32
+    bits = (bits + (hash32(index, seed) & 0xFFFF)) & _M32
+    upper = (bits >> 16).to(torch.int32)
+    upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit pattern
+    return upper.to(torch.int16).view(torch.bfloat16)
+
+
 def adamw_math(p, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """The AdamW update on already-upcast tensors (DESIGN.md section 1); returns new (p, m, v)."""
     # Decoupled weight decay first, then the moments, then the bias-corrected step: torch.optim.AdamW's order.
@@ -40,17 +71,23 @@ def sparse_adamw_reference(
     block_mask: Optional[torch.Tensor] = None,
     block_size: BlockSize = 16,
     compute_dtype: torch.dtype = torch.float32,
+    rounding_seed: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (param, exp_avg, exp_avg_sq) after step number `step` (counted from 1), in their input dtypes.
 
     `exp_avg` and `exp_avg_sq` are param-shaped here. `block_mask` (True = live) of shape
     (ceil(R/bh), ceil(C/bw)) restricts the update to live blocks; None means every element is live.
+    With `rounding_seed`, a bf16 param is rounded stochastically (`round_to_bf16_stochastic`).
     """
     p, m, v = adamw_math(
         param.to(compute_dtype), grad.to(compute_dtype), exp_avg.to(compute_dtype), exp_avg_sq.to(compute_dtype),
         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
     )
-    new = (p.to(param.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype))
+    if rounding_seed is not None and param.dtype == torch.bfloat16:
+        new_p = round_to_bf16_stochastic(p, torch.arange(p.numel()).reshape(p.shape), rounding_seed)
+    else:
+        new_p = p.to(param.dtype)
+    new = (new_p, m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype))
     if block_mask is None:
         return new
     live = expand_block_mask(block_mask.to(param.device), param.shape, block_size)

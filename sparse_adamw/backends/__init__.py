@@ -32,6 +32,7 @@ class ParamUpdate(NamedTuple):
     beta2: float
     eps: float
     weight_decay: float
+    rounding_seed: Optional[int]  # None: round to nearest; else stochastic rounding of bf16 params, this seed
 
 
 class BackendUnavailable(RuntimeError):

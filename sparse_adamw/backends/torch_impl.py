@@ -11,7 +11,7 @@ from typing import Dict, List, NamedTuple
 import torch
 
 from ..layout import BlockLayout
-from ..reference import adamw_math
+from ..reference import adamw_math, round_to_bf16_stochastic
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -48,6 +48,13 @@ def _regions(layout: BlockLayout) -> List[_Region]:
     return regions
 
 
+def _round_param(u, p: torch.Tensor, index) -> torch.Tensor:
+    """fp32 -> the param's dtype; `index` (a callable: flat element offsets) only for stochastic rounding."""
+    if u.rounding_seed is not None and u.param.dtype == torch.bfloat16:
+        return round_to_bf16_stochastic(p, index(), u.rounding_seed)
+    return p.to(u.param.dtype)
+
+
 def _math(u, p, g, m, v):
     return adamw_math(
         p.float(), g.float(), m.float(), v.float(),
@@ -55,12 +62,20 @@ def _math(u, p, g, m, v):
     )
 
 
+def _element_index(reg: _Region, cols: int, device) -> torch.Tensor:
+    """Flat offsets in the param of the gathered live blocks of `reg`, shape (n, h, w)."""
+    _, h, _, w = reg.block
+    rows = reg.rows.start + reg.block_rows.to(device)[:, None] * h + torch.arange(h, device=device)
+    cols_ = reg.cols.start + reg.block_cols.to(device)[:, None] * w + torch.arange(w, device=device)
+    return rows[:, :, None] * cols + cols_[:, None, :]
+
+
 @torch.no_grad()
 def step(updates, cache: Dict) -> None:
     for u in updates:
         if u.layout.mask is None:
             p, m, v = _math(u, u.param, u.grad, u.exp_avg, u.exp_avg_sq)
-            u.param.copy_(p)
+            u.param.copy_(_round_param(u, p, lambda: torch.arange(p.numel(), device=p.device).view(p.shape)))
             u.exp_avg.copy_(m)
             u.exp_avg_sq.copy_(v)
             continue
@@ -73,6 +88,6 @@ def step(updates, cache: Dict) -> None:
             h, w = reg.block[1], reg.block[3]
             i, j, s = reg.block_rows, reg.block_cols, reg.slots
             p, m, v = _math(u, pv[i, :, j, :], gv[i, :, j, :], u.exp_avg[s, :h, :w], u.exp_avg_sq[s, :h, :w])
-            pv[i, :, j, :] = p.to(u.param.dtype)
+            pv[i, :, j, :] = _round_param(u, p, lambda: _element_index(reg, u.layout.cols, p.device))
             u.exp_avg[s, :h, :w] = m.to(u.exp_avg.dtype)
             u.exp_avg_sq[s, :h, :w] = v.to(u.exp_avg_sq.dtype)

@@ -20,6 +20,24 @@ DTYPES = tuple(_TL_DTYPES)
 
 
 @triton.jit
+def _hash32(index, seed):
+    """murmur3's finaliser of (index, seed): the same 32 bits as sparse_adamw.reference.hash32."""
+    h = (index * 0x9E3779B1) ^ seed
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _store_bf16_stochastic(ptr, x, mask, index, seed):
+    """Round to bf16 up with probability equal to the dropped fraction (reference.round_to_bf16_stochastic)."""
+    bits = x.to(tl.uint32, bitcast=True) + (_hash32(index, seed) & 0xFFFF)
+    tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+
+
+@triton.jit
 def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
     """Store fp32 `x` as DTYPE, rounding to nearest even."""
     if DTYPE == tl.bfloat16 and EXACT_BF16:
@@ -50,14 +68,15 @@ def _sparse_adamw_kernel(
     CHECK_EDGES: tl.constexpr,
     EXACT_BF16: tl.constexpr,
     ALIGNED: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
 ):
     # meta row (int64): param, grad, exp_avg, exp_avg_sq addresses; rows, cols, numel, block cols, live blocks,
-    # first program. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2).
+    # first program, rounding seed. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2).
     # block_ids holds K block ids per program, so that load does not wait for the meta row.
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
     block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
-    meta = meta_ptr + t * 10
+    meta = meta_ptr + t * 11
     p_ptr = tl.load(meta + 0).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(meta + 1).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(meta + 2).to(tl.pointer_type(S_DTYPE))
@@ -114,14 +133,18 @@ def _sparse_adamw_kernel(
     v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
 
     # DESIGN.md section 1, in torch.optim.AdamW's order. Fast sqrt and division: their few-ulp error in the
-    # update is far below the rounding of p itself, and IEEE ones cost bf16 a third of its bandwidth.
+    # update is far below the rounding of p itself.
     p = p * decay
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     denom = tl.sqrt(v) * inv_bc2_sqrt + eps
     p = p - step_size * (m / denom)
 
-    _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
+    if STOCHASTIC:
+        seed = tl.load(meta + 10).to(tl.uint32)
+        _store_bf16_stochastic(p_ptr + offs, p, ok, offs.to(tl.uint32), seed)
+    else:
+        _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
     _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
     _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
 
@@ -184,7 +207,7 @@ def step(updates, cache: Dict) -> None:
     for u, static in zip(updates, shape_cols):
         addresses = [u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()]
         aligned = aligned and all(a % 16 == 0 for a in addresses)
-        meta.append(addresses + static)
+        meta.append(addresses + static + [u.rounding_seed or 0])
         hyper.append([
             1 - u.lr * u.weight_decay, u.beta1, 1 - u.beta1, u.beta2, 1 - u.beta2, u.eps,
             u.lr / (1 - u.beta1**u.step), 1 / math.sqrt(1 - u.beta2**u.step),
@@ -201,5 +224,6 @@ def step(updates, cache: Dict) -> None:
         TILE_H=triton.next_power_of_2(block[0]), TILE_W=triton.next_power_of_2(block[1]),
         K=k, INDEX_64=index_64, CHECK_EDGES=check_edges,
         EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1", ALIGNED=aligned,
+        STOCHASTIC=first.rounding_seed is not None and first.param.dtype == torch.bfloat16,
         num_warps=NUM_WARPS,
     )
