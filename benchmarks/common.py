@@ -43,11 +43,14 @@ def copy_bandwidth_gbs(n_bytes: int = 4 << 30) -> float:
 def environment() -> Dict[str, str]:
     import triton
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        sha = ""
+    # The device machine gets a copy of the tree without .git: the caller passes the SHA there.
+    sha = os.environ.get("SPARSE_ADAMW_GIT_SHA", "")
+    if not sha:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=os.path.dirname(__file__)).stdout.strip()
+        except OSError:
+            pass
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),

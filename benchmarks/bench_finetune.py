@@ -1,0 +1,156 @@
+"""End-to-end training step of a LLaMA-7B-shaped model (random init, 20% of 16x16 blocks pruned), side by side.
+
+Contenders, in one process on one card:
+  torch_fused        torch AdamW(fused=True), no masking (the speed and memory a dense fine-tune would have)
+  wanda_gradmask     torch AdamW(fused=True) + `grad[W == 0] = 0` after every backward (Wanda's trainer)
+  sparse_adamw       SparseAdamW with block masks (compact state; stochastic rounding for bf16 params)
+
+Reports tokens/s, forward+backward per micro-step, optimizer.step(), gradient masking per micro-step, and peak
+memory. Prints a markdown table last and appends CSV rows.
+
+    # issue 6: 4 layers, fp32 params under bf16 autocast, GA 8
+    python benchmarks/bench_finetune.py --layers 4 --param_dtype fp32 --ga 8
+    # issue 7: the whole 7B shape, bf16 params and grads, gradient checkpointing
+    python benchmarks/bench_finetune.py --layers 32 --param_dtype bf16 --ga 1 --grad_ckpt
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import append_csv, environment, markdown_table  # noqa: E402
+
+from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask  # noqa: E402
+
+CONTENDERS = ("torch_fused", "wanda_gradmask", "sparse_adamw", "sparse_adamw_bf16_state")
+
+
+def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                         max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=param_dtype)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    mask = random_block_mask(module.weight.shape, sparsity, generator=gen, device="cuda")
+                    apply_block_mask_(module.weight, mask)
+                    masks[module.weight] = mask
+    return model, masks
+
+
+def run(name, model, masks, args):
+    param_dtype = next(model.parameters()).dtype
+    if name.startswith("sparse_adamw"):
+        state_dtype = torch.bfloat16 if name.endswith("bf16_state") else torch.float32
+        opt = SparseAdamW(model.parameters(), lr=5e-5, weight_decay=0.0, masks=masks, state_dtype=state_dtype)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
+    masked = list(masks) if name == "wanda_gradmask" else []
+    autocast = param_dtype == torch.float32
+    tokens = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
+    timings = {"fwd_bwd": [], "mask": [], "opt": [], "step": []}
+
+    def ev():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for it in range(args.warmup + args.steps):
+        t0 = ev()
+        fb, mk = 0.0, 0.0
+        for _ in range(args.ga):
+            a = ev()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=tokens, labels=tokens).loss / args.ga
+            loss.backward()
+            b = ev()
+            for p in masked:  # Wanda's trainer: zero the gradients of pruned weights after every backward
+                p.grad[p == 0] = 0
+            c = ev()
+            c.synchronize()
+            fb += a.elapsed_time(b)
+            mk += b.elapsed_time(c)
+        o0 = ev()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        o1 = ev()
+        o1.synchronize()
+        if it >= args.warmup:
+            timings["fwd_bwd"].append(fb / args.ga)
+            timings["mask"].append(mk / args.ga)
+            timings["opt"].append(o0.elapsed_time(o1))
+            timings["step"].append(t0.elapsed_time(o1))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+                if k in ("exp_avg", "exp_avg_sq"))
+    del opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    return dict(contender=name, tokens_per_s=round(args.ga * args.batch * args.seq / med["step"] * 1e3),
+                step_ms=round(med["step"], 1), fwd_bwd_ms=round(med["fwd_bwd"], 1),
+                gradmask_ms=round(med["mask"], 2), opt_step_ms=round(med["opt"], 2),
+                state_gib=round(state / 2**30, 2), peak_gib=round(peak, 2))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--param_dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32 params train under bf16 autocast; bf16 params and grads train as they are")
+    parser.add_argument("--ga", type=int, default=8, help="gradient accumulation steps")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--sparsity", type=float, default=0.2)
+    parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results", "bench_finetune.csv"))
+    args = parser.parse_args()
+
+    env = environment()
+    dtype = torch.float32 if args.param_dtype == "fp32" else torch.bfloat16
+    rows = []
+    for name in args.contenders:
+        # A fresh model per contender: the peak memory of one must not include another's leftovers.
+        model, masks = build_model(args.layers, dtype, args.grad_ckpt, args.sparsity)
+        row = dict(env, layers=args.layers, param_dtype=args.param_dtype, ga=args.ga, seq=args.seq,
+                   grad_ckpt=args.grad_ckpt, **run(name, model, masks, args))
+        rows.append(row)
+        print(f"  {name}: {row['tokens_per_s']} tokens/s, step {row['opt_step_ms']} ms, peak {row['peak_gib']} GiB",
+              flush=True)
+        del model, masks
+        gc.collect()
+        torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    append_csv(args.csv, rows)
+    print()
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; LLaMA-7B dims, {args.layers} layers, "
+          f"{args.param_dtype} params, seq {args.seq}, batch {args.batch}, GA {args.ga}, "
+          f"grad ckpt {args.grad_ckpt}, {args.sparsity:.0%} of 16x16 blocks pruned")
+    print(markdown_table(rows, ["contender", "tokens_per_s", "step_ms", "fwd_bwd_ms", "gradmask_ms", "opt_step_ms",
+                                "state_gib", "peak_gib"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Perplexity and wall time of dense, block-Wanda and block-magnitude SmolLM2-135M (DESIGN.md §6 setup).
+
+    python benchmarks/bench_prune_cpu.py [--nsamples 32 128] [--sparsity 0.2]
+
+One process: the packaged model is loaded once and deep-copied for each method. fp32, the validation split of
+the offline corpus, the first 16 windows of 256 tokens (the CPU defaults of sparse_adamw.evaluate). Appends
+rows to benchmarks/results/prune_cpu.csv and prints a markdown table last.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import append_csv, environment, markdown_table  # noqa: E402
+
+from sparse_adamw.data import train_blocks  # noqa: E402
+from sparse_adamw.evaluate import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, load_eval_windows, perplexity  # noqa: E402
+from sparse_adamw.models import DEFAULT_MODEL, load_model  # noqa: E402
+from sparse_adamw.prune import CPU_NSAMPLES, calibration_blocks, prune_model  # noqa: E402
+from sparse_adamw.sparsity import check_sparsity  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nsamples", type=int, nargs="+", default=[CPU_NSAMPLES], help="Wanda calibration sizes")
+    parser.add_argument("--sparsity", type=float, default=0.2)
+    parser.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results", "prune_cpu.csv"))
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    dense, tokenizer = load_model(DEFAULT_MODEL, "cpu", torch.float32)
+    load_s = time.perf_counter() - start
+    windows, what = load_eval_windows(tokenizer, None, None, CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS)
+    print(f"loaded {DEFAULT_MODEL} in {load_s:.1f} s; evaluating {what}; torch threads {torch.get_num_threads()}")
+    start = time.perf_counter()
+    train = train_blocks(tokenizer, block_size=CPU_BLOCK_SIZE)
+    tokenize_s = time.perf_counter() - start
+
+    env = environment()
+    rows = []
+
+    def record(method, nsamples, model, prune_s):
+        start = time.perf_counter()
+        ppl = perplexity(model, windows, batch_size=4, progress=False)
+        eval_s = time.perf_counter() - start
+        rows.append({
+            **env, "method": method, "nsamples": nsamples, "sparsity": round(check_sparsity(model, False), 6),
+            "perplexity": round(ppl, 2), "prune_s": round(prune_s, 1), "eval_s": round(eval_s, 1),
+            "load_s": round(load_s, 1), "tokenize_train_s": round(tokenize_s, 1),
+        })
+        print(rows[-1])
+
+    record("dense", 0, dense, 0.0)
+    runs = [("wanda", n) for n in args.nsamples] + [("magnitude", 0)]
+    for method, nsamples in runs:
+        model = copy.deepcopy(dense)
+        calibration = calibration_blocks(train, nsamples, seed=0) if method == "wanda" else None
+        start = time.perf_counter()
+        prune_model(model, method, args.sparsity, 16, calibration, batch_size=4, progress=False)
+        record(method, nsamples, model, time.perf_counter() - start)
+        del model
+
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    append_csv(args.csv, rows)
+    print(markdown_table(rows, ["method", "nsamples", "sparsity", "perplexity", "prune_s", "eval_s"]))
+
+
+if __name__ == "__main__":
+    main()
