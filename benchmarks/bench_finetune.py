@@ -8,8 +8,8 @@ Contenders, in one process on one card:
 Reports tokens/s, forward+backward per micro-step, optimizer.step(), gradient masking per micro-step, and peak
 memory. Prints a markdown table last and appends CSV rows.
 
-    # issue 6: 4 layers, fp32 params under bf16 autocast, GA 8
-    python benchmarks/bench_finetune.py --layers 4 --param_dtype fp32 --ga 8
+    # issue 6: 4 layers, fp32 params under bf16 autocast, GA 8, contenders alternating step by step
+    python benchmarks/bench_finetune.py --layers 4 --param_dtype fp32 --ga 8 --interleave
     # issue 7: the whole 7B shape, bf16 params and grads, gradient checkpointing
     python benchmarks/bench_finetune.py --layers 32 --param_dtype bf16 --ga 1 --grad_ckpt
 """
@@ -32,6 +32,7 @@ CONTENDERS = ("torch_fused", "wanda_gradmask", "sparse_adamw", "sparse_adamw_bf1
 
 
 def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
+    """A random-init LlamaForCausalLM with LLaMA-7B dims, and random block masks applied to its decoder Linears."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
@@ -55,61 +56,89 @@ def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
     return model, masks
 
 
-def run(name, model, masks, args):
-    param_dtype = next(model.parameters()).dtype
-    if name.startswith("sparse_adamw"):
-        state_dtype = torch.bfloat16 if name.endswith("bf16_state") else torch.float32
-        opt = SparseAdamW(model.parameters(), lr=5e-5, weight_decay=0.0, masks=masks, state_dtype=state_dtype)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
-    masked = list(masks) if name == "wanda_gradmask" else []
-    autocast = param_dtype == torch.float32
-    tokens = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
-    timings = {"fwd_bwd": [], "mask": [], "opt": [], "step": []}
+class Contender:
+    """One model + optimizer; `train_step()` runs GA micro-steps and the optimizer step, recording timings."""
 
-    def ev():
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
+    def __init__(self, name, args):
+        self.name, self.args = name, args
+        dtype = torch.float32 if args.param_dtype == "fp32" else torch.bfloat16
+        self.model, masks = build_model(args.layers, dtype, args.grad_ckpt, args.sparsity)
+        params = self.model.parameters()
+        if name.startswith("sparse_adamw"):
+            state_dtype = torch.bfloat16 if name.endswith("bf16_state") else torch.float32
+            self.opt = SparseAdamW(params, lr=5e-5, weight_decay=0.0, masks=masks, state_dtype=state_dtype)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
+        self.masked = list(masks) if name == "wanda_gradmask" else []
+        self.autocast = dtype == torch.float32
+        self.tokens = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
+        self.timings = {"fwd_bwd": [], "mask": [], "opt": [], "step": []}
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for it in range(args.warmup + args.steps):
-        t0 = ev()
-        fb, mk = 0.0, 0.0
-        for _ in range(args.ga):
-            a = ev()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss = model(input_ids=tokens, labels=tokens).loss / args.ga
+    def train_step(self, record: bool) -> None:
+        def event():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+
+        ga = self.args.ga
+        start = event()
+        fwd_bwd = mask = 0.0
+        for _ in range(ga):
+            a = event()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.model(input_ids=self.tokens, labels=self.tokens).loss / ga
             loss.backward()
-            b = ev()
-            for p in masked:  # Wanda's trainer: zero the gradients of pruned weights after every backward
+            b = event()
+            for p in self.masked:  # Wanda's trainer: zero the gradients of pruned weights after every backward
                 p.grad[p == 0] = 0
-            c = ev()
+            c = event()
             c.synchronize()
-            fb += a.elapsed_time(b)
-            mk += b.elapsed_time(c)
-        o0 = ev()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        o1 = ev()
+            fwd_bwd += a.elapsed_time(b)
+            mask += b.elapsed_time(c)
+        o0 = event()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        o1 = event()
         o1.synchronize()
-        if it >= args.warmup:
-            timings["fwd_bwd"].append(fb / args.ga)
-            timings["mask"].append(mk / args.ga)
-            timings["opt"].append(o0.elapsed_time(o1))
-            timings["step"].append(t0.elapsed_time(o1))
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
-                if k in ("exp_avg", "exp_avg_sq"))
-    del opt
-    gc.collect()
-    torch.cuda.empty_cache()
-    med = {k: statistics.median(v) for k, v in timings.items()}
-    return dict(contender=name, tokens_per_s=round(args.ga * args.batch * args.seq / med["step"] * 1e3),
-                step_ms=round(med["step"], 1), fwd_bwd_ms=round(med["fwd_bwd"], 1),
-                gradmask_ms=round(med["mask"], 2), opt_step_ms=round(med["opt"], 2),
-                state_gib=round(state / 2**30, 2), peak_gib=round(peak, 2))
+        if record:
+            for key, value in (("fwd_bwd", fwd_bwd / ga), ("mask", mask / ga), ("opt", o0.elapsed_time(o1)),
+                               ("step", start.elapsed_time(o1))):
+                self.timings[key].append(value)
+
+    def row(self, peak) -> dict:
+        med = {k: statistics.median(v) for k, v in self.timings.items()}
+        state = sum(t.numel() * t.element_size() for s in self.opt.state.values() for k, t in s.items()
+                    if k in ("exp_avg", "exp_avg_sq"))
+        a = self.args
+        return dict(contender=self.name, tokens_per_s=round(a.ga * a.batch * a.seq / med["step"] * 1e3),
+                    step_ms=round(med["step"], 1), fwd_bwd_ms=round(med["fwd_bwd"], 1),
+                    gradmask_ms=round(med["mask"], 2), opt_step_ms=round(med["opt"], 2),
+                    state_gib=round(state / 2**30, 2), peak_gib=peak)
+
+
+def run_sequential(args):
+    """One contender at a time, each on a fresh model: peak memory per contender."""
+    rows = []
+    for name in args.contenders:
+        torch.cuda.reset_peak_memory_stats()
+        c = Contender(name, args)
+        for it in range(args.warmup + args.steps):
+            c.train_step(record=it >= args.warmup)
+        rows.append(c.row(round(torch.cuda.max_memory_allocated() / 2**30, 2)))
+        print(f"  {name}: {rows[-1]['tokens_per_s']} tokens/s, peak {rows[-1]['peak_gib']} GiB", flush=True)
+        del c
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_interleaved(args):
+    """All contenders alive at once, stepping in turn: clock and thermal drift hit every contender alike."""
+    contenders = [Contender(name, args) for name in args.contenders]
+    for it in range(args.warmup + args.steps):
+        for c in contenders:
+            c.train_step(record=it >= args.warmup)
+    return [c.row("n/a") for c in contenders]
 
 
 def main():
@@ -125,23 +154,16 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--interleave", action="store_true",
+                        help="keep every contender's model on the card and alternate their steps (fair timing; "
+                             "no per-contender peak memory)")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results", "bench_finetune.csv"))
     args = parser.parse_args()
 
     env = environment()
-    dtype = torch.float32 if args.param_dtype == "fp32" else torch.bfloat16
-    rows = []
-    for name in args.contenders:
-        # A fresh model per contender: the peak memory of one must not include another's leftovers.
-        model, masks = build_model(args.layers, dtype, args.grad_ckpt, args.sparsity)
-        row = dict(env, layers=args.layers, param_dtype=args.param_dtype, ga=args.ga, seq=args.seq,
-                   grad_ckpt=args.grad_ckpt, **run(name, model, masks, args))
-        rows.append(row)
-        print(f"  {name}: {row['tokens_per_s']} tokens/s, step {row['opt_step_ms']} ms, peak {row['peak_gib']} GiB",
-              flush=True)
-        del model, masks
-        gc.collect()
-        torch.cuda.empty_cache()
+    results = run_interleaved(args) if args.interleave else run_sequential(args)
+    rows = [dict(env, layers=args.layers, param_dtype=args.param_dtype, ga=args.ga, seq=args.seq,
+                 grad_ckpt=args.grad_ckpt, interleaved=args.interleave, **r) for r in results]
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     append_csv(args.csv, rows)
     print()
