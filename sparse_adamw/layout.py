@@ -10,6 +10,10 @@ Compact state format (what `exp_avg` / `exp_avg_sq` hold in the optimizer state)
   as a (ceil(numel / bw), bw) matrix of whole blocks; row-major order makes slot offsets equal element offsets.
 
 `compact_to_dense` / `dense_to_compact` convert between the two for tools that expect param-shaped state.
+
+A row shard of a parameter (FSDP2 shards dim 0) is laid out against the *global* block grid: its layout holds the
+mask rows of the blocks it intersects, and `row_shift` says how far into its first block row the shard starts. A
+block that straddles two shards has a slot on both ranks, each using its own rows of it.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ class BlockLayout:
     block: Tuple[int, int]
     mask: Optional[torch.Tensor]  # (nbr, nbc) bool, or None for an all-live parameter
     n_live: int  # live blocks = compact-state slots
+    row_shift: int = 0  # rows of the first block row that lie before this (shard of a) parameter
+    index_base: int = 0  # flat offset of element 0 in the whole parameter (stochastic rounding's counter)
 
     @property
     def n_block_cols(self) -> int:
@@ -48,12 +54,18 @@ class BlockLayout:
         return (self.n_live, *self.block)
 
     @classmethod
-    def for_param(cls, param: torch.Tensor, block: Tuple[int, int], mask: Optional[torch.Tensor]) -> "BlockLayout":
+    def for_param(cls, param: torch.Tensor, block: Tuple[int, int], mask: Optional[torch.Tensor],
+                  row_offset: int = 0) -> "BlockLayout":
+        """Layout of `param`, or of rows [row_offset, row_offset + len(param)) of a parameter `mask` belongs to."""
+        index_base = row_offset * math.prod(param.shape[1:])
         if mask is None:
             rows = math.ceil(param.numel() / block[1])
-            return cls(rows, block[1], param.numel(), block, None, math.ceil(rows / block[0]))
+            return cls(rows, block[1], param.numel(), block, None, math.ceil(rows / block[0]), 0, index_base)
         rows, cols = param.shape
-        return cls(rows, cols, param.numel(), block, mask, int(mask.sum()))
+        first, end = row_offset // block[0], math.ceil((row_offset + rows) / block[0]) if rows else row_offset // block[0]
+        mask = mask[first:end]
+        return cls(rows, cols, param.numel(), block, mask, int(mask.sum()), row_offset - first * block[0],
+                   index_base)
 
 
 def new_state(param: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
@@ -68,8 +80,12 @@ def _live_coords(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return ids // mask.shape[1], ids % mask.shape[1]
 
 
-def compact_to_dense(state: torch.Tensor, mask: Optional[torch.Tensor], shape, block) -> torch.Tensor:
-    """Param-shaped copy of a compact state tensor; pruned blocks read as zero."""
+def compact_to_dense(state: torch.Tensor, mask: Optional[torch.Tensor], shape, block, row_shift: int = 0
+                     ) -> torch.Tensor:
+    """Param-shaped copy of a compact state tensor; pruned blocks read as zero.
+
+    For a row shard, pass its layout's mask and `row_shift` and the shard's shape.
+    """
     if mask is None:
         return state.reshape(shape).clone()
     bh, bw = block
@@ -78,7 +94,8 @@ def compact_to_dense(state: torch.Tensor, mask: Optional[torch.Tensor], shape, b
     grid = torch.zeros(nbr, nbc, bh, bw, dtype=state.dtype, device=state.device)
     br, bc = _live_coords(mask.to(state.device))
     grid[br, bc] = state
-    return grid.permute(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)[:rows, :cols].contiguous()
+    dense = grid.permute(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)
+    return dense[row_shift : row_shift + rows, :cols].contiguous()
 
 
 def dense_to_compact(dense: torch.Tensor, mask: Optional[torch.Tensor], block) -> torch.Tensor:

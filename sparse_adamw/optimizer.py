@@ -107,6 +107,13 @@ class SparseAdamW(torch.optim.Optimizer):
         return None
 
     def _set_masks(self, masks) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, "_is_flat_param", False):
+                    raise ValueError(
+                        f"{self._describe(p)} is an FSDP1 flat parameter: flattening destroys the 2-D block "
+                        "structure that block masks describe. Shard with FSDP2 (torch.distributed.fsdp.fully_shard, "
+                        "or accelerate's fsdp_version: 2), which keeps each parameter's rows together.")
         if isinstance(masks, str):
             if masks != "auto":
                 raise ValueError(f'masks must be None, "auto" or a dict {{param: block mask}}, got {masks!r}')
@@ -120,7 +127,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 what = f"tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)
                 raise ValueError(f"masks has a key that is not among the optimizer's parameters: {what}")
             self._check_mask(p, mask, group["block_size"])
-            nonzero = block_mask_from_zeros(p, group["block_size"])
+            nonzero = block_mask_from_zeros(_full(p), group["block_size"])
             leaked = int((nonzero & ~mask).sum())
             if leaked:
                 logger.warning("%s has nonzeros in %d blocks its mask marks pruned; SparseAdamW leaves them as they "
@@ -150,7 +157,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 n_params += 1
                 if p.dim() != 2:
                     continue
-                mask = block_mask_from_zeros(p, group["block_size"])
+                mask = block_mask_from_zeros(_full(p), group["block_size"])
                 if not mask.all():
                     self.state[p]["block_mask"] = mask
                     n_masked += 1
@@ -164,7 +171,8 @@ class SparseAdamW(torch.optim.Optimizer):
     def _layout(self, p: torch.Tensor, group) -> BlockLayout:
         layout = self._layouts.get(p)
         if layout is None:
-            layout = BlockLayout.for_param(p, group["block_size"], self.state[p].get("block_mask"))
+            layout = BlockLayout.for_param(_local(p), group["block_size"], self.state[p].get("block_mask"),
+                                           _row_offset(p, self._describe(p)))
             self._layouts[p] = layout
         return layout
 
@@ -199,18 +207,18 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise RuntimeError(f"SparseAdamW does not support sparse gradients: {self._describe(p)}")
                 if grad.shape != p.shape:
                     raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for {self._describe(p)}")
-                grad = grad.contiguous()
+                local, grad = _local(p), _local(grad).contiguous()  # FSDP2: this rank's rows
                 layout = self._layout(p, group)
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["step"] = 0
-                    state["exp_avg"] = new_state(p, layout, self.state_dtype)
-                    state["exp_avg_sq"] = new_state(p, layout, self.state_dtype)
+                    state["exp_avg"] = new_state(local, layout, self.state_dtype)
+                    state["exp_avg_sq"] = new_state(local, layout, self.state_dtype)
                 state["step"] += 1
                 seed = _rounding_seed(group["seed"], state["step"], index) if stochastic else None
-                update = ParamUpdate(p, grad, state["exp_avg"], state["exp_avg_sq"], layout, state["step"],
+                update = ParamUpdate(local, grad, state["exp_avg"], state["exp_avg_sq"], layout, state["step"],
                                      float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], seed)
-                key = (p.device, p.dtype, grad.dtype, state["exp_avg"].dtype, layout.block, stochastic)
+                key = (local.device, p.dtype, grad.dtype, state["exp_avg"].dtype, layout.block, stochastic)
                 batches.setdefault(key, []).append(update)
         for (device, *dtypes, _, _), updates in batches.items():
             self._backend(device, tuple(dtypes)).step(updates, self._kernel_cache)
@@ -234,27 +242,61 @@ class SparseAdamW(torch.optim.Optimizer):
         if "block_mask" in state:
             self._check_mask(p, state["block_mask"], group["block_size"])
         if "exp_avg" in state:
-            layout = BlockLayout.for_param(p, group["block_size"], state.get("block_mask"))
-            expected = tuple(p.shape) if layout.mask is None else layout.state_shape
+            layout = BlockLayout.for_param(_local(p), group["block_size"], state.get("block_mask"),
+                                           _row_offset(p, self._describe(p)))
+            expected = tuple(_local(p).shape) if layout.mask is None else layout.state_shape
             for key in ("exp_avg", "exp_avg_sq"):
                 if tuple(state[key].shape) != expected:
                     raise ValueError(f"loaded {key} of shape {tuple(state[key].shape)} does not fit "
                                      f"{self._describe(p)}: expected {expected}")
 
     def dense_state(self, p: torch.Tensor) -> Dict[str, object]:
-        """Param-shaped copies of p's state ({"step", "exp_avg", "exp_avg_sq"}; pruned blocks read as 0)."""
+        """Param-shaped copies of p's state ({"step", "exp_avg", "exp_avg_sq"}; pruned blocks read as 0).
+
+        For an FSDP2 parameter: this rank's rows.
+        """
         state = self.state[p]
         if "exp_avg" not in state:
             return {}
-        block = self._group_of(p)["block_size"]
-        mask = state.get("block_mask")
+        layout = self._layout(p, self._group_of(p))
+        shape = _local(p).shape
         return {"step": state["step"],
-                **{k: compact_to_dense(state[k], mask, p.shape, block) for k in ("exp_avg", "exp_avg_sq")}}
+                **{k: compact_to_dense(state[k], layout.mask, shape, layout.block, layout.row_shift)
+                   for k in ("exp_avg", "exp_avg_sq")}}
 
     def state_bytes(self) -> int:
         """Bytes held in exp_avg and exp_avg_sq over all parameters."""
         return sum(s[k].numel() * s[k].element_size() for s in self.state.values()
                    for k in ("exp_avg", "exp_avg_sq") if k in s)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or `t` itself."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def _row_offset(p: torch.Tensor, what: str) -> int:
+    """First row of this rank's shard of `p` in the whole parameter (0 for plain tensors)."""
+    if not _is_dtensor(p):
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
+            raise NotImplementedError(f"{what} is sharded as {p.placements}; SparseAdamW handles row shards "
+                                      "(Shard(0), as FSDP2 makes) and replicas")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]) if len(offset) else 0
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter (gathers a DTensor: every rank must call this in the same order)."""
+    return p.full_tensor() if _is_dtensor(p) else p
 
 
 def _rounding_seed(seed: int, step: int, index: int) -> int:

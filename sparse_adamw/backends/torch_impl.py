@@ -1,8 +1,9 @@
 """Vectorised PyTorch backend: gathers the live blocks, applies the reference math in fp32, scatters them back.
 
-A (R, C) parameter splits into at most four rectangles whose blocks all have one shape: the whole blocks, the
-right edge column, the bottom edge row and the corner. Each rectangle is viewed as (nbr, h, nbc, w) without a
-copy, so its live blocks are one gather and one scatter; pruned blocks are never written.
+A (R, C) parameter splits into at most six rectangles whose blocks all have one shape: the whole blocks, the
+right edge column, the bottom edge row, the corner, and for a row shard that starts mid-block, its partial first
+block row. Each rectangle is viewed as (nbr, h, nbc, w) without a copy, so its live blocks are one gather and one
+scatter; pruned blocks are never written.
 """
 from __future__ import annotations
 
@@ -24,27 +25,45 @@ class _Region(NamedTuple):
     block_rows: torch.Tensor  # live blocks, local coordinates in the region
     block_cols: torch.Tensor
     slots: torch.Tensor  # their compact-state slots
+    state_row: int  # the region's first row inside its blocks (nonzero only for a shard's partial first row)
+
+
+def _row_parts(rows: int, bh: int, shift: int):
+    """(first row, end row, height, first block row, block rows, row inside the block) of each row band."""
+    end = shift + rows  # in rows of the block grid, which starts `shift` rows before the first row
+    parts = []
+    if shift:
+        h = min(bh, end) - shift
+        parts.append((0, h, h, 0, 1, shift))
+        if end <= bh:
+            return parts
+    first, last = (1 if shift else 0), end // bh
+    if last > first:
+        parts.append((first * bh - shift, last * bh - shift, bh, first, last - first, 0))
+    if end > last * bh:
+        parts.append((last * bh - shift, rows, end - last * bh, last, 1, 0))
+    return parts
 
 
 def _regions(layout: BlockLayout) -> List[_Region]:
     bh, bw = layout.block
-    rows, cols = layout.rows, layout.cols
+    cols = layout.cols
     mask = layout.mask
     nbc = mask.shape[1]
     slot_of = torch.full((mask.numel(),), -1, dtype=torch.long, device=mask.device)
     slot_of[layout.live_ids().long()] = torch.arange(layout.n_live, device=mask.device)
-    full_r, full_c = rows // bh, cols // bw
-    row_parts = [(0, full_r * bh, bh, 0, full_r), (full_r * bh, rows, rows - full_r * bh, full_r, 1)]
+    full_c = cols // bw
     col_parts = [(0, full_c * bw, bw, 0, full_c), (full_c * bw, cols, cols - full_c * bw, full_c, 1)]
     regions = []
-    for r_lo, r_hi, h, br0, n_r in row_parts:
+    for r_lo, r_hi, h, br0, n_r, state_row in _row_parts(layout.rows, bh, layout.row_shift):
         for c_lo, c_hi, w, bc0, n_c in col_parts:
             if r_hi <= r_lo or c_hi <= c_lo:
                 continue
             i, j = mask[br0 : br0 + n_r, bc0 : bc0 + n_c].nonzero(as_tuple=True)
             if i.numel():
                 slots = slot_of[(br0 + i) * nbc + bc0 + j]
-                regions.append(_Region(slice(r_lo, r_hi), slice(c_lo, c_hi), (n_r, h, n_c, w), i, j, slots))
+                regions.append(_Region(slice(r_lo, r_hi), slice(c_lo, c_hi), (n_r, h, n_c, w), i, j, slots,
+                                       state_row))
     return regions
 
 
@@ -62,12 +81,12 @@ def _math(u, p, g, m, v):
     )
 
 
-def _element_index(reg: _Region, cols: int, device) -> torch.Tensor:
-    """Flat offsets in the param of the gathered live blocks of `reg`, shape (n, h, w)."""
+def _element_index(reg: _Region, layout: BlockLayout, device) -> torch.Tensor:
+    """Flat offsets in the whole param of the gathered live blocks of `reg`, shape (n, h, w)."""
     _, h, _, w = reg.block
     rows = reg.rows.start + reg.block_rows.to(device)[:, None] * h + torch.arange(h, device=device)
-    cols_ = reg.cols.start + reg.block_cols.to(device)[:, None] * w + torch.arange(w, device=device)
-    return rows[:, :, None] * cols + cols_[:, None, :]
+    cols = reg.cols.start + reg.block_cols.to(device)[:, None] * w + torch.arange(w, device=device)
+    return layout.index_base + rows[:, :, None] * layout.cols + cols[:, None, :]
 
 
 @torch.no_grad()
@@ -75,7 +94,8 @@ def step(updates, cache: Dict) -> None:
     for u in updates:
         if u.layout.mask is None:
             p, m, v = _math(u, u.param, u.grad, u.exp_avg, u.exp_avg_sq)
-            u.param.copy_(_round_param(u, p, lambda: torch.arange(p.numel(), device=p.device).view(p.shape)))
+            index = lambda: u.layout.index_base + torch.arange(p.numel(), device=p.device).view(p.shape)  # noqa: E731
+            u.param.copy_(_round_param(u, p, index))
             u.exp_avg.copy_(m)
             u.exp_avg_sq.copy_(v)
             continue
@@ -85,9 +105,9 @@ def step(updates, cache: Dict) -> None:
         for reg in cache[key][1]:
             pv = u.param[reg.rows, reg.cols].view(reg.block)
             gv = u.grad[reg.rows, reg.cols].view(reg.block)
-            h, w = reg.block[1], reg.block[3]
+            r, w = slice(reg.state_row, reg.state_row + reg.block[1]), reg.block[3]
             i, j, s = reg.block_rows, reg.block_cols, reg.slots
-            p, m, v = _math(u, pv[i, :, j, :], gv[i, :, j, :], u.exp_avg[s, :h, :w], u.exp_avg_sq[s, :h, :w])
-            pv[i, :, j, :] = _round_param(u, p, lambda: _element_index(reg, u.layout.cols, p.device))
-            u.exp_avg[s, :h, :w] = m.to(u.exp_avg.dtype)
-            u.exp_avg_sq[s, :h, :w] = v.to(u.exp_avg_sq.dtype)
+            p, m, v = _math(u, pv[i, :, j, :], gv[i, :, j, :], u.exp_avg[s, r, :w], u.exp_avg_sq[s, r, :w])
+            pv[i, :, j, :] = _round_param(u, p, lambda: _element_index(reg, u.layout, p.device))
+            u.exp_avg[s, r, :w] = m.to(u.exp_avg.dtype)
+            u.exp_avg_sq[s, r, :w] = v.to(u.exp_avg_sq.dtype)

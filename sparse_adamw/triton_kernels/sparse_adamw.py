@@ -71,12 +71,12 @@ def _sparse_adamw_kernel(
     STOCHASTIC: tl.constexpr,
 ):
     # meta row (int64): param, grad, exp_avg, exp_avg_sq addresses; rows, cols, numel, block cols, live blocks,
-    # first program, rounding seed. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2).
+    # first program, row shift (a shard starting mid-block), rounding seed, flat index of element 0. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2).
     # block_ids holds K block ids per program, so that load does not wait for the meta row.
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
     block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
-    meta = meta_ptr + t * 11
+    meta = meta_ptr + t * 13
     p_ptr = tl.load(meta + 0).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(meta + 1).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(meta + 2).to(tl.pointer_type(S_DTYPE))
@@ -89,6 +89,7 @@ def _sparse_adamw_kernel(
     n_block_cols = tl.load(meta + 7).to(idx)
     n_live = tl.load(meta + 8).to(idx)
     prog0 = tl.load(meta + 9).to(idx)
+    row_shift = tl.load(meta + 10).to(idx)
     if ALIGNED:
         # Addresses cast from integers carry no alignment; without these hints every access is scalar.
         p_ptr = tl.multiple_of(p_ptr, 16)
@@ -119,13 +120,13 @@ def _sparse_adamw_kernel(
     r3 = tl.arange(0, TILE_H).to(idx)[None, :, None]
     c = tl.arange(0, TILE_W).to(idx)[None, None, :]
     slot3 = slot[:, None, None]
-    row3 = block_row[:, None, None] * BH + r3
+    row3 = block_row[:, None, None] * BH + r3 - row_shift
     col3 = block_col[:, None, None] * BW + c
     offs = row3 * cols + col3
     state_offs = slot3 * (BH * BW) + r3 * BW + c
     ok = slot_ok[:, None, None]
     if CHECK_EDGES:  # partial blocks somewhere in this launch
-        ok = ok & (r3 < BH) & (c < BW) & (row3 < rows) & (col3 < cols) & (offs < numel)
+        ok = ok & (r3 < BH) & (c < BW) & (row3 >= 0) & (row3 < rows) & (col3 < cols) & (offs < numel)
 
     p = tl.load(p_ptr + offs, mask=ok).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
@@ -141,8 +142,9 @@ def _sparse_adamw_kernel(
     p = p - step_size * (m / denom)
 
     if STOCHASTIC:
-        seed = tl.load(meta + 10).to(tl.uint32)
-        _store_bf16_stochastic(p_ptr + offs, p, ok, offs.to(tl.uint32), seed)
+        seed = tl.load(meta + 11).to(tl.uint32)
+        index = (tl.load(meta + 12) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
+        _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed)
     else:
         _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
     _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
@@ -176,8 +178,8 @@ def _plan(updates, cache: Dict, k: int):
     n_prog = 0
     for t, u in enumerate(updates):
         lay = u.layout
-        shape_cols.append([lay.rows, lay.cols, lay.numel, lay.n_block_cols, lay.n_live, n_prog])
-        check_edges |= bool(lay.rows % bh or lay.cols % bw or lay.numel != lay.rows * lay.cols)
+        shape_cols.append([lay.rows, lay.cols, lay.numel, lay.n_block_cols, lay.n_live, n_prog, lay.row_shift])
+        check_edges |= bool(lay.rows % bh or lay.cols % bw or lay.numel != lay.rows * lay.cols or lay.row_shift)
         aligned &= lay.cols % 16 == 0
         # Offsets reach past the last row/column in edge blocks, and past the last slot in the last program.
         index_64 |= max((lay.rows + bh) * (lay.cols + bw), (lay.n_live + k) * bh * bw) >= _INT32_LIMIT
@@ -207,7 +209,7 @@ def step(updates, cache: Dict) -> None:
     for u, static in zip(updates, shape_cols):
         addresses = [u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()]
         aligned = aligned and all(a % 16 == 0 for a in addresses)
-        meta.append(addresses + static + [u.rounding_seed or 0])
+        meta.append(addresses + static + [u.rounding_seed or 0, u.layout.index_base])
         hyper.append([
             1 - u.lr * u.weight_decay, u.beta1, 1 - u.beta1, u.beta2, 1 - u.beta2, u.eps,
             u.lr / (1 - u.beta1**u.step), 1 / math.sqrt(1 - u.beta2**u.step),
