@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# Full fine-tuning of a block-pruned model with SparseTrainer (SparseAdamW) on 1, 2 or 4 GPUs, or on the CPU.
+# Options of its own are listed by --help; every other argument goes to `python -m sparse_adamw.finetune`.
+# Without a terminal (stdin not a tty), the GPU memory prompt is never asked: the script aborts unless --yes.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+NAME="$(basename "$0")"
+MIN_GPU_MEMORY_GB="${MIN_GPU_MEMORY_GB:-40}"
+# The package of this checkout, wherever the script is run from (outputs go under the current directory).
+export PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
+# GPU ids are nvidia-smi's; make CUDA number the cards the same way.
+export CUDA_DEVICE_ORDER=PCI_BUS_ID
+# torchrun gives its workers this long to save the Ctrl+C checkpoint before it kills them (default 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}"
+
+usage() {
+    cat <<EOF
+Usage: ${NAME} [OPTIONS] [FINETUNE ARGS]
+
+Options:
+  --num_gpus N        Number of GPUs to use (default: 1)
+  --gpu_ids "X,Y"     Comma-separated GPU IDs, as nvidia-smi numbers them (default: the first N visible GPUs)
+  --yes               Continue without asking when a GPU has less than ${MIN_GPU_MEMORY_GB} GB free
+                      (without a terminal the script cannot ask, and stops unless --yes is given)
+  --dry_run           Print the configuration and the command, then exit without training
+  -h, --help          Show this help message
+
+Every other argument goes to python -m sparse_adamw.finetune (see its --help), for example
+  --model DIR         the pruned model (default: SmolLM2-135M pruned by python -m sparse_adamw.prune,
+                      made first if missing; fully offline)
+  --dataset wikitext  wikitext-2-raw-v1 instead of the offline corpus (or --dataset_path FILE)
+  --output_dir DIR    default: dense_finetuned_model next to the pruned_model directory
+  --gradient_checkpointing, --max_steps N, --learning_rate LR, --num_train_epochs N, ...
+
+Examples:
+  Single GPU (default):     ./${NAME}
+  Single GPU (GPU 3):       ./${NAME} --num_gpus 1 --gpu_ids "3"
+  Dual GPU (GPU 2,3):       ./${NAME} --num_gpus 2 --gpu_ids "2,3"
+  Quad GPU (GPU 0-3):       ./${NAME} --num_gpus 4 --gpu_ids "0,1,2,3"
+  LLaMA-2-7B on wikitext:   ./${NAME} --num_gpus 2 --model out/llama2_7b/block_16x16_20sparsity/wanda/pruned_model --dataset wikitext
+  No GPU (offline demo):    ./${NAME} --yes
+
+Gradient accumulation keeps the effective batch at 8: 1 GPU -> 8, 2 GPUs -> 4, 4 GPUs -> 2 (8 GPUs -> 1).
+Rerunning the same command resumes from the last checkpoint; Ctrl+C saves a checkpoint and stops.
+
+Performance:
+  No GPU, offline default (SmolLM2-135M, 2 CPU cores): ~5-10 minutes (see benchmarks/RESULTS_cpu_finetune.md)
+  LLaMA-2-7B, the guide's estimates on A100 80GB (not measured here):
+  1 GPU: ~24-36 hours
+  2 GPUs: ~14-20 hours (1.7x speedup)
+  4 GPUs: ~8-12 hours (2.5-3x speedup)
+EOF
+}
+
+die() {
+    echo "Error: $*" >&2
+    exit 2
+}
+
+NUM_GPUS=""
+GPU_IDS=""
+YES=0
+DRY_RUN=0
+PASS_ARGS=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --num_gpus) [[ $# -ge 2 ]] || die "--num_gpus needs a value"; NUM_GPUS="$2"; shift 2 ;;
+        --num_gpus=*) NUM_GPUS="${1#*=}"; shift ;;
+        --gpu_ids) [[ $# -ge 2 ]] || die "--gpu_ids needs a value"; GPU_IDS="$2"; shift 2 ;;
+        --gpu_ids=*) GPU_IDS="${1#*=}"; shift ;;
+        --yes|-y) YES=1; shift ;;
+        --dry_run) DRY_RUN=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) PASS_ARGS+=("$1"); shift ;;
+    esac
+done
+
+if [[ -n "$NUM_GPUS" && ! "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
+    die "--num_gpus must be a positive integer, got '${NUM_GPUS}'"
+fi
+GPU_IDS="${GPU_IDS// /}"
+if [[ -n "$GPU_IDS" && ! "$GPU_IDS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    die "--gpu_ids must be comma-separated GPU numbers such as \"2,3\", got '${GPU_IDS}'"
+fi
+
+# ------------------------------------------------------------------------------------------- which GPUs
+declare -A FREE_MB=()
+ALL_GPUS=()
+if command -v nvidia-smi >/dev/null 2>&1; then
+    if SMI_OUT="$(nvidia-smi --query-gpu=index,memory.free --format=csv,noheader,nounits 2>/dev/null)"; then
+        while IFS=', ' read -r index free; do
+            [[ "$index" =~ ^[0-9]+$ ]] || continue
+            ALL_GPUS+=("$index")
+            FREE_MB[$index]="$free"
+        done <<< "$SMI_OUT"
+    fi
+fi
+
+CPU_MODE=0
+if [[ ${#ALL_GPUS[@]} -eq 0 ]]; then
+    CPU_MODE=1
+    echo "No GPU found (nvidia-smi is missing or lists no GPU): running on the CPU in one process."
+    if [[ -n "$NUM_GPUS" && "$NUM_GPUS" != 1 ]] || [[ -n "$GPU_IDS" ]]; then
+        echo "Ignoring --num_gpus/--gpu_ids on the CPU."
+    fi
+    NUM_GPUS=1
+    GPU_IDS=""
+    NPROC=1
+else
+    if [[ -n "$GPU_IDS" ]]; then
+        IFS=',' read -r -a CHOSEN <<< "$GPU_IDS"
+        if [[ -n "$NUM_GPUS" && "$NUM_GPUS" != "${#CHOSEN[@]}" ]]; then
+            die "--num_gpus ${NUM_GPUS} but --gpu_ids \"${GPU_IDS}\" names ${#CHOSEN[@]} GPU(s)"
+        fi
+        NUM_GPUS="${#CHOSEN[@]}"
+        declare -A SEEN=()
+        for id in "${CHOSEN[@]}"; do
+            [[ -n "${FREE_MB[$id]+x}" ]] || die "GPU ${id} does not exist; nvidia-smi lists: ${ALL_GPUS[*]}"
+            [[ -z "${SEEN[$id]+x}" ]] || die "GPU ${id} is listed twice in --gpu_ids"
+            SEEN[$id]=1
+        done
+    else
+        NUM_GPUS="${NUM_GPUS:-1}"
+        VISIBLE=("${ALL_GPUS[@]}")
+        if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+            IFS=',' read -r -a VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+        fi
+        if (( NUM_GPUS > ${#VISIBLE[@]} )); then
+            die "--num_gpus ${NUM_GPUS} but only ${#VISIBLE[@]} GPU(s) are visible (${VISIBLE[*]})"
+        fi
+        CHOSEN=("${VISIBLE[@]:0:NUM_GPUS}")
+        GPU_IDS="$(IFS=','; echo "${CHOSEN[*]}")"
+    fi
+    export CUDA_VISIBLE_DEVICES="$GPU_IDS"
+    NPROC="$NUM_GPUS"
+fi
+
+# ------------------------------------------------------------------------------ the resolved configuration
+# Sets $PYTHON (creating ./.venv with the offline model and corpus on first use) and HF_HUB_OFFLINE=1.
+source "${SCRIPT_DIR}/scripts/setup_env.sh" pipeline
+# The Python entry resolves every default (and the gradient accumulation) itself; the banner shows its answer.
+if ! CONFIG="$("$PYTHON" -m sparse_adamw.finetune --print_config --num_processes "$NPROC" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
+    exit 2
+fi
+eval "$CONFIG"
+
+if [[ "$CPU_MODE" == 1 ]]; then
+    TRAINING_MODE="CPU, one process (no GPU found)"
+elif [[ "$NPROC" == 1 ]]; then
+    TRAINING_MODE="Single-GPU"
+else
+    TRAINING_MODE="Multi-GPU (torchrun)"
+fi
+
+echo "=========================================="
+echo "Dense Fine-tuning Configuration"
+echo "=========================================="
+echo "Method: Full fine-tuning with SparseTrainer (SparseAdamW, pruned blocks kept at zero)"
+echo "Pruned model: ${MODEL}${MODEL_NOTE}"
+echo "Output directory: ${OUTPUT_DIR}"
+[[ -z "$RESUME_FROM" ]] || echo "Resuming from: ${RESUME_FROM}"
+echo "Dataset: ${DATASET}"
+echo ""
+echo "GPU Configuration:"
+echo "  Number of GPUs: $([[ "$CPU_MODE" == 1 ]] && echo 0 || echo "$NUM_GPUS")"
+echo "  GPU IDs: ${GPU_IDS:-none}"
+echo "  Training mode: ${TRAINING_MODE}"
+echo ""
+echo "Training Parameters:"
+echo "  Number of epochs: ${NUM_EPOCHS}"
+[[ "$MAX_STEPS" -le 0 ]] || echo "  Max steps: ${MAX_STEPS} (stops before the epochs end)"
+echo "  Learning rate: ${LEARNING_RATE}"
+echo "  Per-device batch size: ${BATCH_SIZE}"
+echo "  Gradient accumulation: ${GRADIENT_ACCUMULATION}"
+echo "  Effective batch size: ${EFFECTIVE_BATCH}"
+echo "  Block size: ${BLOCK_SIZE}"
+echo "  Max train samples: ${MAX_TRAIN_SAMPLES}"
+echo "  Precision: ${DTYPE} weights$([[ "$DTYPE" == bfloat16 ]] && echo " (stochastic rounding)")$([[ "$BF16" == 1 ]] && echo ", bf16 autocast")"
+echo "=========================================="
+echo ""
+
+if [[ "$CPU_MODE" == 0 && "$DEVICE" == cpu ]]; then
+    echo "Warning: nvidia-smi lists GPUs but ${PYTHON}'s PyTorch cannot use CUDA: the training runs on the CPU."
+fi
+
+# --------------------------------------------------------------------------------- GPU memory check
+if [[ "$CPU_MODE" == 0 ]]; then
+    LOW=0
+    for id in "${CHOSEN[@]}"; do
+        free="${FREE_MB[$id]}"
+        echo "Available GPU memory: GPU ${id}: ${free} MB (~$(( free / 1024 )) GB)"
+        (( free >= MIN_GPU_MEMORY_GB * 1024 )) || LOW=1
+    done
+    if [[ "$LOW" == 1 ]]; then
+        echo ""
+        echo "⚠️  Warning: GPU memory may be insufficient! (less than ${MIN_GPU_MEMORY_GB} GB free)"
+        echo "Consider --gradient_checkpointing, more GPUs, or GPUs with more free memory."
+        if [[ "$YES" == 1 ]]; then
+            echo "Continue anyway? (y/n) y (--yes)"
+        elif [[ -t 0 ]]; then
+            read -r -p "Continue anyway? (y/n) " answer
+            [[ "$answer" =~ ^[Yy] ]] || { echo "Aborted."; exit 1; }
+        else
+            echo "Continue anyway? (y/n) -- no terminal to ask: stopping. Pass --yes to continue anyway." >&2
+            exit 1
+        fi
+    fi
+    echo ""
+fi
+
+# ----------------------------------------------------------------------------------------------- launch
+ENTRY=(-m sparse_adamw.finetune --gradient_accumulation_steps "$GRADIENT_ACCUMULATION")
+if [[ "$NPROC" == 1 ]]; then
+    CMD=("$PYTHON" "${ENTRY[@]}" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
+else
+    # torchrun, run by the same interpreter (a torchrun on PATH may belong to another environment).
+    CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "${ENTRY[@]}" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
+fi
+
+echo "🚀 Starting dense fine-tuning with SparseTrainer..."
+if [[ "$CPU_MODE" == 1 ]]; then
+    echo "Training mode: CPU, 1 process"
+else
+    echo "Training mode: ${NUM_GPUS} GPU(s) on device(s): ${GPU_IDS}"
+fi
+echo "Effective batch size: ${EFFECTIVE_BATCH}"
+echo "=========================================="
+if [[ "$NPROC" == 1 ]]; then
+    echo "Using single-process training ($([[ "$CPU_MODE" == 1 ]] && echo CPU || echo "GPU ${GPU_IDS}"))..."
+else
+    echo "Using multi-GPU training with torchrun (${NPROC} GPUs)..."
+fi
+echo "Command: $(printf '%q ' "${CMD[@]}")"
+
+if [[ "$DRY_RUN" == 1 ]]; then
+    echo "(dry run: not started)"
+    exit 0
+fi
+exec "${CMD[@]}"

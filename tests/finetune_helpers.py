@@ -1,0 +1,56 @@
+"""Shared by the fine-tuning tests: a tiny pruned LLaMA on disk, a learnable local corpus, subprocess settings."""
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline_helpers import WORDS, save_tiny_model, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def learnable_corpus(path, n=400, seed=0):
+    """Paragraphs built from six fixed 12-word sentences: a tiny model's loss drops within a few steps."""
+    rng = random.Random(seed)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(6)]
+    paragraphs = [" ".join(rng.choice(sentences) for _ in range(4)) for _ in range(n)]
+    Path(path).write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return path
+
+
+def pruned_tiny_model(directory, tiny_llama, sparsity=0.25):
+    """A tiny random LLaMA with `sparsity` of its decoder Linear weights' 16x16 blocks zeroed, saved with its
+    tokenizer and block_masks.pt in `directory`; returns (directory, {name: mask})."""
+    from sparse_adamw.prune import MASKS_FILE, prune_magnitude, save_masks
+
+    model = tiny_llama()
+    masks = prune_magnitude(model, sparsity, progress=False)
+    save_tiny_model(directory, model, tiny_tokenizer())
+    save_masks(Path(directory) / MASKS_FILE, masks)
+    return Path(directory), masks
+
+
+def subprocess_env(**extra):
+    """Environment for the CLI in a subprocess: offline, one thread per process (tiny models run faster so,
+    and two processes share two cores), this checkout on the path."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable,
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def tiny_run_args(model_dir, corpus, output_dir, *extra):
+    """Flags for a short fine-tune of the tiny model (sequences of 32 tokens)."""
+    return ["--model", str(model_dir), "--dataset_path", str(corpus), "--block_size", "32",
+            "--output_dir", str(output_dir), "--learning_rate", "3e-3", "--logging_steps", "2", *map(str, extra)]
+
+
+def pruned_blocks_are_zero(weight, mask, block=16):
+    """True when every block the mask marks pruned is exactly zero in `weight`."""
+    from sparse_adamw.masks import expand_block_mask
+
+    dense = expand_block_mask(mask, weight.shape, block)
+    return torch.equal(weight.detach()[~dense], torch.zeros_like(weight.detach()[~dense]))
