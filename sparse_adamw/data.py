@@ -140,7 +140,9 @@ def _load_wikitext() -> Dict[str, List[str]]:
     return {name: list(part["text"]) for name, part in loaded.items()}
 
 
-def load_text_splits(dataset: Optional[str] = DEFAULT_DATASET, dataset_path: Optional[str] = None) -> Dict[str, List[str]]:
+def load_text_splits(
+    dataset: Optional[str] = DEFAULT_DATASET, dataset_path: Optional[str] = None
+) -> Dict[str, List[str]]:
     """The splits of a corpus, each a list of documents.
 
     `dataset_path`, when given, is read instead (for `dataset="wikitext"` it is a save_to_disk copy of

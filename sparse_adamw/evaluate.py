@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET, eval_blocks
 from .sparsity import check_sparsity
 
-# On a CPU the defaults follow DESIGN.md §6 (16 windows of 256 tokens, about a minute for SmolLM2-135M); on a
+# On a CPU the defaults follow DESIGN.md §6 (16 windows of 256 tokens, about 10 s for SmolLM2-135M); on a
 # GPU, 1024-token windows over the whole split.
 CPU_BLOCK_SIZE = 256
 CPU_MAX_EVAL_WINDOWS = 16
@@ -110,7 +110,8 @@ def load_eval_windows(
     blocks = blocks[:max_windows]
     source = name if dataset_path is None else f"{name} at {dataset_path}"
     n = blocks.shape[0]
-    return blocks, f"{source}, {split} split: the first {n} of {total} windows x {block_size} tokens ({n * block_size} tokens)"
+    what = f"{source}, {split} split: the first {n} of {total} windows x {block_size} tokens ({n * block_size} tokens)"
+    return blocks, what
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_arguments(parser)
     parser.add_argument("--eval_zero_shot", action="store_true", help=f"also run lm-eval ({LM_EVAL_INSTALL})")
-    parser.add_argument("--tasks", default=",".join(ZERO_SHOT_TASKS), help="comma-separated lm-eval tasks (default: Wanda's seven)")
+    parser.add_argument(
+        "--tasks", default=",".join(ZERO_SHOT_TASKS), help="comma-separated lm-eval tasks (default: Wanda's seven)"
+    )
     parser.add_argument("--output_json", default=None, help="also write the results to this JSON file")
     return parser
 

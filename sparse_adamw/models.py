@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Union
 
 import torch
 

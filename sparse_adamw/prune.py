@@ -71,7 +71,9 @@ def parse_prune_block(text: Union[str, int, Sequence[int]]) -> Tuple[int, int]:
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
-        raise ValueError(f"expected a decoder-only model with `model.model.layers` (LLaMA-style); got {type(model).__name__}")
+        raise ValueError(
+            f"expected a decoder-only model with `model.model.layers` (LLaMA-style); got {type(model).__name__}"
+        )
     return layers
 
 
@@ -314,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default out/<model>/block_<bh>x<bw>_<pct>sparsity/<method>/pruned_model)",
     )
     parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="block score (default %(default)s)")
-    parser.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY, help="fraction of blocks to prune (default %(default)s)")
+    parser.add_argument(
+        "--sparsity", type=float, default=DEFAULT_SPARSITY, help="fraction of blocks to prune (default %(default)s)"
+    )
     parser.add_argument(
         "--prune_block", default="16x16",
         help="block shape, 16 or 16x16 (rows x columns of the weight; default %(default)s); "
@@ -325,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"wanda calibration sequences of --block_size tokens (default {DEFAULT_NSAMPLES}, "
         f"or {CPU_NSAMPLES} on CPU)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration sequences (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for drawing the calibration sequences (default %(default)s)"
+    )
     parser.add_argument("--eval", action="store_true", help="also measure perplexity before and after pruning")
     add_eval_arguments(parser)
     return parser
