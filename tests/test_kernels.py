@@ -15,13 +15,16 @@ from tests.utils import assert_close_verbose
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-BACKENDS = ["torch", "triton"]
+CPU_BACKENDS = ["torch", "triton", "cpp"]  # backends that update CPU tensors
+BACKENDS = CPU_BACKENDS + [pytest.param("cuda", marks=pytest.mark.gpu)]
 HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05)
 
 
 def _skip_unrunnable(impl, device):
     if impl == "triton" and device == "cpu" and not INTERPRET:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if (impl, device) in (("cpp", "cuda"), ("cuda", "cpu")):
+        pytest.skip(f"the {impl} backend does not update {device} tensors")
 
 
 def _poison_grad(grad, live):

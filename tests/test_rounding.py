@@ -5,7 +5,7 @@ import torch
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask, sparse_adamw_reference
 from sparse_adamw.optimizer import _rounding_seed
 from sparse_adamw.reference import round_to_bf16_stochastic
-from tests.test_kernels import DEVICES, _skip_unrunnable
+from tests.test_kernels import BACKENDS, CPU_BACKENDS, DEVICES, _skip_unrunnable
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -34,7 +34,7 @@ def test_stochastic_rounding_special_values():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_backends_round_exactly_like_the_reference(device, impl):
     """Counter-based random bits: every backend makes the same rounding decisions as the reference."""
     _skip_unrunnable(impl, device)
@@ -53,7 +53,7 @@ def test_backends_round_exactly_like_the_reference(device, impl):
         assert torch.equal(param.detach().cpu(), p), f"step {step}"
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", CPU_BACKENDS)
 def test_bf16_training_stalls_without_stochastic_rounding(impl):
     """Negative control: at lr 5e-5 on weights in [0.02, 0.05], round-to-nearest bf16 throws every update away.
 
