@@ -46,6 +46,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     train = train_blocks(tokenizer, block_size=args.seq, max_train_samples=args.steps * args.batch)
+    if len(train) < args.batch:
+        raise SystemExit(f"only {len(train)} training sequences of {args.seq} tokens: lower --batch or --seq")
     windows, split = eval_blocks(tokenizer, block_size=args.seq, max_windows=args.eval_windows)
     env = environment()
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
@@ -61,8 +63,9 @@ def main():
                           stochastic_rounding=stochastic, seed=0)
         losses = []
         start = time.time()
+        n_batches = len(train) // args.batch
         for i in range(args.steps):
-            ids = train[i * args.batch:(i + 1) * args.batch].to(device)
+            ids = train[(i % n_batches) * args.batch:(i % n_batches + 1) * args.batch].to(device)  # epochs
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
