@@ -77,6 +77,29 @@ C10_HOST_DEVICE inline uint32_t float_bits(float x) {
 #endif
 }
 
+C10_HOST_DEVICE inline float bits_float(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+// T -> fp32. bf16 from the bits by value: c10's conversion takes the value's address on the GPU, and then the
+// compiler no longer knows that the kernel's loads are global (generic loads instead of LDG).
+template <typename T>
+C10_HOST_DEVICE inline float to_float(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bits_float(static_cast<uint32_t>(x.x) << 16);
+  } else {
+    return static_cast<float>(x);  // half: still generic loads on the GPU (a rare storage type there)
+  }
+}
+
 // fp32 -> T. Round to nearest even, or for bf16 with STOCHASTIC, add 16 random bits below bf16's last mantissa bit
 // and truncate (reference.round_to_bf16_stochastic). Branch-free, so that the CPU loops vectorise.
 template <typename T, bool STOCHASTIC = false>

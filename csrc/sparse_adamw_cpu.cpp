@@ -23,10 +23,10 @@ template <typename P, typename G, typename S, bool STOCHASTIC>
 C10_ALWAYS_INLINE void update_span(P* __restrict__ p, const G* __restrict__ g, S* __restrict__ m, S* __restrict__ v,
                                    int64_t n, const Hyper h, uint32_t index, uint32_t seed) {
   for (int64_t j = 0; j < n; ++j) {
-    float pj = static_cast<float>(p[j]);
-    float mj = static_cast<float>(m[j]);
-    float vj = static_cast<float>(v[j]);
-    adamw_update(pj, mj, vj, static_cast<float>(g[j]), h);
+    float pj = to_float(p[j]);
+    float mj = to_float(m[j]);
+    float vj = to_float(v[j]);
+    adamw_update(pj, mj, vj, to_float(g[j]), h);
     p[j] = from_float<P, STOCHASTIC>(pj, index + static_cast<uint32_t>(j), seed);
     m[j] = from_float<S>(mj);
     v[j] = from_float<S>(vj);

@@ -77,10 +77,10 @@ __global__ void __launch_bounds__(1024) sparse_adamw_kernel(const TensorArgs* __
     Pack<S, VEC> m_out, v_out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      float p = static_cast<float>(p_in.val[j]);
-      float m = static_cast<float>(m_in.val[j]);
-      float v = static_cast<float>(v_in.val[j]);
-      adamw_update(p, m, v, static_cast<float>(g_in.val[j]), hyper);
+      float p = to_float(p_in.val[j]);
+      float m = to_float(m_in.val[j]);
+      float v = to_float(v_in.val[j]);
+      adamw_update(p, m, v, to_float(g_in.val[j]), hyper);
       if constexpr (std::is_same_v<P, c10::BFloat16>) {
         // The hash takes the element offset modulo 2**32, as the reference and the Triton kernel do.
         p_out.val[j] = stochastic ? from_float<P, true>(p, static_cast<uint32_t>(off + j), t.seed) : from_float<P>(p);

@@ -4,8 +4,10 @@ The update itself is checked against the reference for every backend by test_ker
 """
 import os
 import runpy
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import setuptools
@@ -164,6 +166,30 @@ def test_setup_skips_the_extension_quietly(monkeypatch, env):
     kw = _setup_kwargs(monkeypatch, **env)
     assert not kw.get("ext_modules")
     assert kw["name"] == "sparse_adamw"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_cuda_sources_compile(tmp_path):
+    """Syntax and type errors in the CUDA code show up here, on machines without a GPU: the kernel compiles to PTX
+    (sm_80, C++17) without FMA, and the binding compiles with its CUDA branch."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    # A CPU build of torch lacks this generated header; its macros only matter on Windows.
+    includes.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    ptx = tmp_path / "kernel.ptx"
+    nvcc = ["nvcc", "-ptx", "-arch=sm_80", "-std=c++17", *build.nvcc_flags(None), *cpp_extension.COMMON_NVCC_FLAGS,
+            *includes, os.path.join(ROOT, build.CUDA_SOURCES[0]), "-o", str(ptx)]
+    gxx = ["c++", "-fsyntax-only", "-std=c++17", *build.cxx_flags(True), *includes,
+           "-DTORCH_EXTENSION_NAME=_C", os.path.join(ROOT, build.CPU_SOURCES[0])]
+    jobs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for cmd in (nvcc, gxx)]  # side by side: each takes most of the time
+    for cmd, job in jobs:
+        _, err = job.communicate()
+        assert job.returncode == 0, f"{' '.join(cmd)}\n{err[-4000:]}"
+    text = ptx.read_text()
+    assert text.count(".entry") == 3 * 3 * 2 * 2 * 2  # param, grad, state dtypes x int32/int64 x vector/scalar
+    assert "fma.rn.f32" not in text
 
 
 def test_cuda_arch_flags():
