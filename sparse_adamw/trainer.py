@@ -48,8 +48,9 @@ And in a plain PyTorch loop, with gradient accumulation and clipping:
     torch.save(optimizer.state_dict(), "optimizer.pt")   # masks, m, v and step; load_state_dict restores them
 
 Gradients of pruned blocks are not masked (that would cost a pass over every gradient); they count in the
-clipping norm, which only rescales the whole step. DDP (torchrun) is supported; FSDP and DeepSpeed are not yet:
-they shard or flatten parameters, and SparseTrainer says so rather than mis-mask them.
+clipping norm, which only rescales the whole step. SparseTrainer runs in one process or under DDP (torchrun).
+The Trainer's FSDP and DeepSpeed paths are refused for now: SparseAdamW itself updates FSDP2 (fully_shard) row
+shards, but SparseTrainer does not yet derive and check masks on sharded parameters.
 """
 from __future__ import annotations
 
@@ -279,8 +280,9 @@ class SparseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise NotImplementedError(
-                "SparseTrainer supports one process or DDP (torchrun); FSDP and DeepSpeed shard or flatten the "
-                "parameters, which the block masks do not follow yet"
+                "SparseTrainer supports one process or DDP (torchrun), not yet the Trainer's FSDP or DeepSpeed: "
+                "it derives and checks masks on whole parameters. SparseAdamW itself takes FSDP2 (fully_shard) "
+                "parameters in a loop of your own"
             )
         if self.optimizer is not None and not isinstance(self.optimizer, SparseAdamW):
             raise TypeError(f"SparseTrainer needs a SparseAdamW optimizer, got {type(self.optimizer).__name__}")

@@ -143,7 +143,7 @@ def test_without_a_gpu_it_runs_on_the_cpu_in_one_process(fake_gpus, tmp_path, ti
     model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama)
     corpus = learnable_corpus(tmp_path / "corpus.txt")
     done = fake_gpus(["--num_gpus", 2, "--model", model_dir, "--dataset_path", corpus, "--block_size", 32,
-                      "--max_steps", 4, "--logging_steps", 2, "--max_eval_windows", 4])
+                      "--max_steps", 4, "--logging_steps", 2, "--max_eval_windows", 4, "--use_cpu"])
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "No GPU found (nvidia-smi is missing or lists no GPU): running on the CPU in one process." in out
