@@ -60,8 +60,8 @@ def expand_block_mask(mask: torch.Tensor, shape: Sequence[int], block_size: Bloc
 
 @torch.no_grad()
 def apply_block_mask_(weight: torch.Tensor, mask: torch.Tensor, block_size: BlockSize = 16) -> torch.Tensor:
-    """Zero the pruned blocks of `weight` in place and return it."""
-    weight.mul_(expand_block_mask(mask.to(weight.device), weight.shape, block_size).to(weight.dtype))
+    """Set the pruned blocks of `weight` to +0.0 in place (a multiply would leave -0.0, and NaN for inf)."""
+    weight.masked_fill_(~expand_block_mask(mask.to(weight.device), weight.shape, block_size), 0.0)
     return weight
 
 
