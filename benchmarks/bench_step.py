@@ -23,7 +23,8 @@ from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask  # no
 from sparse_adamw.masks import expand_block_mask  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CONTENDERS = ("torch_foreach", "torch_fused", "fused_reapply", "wanda_gradmask_ga8", "sparse_adamw_triton")
+CONTENDERS = ("torch_foreach", "torch_fused", "fused_reapply", "wanda_gradmask_ga8", "sparse_adamw_triton",
+              "sparse_adamw_cuda")
 
 
 def make_params(layers, dtype, sparsity, seed=0):
@@ -47,11 +48,16 @@ def run_contender(name, params, masks, dtype, tuning=None):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     micro_ms = None
-    if name == "sparse_adamw_triton":
+    if name.startswith("sparse_adamw_"):
+        impl = name.rsplit("_", 1)[1]
         state_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
-        opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl="triton", state_dtype=state_dtype)
-        from sparse_adamw.triton_kernels import sparse_adamw as kernels
-        kernels.BLOCKS_PER_PROGRAM, kernels.NUM_WARPS = tuning or (0, 4)
+        opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl=impl, state_dtype=state_dtype)
+        if impl == "triton":
+            from sparse_adamw.triton_kernels import sparse_adamw as kernels
+            kernels.BLOCKS_PER_PROGRAM, kernels.NUM_WARPS = tuning or (0, 4)
+        else:  # blocks per program and threads per program of the CUDA kernel
+            from sparse_adamw.backends import ext_impl
+            ext_impl.BLOCKS_PER_PROGRAM, ext_impl.THREADS = tuning or (0, 128)
         step = opt.step
     else:
         opt = torch.optim.AdamW(params, lr=1e-4, foreach=name == "torch_foreach", fused=name != "torch_foreach")
@@ -108,9 +114,12 @@ def main():
             variants = [(c, None) for c in args.contenders]
             if args.sweep and "sparse_adamw_triton" in args.contenders:
                 variants += [("sparse_adamw_triton", (k, w)) for k in (4, 8, 16) for w in (2, 4, 8)]
+            if args.sweep and "sparse_adamw_cuda" in args.contenders:
+                variants += [("sparse_adamw_cuda", (k, t)) for k in (4, 8, 16) for t in (64, 128, 256)]
             for name, tuning in variants:
                 ms, micro, state, peak = run_contender(name, params, masks, dtype, tuning)
-                label = name if tuning is None else f"{name} K={tuning[0]} w={tuning[1]}"
+                knob = "threads" if name == "sparse_adamw_cuda" else "w"
+                label = name if tuning is None else f"{name} K={tuning[0]} {knob}={tuning[1]}"
                 row = dict(env, params=n, dtype=dtype_name, sparsity=sparsity, contender=label,
                            ms=round(ms, 3), micro_step_ms=round(micro, 3) if micro else "",
                            live_gbs=round(live * per_elem / ms / 1e6, 1),
