@@ -30,14 +30,14 @@ def fresh_caches(monkeypatch):
     monkeypatch.setattr(backends, "_failed", {})
 
 
-def _without_extension(monkeypatch, root):
-    """As if sparse_adamw._C were not installed, nothing were loaded, and the sources were in `root`/csrc."""
+def _without_extension(monkeypatch, tmp_path, root=ROOT):
+    """As if sparse_adamw._C were not installed and nothing built, with the sources in `root`/csrc."""
     monkeypatch.setattr(build, "_modules", {})
     monkeypatch.setattr(build, "_installed", lambda cuda: None)
     monkeypatch.setattr(build, "ROOT", str(root))
     # Its own name: torch's JIT versioning per name would otherwise rebuild the real extension later on.
     monkeypatch.setattr(build, "_jit_name", lambda cuda: "sparse_adamw_C_test")
-    monkeypatch.setenv("SPARSE_ADAMW_BUILD_DIR", str(root / "build"))
+    monkeypatch.setenv("SPARSE_ADAMW_BUILD_DIR", str(tmp_path / "build"))
 
 
 def _optimizer(params, masks=None, impl="auto", **kw):
@@ -70,11 +70,38 @@ def test_env_var_picks_the_optimizer_backend(monkeypatch):
     assert list(opt._backends.values()) == [ext_impl]
 
 
-def test_auto_does_not_compile(monkeypatch, fresh_caches):
-    """Without a built extension, auto takes torch on the CPU and compiles nothing."""
-    monkeypatch.setattr(build, "is_built", lambda cuda: False)
-    monkeypatch.setattr(build, "_jit_build", lambda cuda: pytest.fail("auto started a compile"))
-    assert select_backend("auto", torch.device("cpu")) is torch_impl
+def test_auto_compiles_the_cpu_extension_and_says_so(tmp_path, monkeypatch, fresh_caches, caplog):
+    from torch.utils import cpp_extension
+
+    _without_extension(monkeypatch, tmp_path)
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *a, **kw: built.append(name) or "a module")
+    with caplog.at_level("WARNING", logger="sparse_adamw"):
+        assert select_backend("auto", torch.device("cpu")) is ext_impl
+    assert built == ["sparse_adamw_C_test"]
+    assert "compiling the C++ extension" in caplog.text and "SPARSE_ADAMW_IMPL=torch" in caplog.text
+
+
+def test_auto_falls_back_to_torch_when_the_build_fails(tmp_path, monkeypatch, fresh_caches, caplog):
+    _without_extension(monkeypatch, tmp_path)
+
+    def fail(cuda):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(build, "_jit_build", fail)
+    with caplog.at_level("WARNING", logger="sparse_adamw"):
+        assert select_backend("auto", torch.device("cpu")) is torch_impl
+        assert "no compiler here" in caplog.text
+        caplog.clear()
+        assert select_backend("auto", torch.device("cpu")) is torch_impl
+    assert caplog.text == ""  # said once, not retried
+
+
+def test_auto_does_not_compile_the_cuda_extension(tmp_path, monkeypatch, fresh_caches):
+    _without_extension(monkeypatch, tmp_path)
+    monkeypatch.setattr(build, "_jit_build", lambda cuda: pytest.fail("auto started a CUDA build"))
+    backends._failed["triton"] = ImportError("no triton here")
+    assert select_backend("auto", torch.device("cuda")) is torch_impl
 
 
 def test_auto_takes_the_built_extension(fresh_caches):
@@ -109,7 +136,7 @@ def test_unavailable_backend_carries_the_compile_error(tmp_path, monkeypatch, fr
     csrc.mkdir()
     for name in os.listdir(os.path.join(ROOT, "csrc")):  # every source broken: no file compiles for long
         (csrc / name).write_text('#error "deliberately broken for a test"\n')
-    _without_extension(monkeypatch, tmp_path)
+    _without_extension(monkeypatch, tmp_path, root=tmp_path)
     with pytest.raises(BackendUnavailable, match="deliberately broken") as info:
         select_backend("cpp", torch.device("cpu"))
     assert isinstance(info.value.__cause__, RuntimeError)
@@ -121,7 +148,7 @@ def test_unavailable_backend_carries_the_compile_error(tmp_path, monkeypatch, fr
 
 
 def test_missing_sources_say_how_to_install(tmp_path, monkeypatch, fresh_caches):
-    _without_extension(monkeypatch, tmp_path)
+    _without_extension(monkeypatch, tmp_path, root=tmp_path)
     with pytest.raises(BackendUnavailable, match="no-build-isolation") as info:
         select_backend("cpp", torch.device("cpu"))
     assert isinstance(info.value.__cause__, RuntimeError)

@@ -5,18 +5,21 @@ Backends: "torch" (vectorised PyTorch, any device), "triton" (CUDA; CPU tensors 
 sparse_adamw._C (`build` says how it is built).
 
 Order of choice: the optimizer's `impl` argument, then the SPARSE_ADAMW_IMPL environment variable (which only
-overrides "auto"), then automatic: the first backend in AUTO_ORDER for the parameters' device that loads, quietly
-falling back to the next. An explicit request for one that cannot load raises BackendUnavailable, carrying the
-original import or compile error as its message and __cause__.
+overrides "auto"), then automatic: the first backend in AUTO_ORDER for the parameters' device that loads, falling
+back to the next quietly (with a warning after a failed build). An explicit request for one that cannot load
+raises BackendUnavailable, carrying the original import or compile error as its message and __cause__.
 
-"auto" never compiles: it takes "cpp" or "cuda" only when the extension is already built (installed with torch
-present, or in the JIT cache), since the first JIT build takes about a minute on 2 CPU cores (more with CUDA),
-more than it saves in a short CPU run. impl="cpp", SPARSE_ADAMW_IMPL=cpp or
-`python -m sparse_adamw.backends.build` builds it once; from then on "auto" picks it.
+On the CPU, "auto" compiles the C++ extension when it is not built yet: once per machine (cached), about a minute
+on 2 cores, announced on stderr (the `sparse_adamw` logger) before it starts. It pays for itself within a few
+steps: on the 135M default model the torch backend takes seconds per step and cpp about 0.15 s
+(benchmarks/RESULTS_cpu_step.md). SPARSE_ADAMW_IMPL=torch skips it; a failed build falls back to torch with a
+warning and is not retried. On the GPU, "auto" takes "cuda" only when that extension is already built (installed,
+or in the JIT cache): its build takes minutes, and Triton comes first anyway.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Dict, List, NamedTuple, Optional
 
@@ -24,8 +27,10 @@ import torch
 
 from ..layout import BlockLayout
 
+logger = logging.getLogger("sparse_adamw")
+
 IMPLS = ("auto", "torch", "triton", "cuda", "cpp")
-# Fastest first, per device type. On CPU, cpp is several times faster than torch (benchmarks/RESULTS_cpu_step.md).
+# Fastest first, per device type.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _COMPILED = ("cuda", "cpp")
 
@@ -101,13 +106,13 @@ def _supports(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def _built_for_auto(name: str) -> bool:
-    """False for a compiled backend whose extension would have to be compiled first (auto does not do that)."""
-    if name not in _COMPILED or name in _loaded:
+def _auto_may_load(name: str) -> bool:
+    """False for the CUDA extension while it is not built: "auto" compiles only the CPU one."""
+    if name != "cuda" or name in _loaded:
         return True
     from . import build
 
-    return build.is_built(cuda=name == "cuda")
+    return build.is_built(cuda=True)
 
 
 def select_backend(impl: str, device: torch.device):
@@ -120,9 +125,12 @@ def select_backend(impl: str, device: torch.device):
         return load_backend(impl)
     errors: List[str] = []
     for name in AUTO_ORDER.get(device.type, ("torch",)):
-        if _supports(name, device) is None and _built_for_auto(name):
+        if _supports(name, device) is None and _auto_may_load(name):
+            first_try = name not in _failed
             try:
                 return load_backend(name)
             except BackendUnavailable as exc:
                 errors.append(str(exc))
+                if name in _COMPILED and first_try:  # the user may have waited for that build: say why it failed
+                    logger.warning("%s; using the next backend", exc)
     raise BackendUnavailable(f"no sparse_adamw backend for {device}: " + "; ".join(errors))

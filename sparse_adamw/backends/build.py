@@ -143,8 +143,9 @@ def _jit_build(cuda: bool):
     os.makedirs(build_dir, exist_ok=True)
     fresh = _jit_is_fresh(cuda)
     if not fresh:
-        logger.warning("sparse_adamw: compiling the C++%s extension into %s (once; about %s on 2 cores) ...",
-                       "/CUDA" if cuda else "", build_dir, "5 minutes" if cuda else "1 minute")
+        logger.warning("sparse_adamw: compiling the C++%s extension into %s (once; about %s; "
+                       "SPARSE_ADAMW_IMPL=torch does without it) ...", "/CUDA" if cuda else "", build_dir,
+                       "a few minutes" if cuda else "a minute on 2 cores")
     start = time.perf_counter()
     module = cpp_extension.load(
         _jit_name(cuda),
