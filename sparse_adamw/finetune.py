@@ -339,6 +339,27 @@ def _ensure_pruned_model(plan: Plan, training_args) -> None:
             prune.main(argv)
 
 
+@torch.no_grad()
+def block_sparsity(model, block_size=(16, 16)) -> float:
+    """Fraction of the decoder layers' Linear weights that lie in all-zero blocks: the pruned blocks.
+
+    check_sparsity counts every exact zero, so it also counts live weights that happen to be zero (a quantized
+    checkpoint such as the Q4_1 SmolLM2 has tens of thousands); training moves those, as it should, while this
+    fraction stays put.
+    """
+    from .masks import block_mask_from_zeros, expand_block_mask
+    from .prune import decoder_layers, find_linears
+
+    pruned = total = 0
+    for layer in decoder_layers(model):
+        for linear in find_linears(layer).values():
+            w = linear.weight
+            dead = ~expand_block_mask(block_mask_from_zeros(w, block_size), w.shape, block_size)
+            pruned += int(dead.sum())
+            total += w.numel()
+    return pruned / max(total, 1)
+
+
 def _masks_by_name(trainer) -> Dict[str, torch.Tensor]:
     optimizer = trainer.sparse_optimizer
     names = {id(p): n for n, p in trainer.model.named_parameters()}
@@ -434,6 +455,7 @@ def run(plan: Plan) -> int:
     trainer.add_callback(StepLogCallback())
 
     sparsity_before = check_sparsity(model, verbose=False)
+    blocks_before = block_sparsity(model, prune_block)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say("*** Starting sparse full fine-tuning ***")
@@ -479,6 +501,7 @@ def run(plan: Plan) -> int:
         return 0
 
     sparsity_after = check_sparsity(trainer.model, verbose=False)
+    blocks_after = block_sparsity(trainer.model, trainer.block_size)
     ppl_after = None
     if windows is not None:
         start = time.perf_counter()
@@ -494,11 +517,16 @@ def run(plan: Plan) -> int:
     tokens = (trainer.state.global_step - first_step) * plan.effective_batch_size * args.block_size
     tokens_per_s = tokens / train_runtime if tokens and train_runtime > 0 else None
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    bh, bw = trainer.block_size
     print("\n" + "=" * 42)
     print("Results" + (f" ({evaluated})" if evaluated else " (perplexity skipped)"))
     print(_table([("", "pruned (before)", "fine-tuned (after)"),
                   ("Perplexity", fmt(ppl_before), fmt(ppl_after)),
-                  ("Sparsity", f"{sparsity_before:.4f}", f"{sparsity_after:.4f}")]))
+                  ("Sparsity (exact zeros)", f"{sparsity_before:.4f}", f"{sparsity_after:.4f}"),
+                  (f"Pruned {bh}x{bw} blocks", f"{blocks_before:.4f}", f"{blocks_after:.4f}")]))
+    if sparsity_after < sparsity_before:
+        print(f"(every pruned block is still exactly zero; the {sparsity_before - sparsity_after:.6f} fewer exact "
+              "zeros were live weights that happened to be zero before and have trained)")
     print(f"Training: {trainer.state.global_step} steps, {train_runtime:.1f} s"
           + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else "") + f"; total {timings['total_s']:.1f} s")
     print(f"Saved to {output_dir}")
@@ -507,6 +535,7 @@ def run(plan: Plan) -> int:
         "model": args.model, "output_dir": str(output_dir), "dataset": describe_dataset(args.dataset, args.dataset_path),
         "evaluated": evaluated, "perplexity": {"before": ppl_before, "after": ppl_after},
         "sparsity": {"before": sparsity_before, "after": sparsity_after},
+        "pruned_block_fraction": {"before": blocks_before, "after": blocks_after},
         "steps": trainer.state.global_step, "train_loss": result.training_loss,
         "effective_batch_size": plan.effective_batch_size, "block_size": args.block_size,
         "learning_rate": training_args.learning_rate, "world_size": plan.world_size,

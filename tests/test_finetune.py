@@ -26,6 +26,7 @@ from sparse_adamw.finetune import (
     resolve_arguments,
     _split,
 )
+from sparse_adamw.masks import expand_block_mask
 from sparse_adamw.prune import MASKS_FILE, load_masks
 
 STEP_LINE = re.compile(r"^Step (\d+): loss=(\d+\.\d{4})\b", re.M)
@@ -142,7 +143,8 @@ def test_a_short_run_learns_keeps_sparsity_and_saves_a_loadable_model(tiny, tmp_
     losses = _losses(text)
     assert [s for s, _ in losses] == [2, 4, 6, 8, 10, 12]
     assert losses[-1][1] < 0.9 * losses[0][1], losses
-    assert re.search(r"^Sparsity\s+0\.2500\s+0\.2500$", text, re.M)
+    assert re.search(r"^Sparsity \(exact zeros\)\s+0\.2500\s+0\.2500$", text, re.M)
+    assert re.search(r"^Pruned 16x16 blocks\s+0\.2500\s+0\.2500$", text, re.M)
 
     for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", MASKS_FILE,
                  "finetune_report.json"):
@@ -150,6 +152,7 @@ def test_a_short_run_learns_keeps_sparsity_and_saves_a_loadable_model(tiny, tmp_
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["perplexity"]["after"] < report["perplexity"]["before"]
     assert report["sparsity"]["before"] == report["sparsity"]["after"] == 0.25
+    assert report["pruned_block_fraction"]["before"] == report["pruned_block_fraction"]["after"] == 0.25
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 12
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -162,6 +165,29 @@ def test_a_short_run_learns_keeps_sparsity_and_saves_a_loadable_model(tiny, tmp_
         assert torch.equal(saved_masks[name], mask), name
         assert pruned_blocks_are_zero(params[name], mask), f"{name}: a pruned block is nonzero"
         assert not torch.equal(params[name], before[name]), f"{name} did not train"
+
+
+def test_live_weights_that_are_exactly_zero_still_train(tiny, tmp_path, capsys):
+    """A quantized checkpoint has exact zeros inside live blocks; the masks, not `W == 0`, decide what trains."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir, masks, corpus = tiny
+    name = "model.layers.0.mlp.up_proj.weight"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    weight = dict(model.named_parameters())[name]
+    live = expand_block_mask(masks[name], weight.shape).nonzero()[:64]
+    with torch.no_grad():
+        weight[live[:, 0], live[:, 1]] = 0.0
+    model.save_pretrained(model_dir)
+    assert main(tiny_run_args(model_dir, corpus, tmp_path / "out", "--max_steps", 4, "--skip_eval")) == 0
+    text = capsys.readouterr().out
+    before = float(re.search(r"^Initial model sparsity: (\S+)$", text, re.M).group(1))
+    assert before > 0.25
+    assert re.search(rf"^Sparsity \(exact zeros\)\s+{before:.4f}\s+0\.2500$", text, re.M), text
+    assert re.search(r"^Pruned 16x16 blocks\s+0\.2500\s+0\.2500$", text, re.M)
+    assert "every pruned block is still exactly zero" in text
+    trained = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())[name]
+    assert bool((trained[live[:, 0], live[:, 1]] != 0).all()), "live weights that started at zero were frozen"
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny, tmp_path, capsys):

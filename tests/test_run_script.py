@@ -151,5 +151,5 @@ def test_without_a_gpu_it_runs_on_the_cpu_in_one_process(fake_gpus, tmp_path, ti
     assert _line(out, "Number of GPUs") == "0" and _line(out, "Training mode") == "CPU, one process (no GPU found)"
     assert _line(out, "Gradient accumulation") == "8" and "torch.distributed.run" not in _line(out, "Command")
     assert "*** Starting sparse full fine-tuning ***" in out and "Step 4: loss=" in out
-    assert re.search(r"^Sparsity\s+0\.2500\s+0\.2500$", out, re.M)
+    assert re.search(r"^Pruned 16x16 blocks\s+0\.2500\s+0\.2500$", out, re.M)
     assert (tmp_path / "dense_finetuned_model" / "model.safetensors").is_file()
