@@ -81,7 +81,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fsdp2_matches_single_process(impl, dtype, tmp_path):
     if impl == "triton" and not INTERPRET:
@@ -100,9 +100,16 @@ def test_fsdp2_matches_single_process(impl, dtype, tmp_path):
     finally:
         torch.set_num_threads(threads)
     for name, expected in model.state_dict().items():
-        # bf16 too: stochastic rounding draws its bits by position in the whole parameter, not in the shard.
-        assert torch.equal(result["final"][name], expected), name
-        assert torch.equal(result["resumed"][name], expected), f"{name} after resuming from sharded state"
+        if impl == "cpp":
+            # The C++ kernels hand shards with row offsets to the torch backend, whose fp32 math differs from
+            # theirs in the last bits: close, not equal.
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(result["final"][name], expected, **tol)
+            torch.testing.assert_close(result["resumed"][name], expected, **tol)
+        else:
+            # bf16 too: stochastic rounding draws its bits by position in the whole parameter, not the shard.
+            assert torch.equal(result["final"][name], expected), name
+            assert torch.equal(result["resumed"][name], expected), f"{name} after resuming from sharded state"
         if name in masks:
             pruned = masks[name] & (expected == 0)
             assert pruned.any() and (result["final"][name][masks[name]] == 0).all()

@@ -53,6 +53,14 @@ def _plan(updates, cache: Dict, k: int):
 def step(updates, cache: Dict) -> None:
     """Update `updates` (one device, param dtype, grad dtype and state dtype) in one call."""
     updates = [u for u in updates if u.layout.numel and u.layout.n_live]
+    # The kernels take no row offsets yet: FSDP2 row shards (which may start mid-block, and whose stochastic
+    # rounding counts from the shard's first element) go to the torch backend.
+    shards = [u for u in updates if u.layout.row_shift or u.layout.index_base]
+    if shards:
+        from . import torch_impl
+
+        torch_impl.step(shards, cache)
+        updates = [u for u in updates if not (u.layout.row_shift or u.layout.index_base)]
     if not updates:
         return
     first = updates[0]
