@@ -49,7 +49,7 @@ Hyper hyper_row(const double* row, size_t i) {
 }  // namespace
 
 // One step for params[i] with grads[i] and the compact states exp_avgs[i], exp_avg_sqs[i] (sparse_adamw/layout.py).
-//   shapes       int64 CPU (T, 4): rows, cols, numel, live blocks of each tensor's BlockLayout
+//   shapes       int64 CPU (T, 6): rows, cols, numel, live blocks, row shift, index base of each BlockLayout
 //   hyper        float64 CPU (T, 6): lr, beta1, beta2, eps, weight_decay, step
 //   seeds        int64 CPU (T,): stochastic rounding seeds of bf16 params; empty: round to nearest
 //   prog_tensor  int32 (n_prog,) on the params' device: the tensor of each program, in tensor order
@@ -64,7 +64,7 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
               " params but ", grads.size(), " grads, ", exp_avgs.size(), " exp_avgs, ", exp_avg_sqs.size(),
               " exp_avg_sqs");
   const int64_t t_count = static_cast<int64_t>(n);
-  check_table(shapes, "shapes", at::kLong, t_count, 4);
+  check_table(shapes, "shapes", at::kLong, t_count, 6);
   check_table(hyper, "hyper", at::kDouble, t_count, 6);
   TORCH_CHECK(seeds.device().is_cpu() && seeds.scalar_type() == at::kLong && seeds.dim() == 1 &&
                   (seeds.numel() == 0 || seeds.numel() == t_count) && seeds.is_contiguous(),
@@ -105,9 +105,13 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
     check_tensor(g, "grads", i, device, launch.grad_dtype);
     check_tensor(m, "exp_avgs", i, device, launch.state_dtype);
     check_tensor(v, "exp_avg_sqs", i, device, launch.state_dtype);
-    const int64_t rows = shape[4 * i], cols = shape[4 * i + 1], numel = shape[4 * i + 2], n_live = shape[4 * i + 3];
+    const int64_t* row = shape + 6 * i;
+    const int64_t rows = row[0], cols = row[1], numel = row[2], n_live = row[3], row_shift = row[4];
+    const int64_t index_base = row[5];
+    TORCH_CHECK(row_shift >= 0 && row_shift < block_h && index_base >= 0, "sparse_adamw: tensor ", i,
+                " has row shift ", row_shift, " (0 to ", block_h - 1, ") and index base ", index_base);
     const int64_t n_block_cols = (cols + block_w - 1) / block_w;
-    const int64_t n_blocks = (rows + block_h - 1) / block_h * n_block_cols;
+    const int64_t n_blocks = (row_shift + rows + block_h - 1) / block_h * n_block_cols;
     TORCH_CHECK(rows >= 0 && cols >= 0 && n_live >= 0 && n_live <= n_blocks, "sparse_adamw: tensor ", i, " has ",
                 n_live, " live blocks of ", n_blocks, " (rows ", rows, ", cols ", cols, ")");
     TORCH_CHECK(g.sizes() == p.sizes(), "sparse_adamw: grads[", i, "] has shape ", g.sizes(), ", params[", i, "] ",
@@ -123,7 +127,7 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
     } else {  // param-shaped state of an all-live param, seen as a (ceil(numel / bw), bw) matrix
       TORCH_CHECK(m.sizes() == p.sizes(), "sparse_adamw: exp_avgs[", i, "] has shape ", m.sizes(),
                   "; param-shaped state needs ", p.sizes());
-      TORCH_CHECK(cols == block_w && rows == (numel + block_w - 1) / block_w &&
+      TORCH_CHECK(cols == block_w && rows == (numel + block_w - 1) / block_w && row_shift == 0 &&
                       n_live == (rows + block_h - 1) / block_h,
                   "sparse_adamw: tensor ", i, " with param-shaped state needs the all-live layout of ", numel,
                   " elements");
@@ -132,10 +136,10 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
       TORCH_CHECK(seed[i] >= 0 && seed[i] <= int64_t{0xFFFFFFFF}, "sparse_adamw: seed ", seed[i], " is not 32-bit");
     }
     // Offsets reach past the last row and column in edge blocks, and past the last slot in the last program.
-    needs_64 = needs_64 || (rows + block_h) * (cols + block_w) >= kInt32Limit ||
+    needs_64 = needs_64 || (row_shift + rows + block_h) * (cols + block_w) >= kInt32Limit ||
                (n_live + blocks_per_program) * block_h * block_w >= kInt32Limit;
     tensors[i] = TensorArgs{p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), rows, cols, numel, n_block_cols,
-                            n_live, first_program, hyper_row(hyper_rows + 6 * i, i),
+                            n_live, row_shift, index_base, first_program, hyper_row(hyper_rows + 6 * i, i),
                             launch.stochastic ? static_cast<uint32_t>(seed[i]) : 0u};
     first_program += (n_live + blocks_per_program - 1) / blocks_per_program;
   }

@@ -26,13 +26,16 @@ struct Hyper {
 };
 
 // One row of the multi-tensor table. The kernels see every parameter as a (rows, cols) matrix of (bh, bw) blocks;
-// states hold one (bh, bw) slot per live block (sparse_adamw/layout.py).
+// states hold one (bh, bw) slot per live block (sparse_adamw/layout.py). A row shard (FSDP2) lies on the whole
+// parameter's block grid: its first block row starts row_shift rows above it.
 struct TensorArgs {
   void* param;
   const void* grad;
   void* exp_avg;
   void* exp_avg_sq;
   int64_t rows, cols, numel, n_block_cols, n_live;
+  int64_t row_shift;
+  int64_t index_base;     // flat index of element 0 in the whole parameter: stochastic rounding's counter
   int64_t first_program;  // programs (K live blocks each) before this tensor's in the launch
   Hyper hyper;
   uint32_t seed;  // stochastic rounding seed (bf16 params only)

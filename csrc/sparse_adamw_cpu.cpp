@@ -39,27 +39,29 @@ SPARSE_ADAMW_CPU_CLONES void update_block(const TensorArgs& t, int64_t slot, int
   auto* g = static_cast<const G*>(t.grad);
   auto* m = static_cast<S*>(t.exp_avg);
   auto* v = static_cast<S*>(t.exp_avg_sq);
-  const int64_t row0 = block_id / t.n_block_cols * bh;
+  const int64_t row0 = block_id / t.n_block_cols * bh - t.row_shift;  // negative in a shard's first block row
   const int64_t col0 = block_id % t.n_block_cols * bw;
+  const int64_t r0 = std::max<int64_t>(0, -row0);  // the block's rows from r0 to h lie in the tensor
   const int64_t h = std::min(bh, t.rows - row0);
   const int64_t w = std::min(bw, t.cols - col0);
   const int64_t slot0 = slot * bh * bw;
+  // The hash counts elements of the whole parameter, modulo 2**32.
+  const auto index = [&](int64_t off) { return static_cast<uint32_t>(t.index_base + off); };
   // Offsets past numel only occur in the last row of a param-shaped (unmasked) layout.
   if (t.cols == bw) {  // block rows are contiguous in the param as in the state: one span
-    const int64_t off = row0 * t.cols;
-    const int64_t n = std::min(h * bw, t.numel - off);
-    update_span<P, G, S, STOCHASTIC>(p + off, g + off, m + slot0, v + slot0, n, t.hyper,
-                                     static_cast<uint32_t>(off), t.seed);
+    const int64_t off = (row0 + r0) * t.cols, s = slot0 + r0 * bw;
+    const int64_t n = std::min((h - r0) * bw, t.numel - off);
+    update_span<P, G, S, STOCHASTIC>(p + off, g + off, m + s, v + s, n, t.hyper, index(off), t.seed);
     return;
   }
-  for (int64_t r = 0; r < h; ++r) {
+  for (int64_t r = r0; r < h; ++r) {
     const int64_t off = (row0 + r) * t.cols + col0;
     const int64_t n = std::min(w, t.numel - off);
     if (n <= 0) {
       break;
     }
     const int64_t s = slot0 + r * bw;
-    update_span<P, G, S, STOCHASTIC>(p + off, g + off, m + s, v + s, n, t.hyper, static_cast<uint32_t>(off), t.seed);
+    update_span<P, G, S, STOCHASTIC>(p + off, g + off, m + s, v + s, n, t.hyper, index(off), t.seed);
   }
 }
 
@@ -73,7 +75,7 @@ void run(const std::vector<TensorArgs>& tensors, const int32_t* prog_tensor, con
     for (int64_t pid = begin; pid < end; ++pid) {
       const TensorArgs& t = tensors[prog_tensor[pid]];
       const int64_t slot0 = (pid - t.first_program) * k;
-      const int64_t n_blocks = (t.rows + bh - 1) / bh * t.n_block_cols;
+      const int64_t n_blocks = (t.row_shift + t.rows + bh - 1) / bh * t.n_block_cols;
       for (int64_t i = 0; i < std::min(k, t.n_live - slot0); ++i) {
         const int64_t block_id = block_ids[pid * k + i];
         TORCH_CHECK(block_id >= 0 && block_id < n_blocks, "sparse_adamw: block id ", block_id, " of program ", pid,

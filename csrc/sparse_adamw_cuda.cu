@@ -41,7 +41,8 @@ __global__ void __launch_bounds__(1024) sparse_adamw_kernel(const TensorArgs* __
     return;
   }
   const index_t rows = t.rows, cols = t.cols, numel = t.numel, n_block_cols = t.n_block_cols;
-  const index_t n_blocks = (rows + bh - 1) / bh * n_block_cols;
+  const index_t row_shift = t.row_shift;
+  const index_t n_blocks = (row_shift + rows + bh - 1) / bh * n_block_cols;
   const int groups_per_row = bw / VEC;
   const int groups_per_block = bh * groups_per_row;
   const index_t n_live_here = min(static_cast<index_t>(k_blocks), static_cast<index_t>(t.n_live) - slot0);
@@ -61,11 +62,11 @@ __global__ void __launch_bounds__(1024) sparse_adamw_kernel(const TensorArgs* __
     if (block_id < 0 || block_id >= n_blocks) {
       continue;  // as above
     }
-    const index_t row = block_id / n_block_cols * bh + r;
+    const index_t row = block_id / n_block_cols * bh + r - row_shift;  // negative above a shard's first row
     const index_t col = block_id % n_block_cols * bw + c;
     const index_t off = row * cols + col;
-    if (row >= rows || col >= cols || off >= numel) {
-      continue;  // outside a partial edge block
+    if (row < 0 || row >= rows || col >= cols || off >= numel) {
+      continue;  // outside a partial edge block or the shard
     }
     const index_t state_off = ((slot0 + k) * bh + r) * bw + c;
 
@@ -82,8 +83,9 @@ __global__ void __launch_bounds__(1024) sparse_adamw_kernel(const TensorArgs* __
       float v = to_float(v_in.val[j]);
       adamw_update(p, m, v, to_float(g_in.val[j]), hyper);
       if constexpr (std::is_same_v<P, c10::BFloat16>) {
-        // The hash takes the element offset modulo 2**32, as the reference and the Triton kernel do.
-        p_out.val[j] = stochastic ? from_float<P, true>(p, static_cast<uint32_t>(off + j), t.seed) : from_float<P>(p);
+        // The hash counts elements of the whole parameter modulo 2**32, as the reference and the Triton kernel do.
+        const uint32_t index = static_cast<uint32_t>(t.index_base) + static_cast<uint32_t>(off + j);
+        p_out.val[j] = stochastic ? from_float<P, true>(p, index, t.seed) : from_float<P>(p);
       } else {
         p_out.val[j] = from_float<P>(p);
       }

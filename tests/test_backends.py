@@ -15,7 +15,8 @@ import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask
 from sparse_adamw import backends
-from sparse_adamw.backends import BackendUnavailable, build, ext_impl, select_backend, torch_impl
+from sparse_adamw.backends import BackendUnavailable, ParamUpdate, build, ext_impl, select_backend, torch_impl
+from sparse_adamw.layout import BlockLayout, compact_to_dense, new_state
 from sparse_adamw.masks import expand_block_mask
 from tests.test_kernels import DEVICES, HYPER, _check_step, _poison_grad, _skip_unrunnable
 
@@ -321,7 +322,7 @@ def _call_args(device="cpu"):
         return [torch.zeros(shape, device=device) for _ in range(2)]
 
     return dict(params=zeros(40, 48), grads=zeros(40, 48), exp_avgs=zeros(3, 16, 16), exp_avg_sqs=zeros(3, 16, 16),
-                shapes=torch.tensor([[40, 48, 40 * 48, 3]] * 2),
+                shapes=torch.tensor([[40, 48, 40 * 48, 3, 0, 0]] * 2),
                 hyper=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0]] * 2, dtype=torch.float64),
                 seeds=torch.zeros(0, dtype=torch.int64),
                 prog_tensor=torch.tensor([0, 0, 1, 1], dtype=torch.int32, device=device),
@@ -354,6 +355,7 @@ BAD_CALLS = {
     "shapes must be a contiguous Long": lambda a: a.update(shapes=a["shapes"].int()),
     "params\\[0\\] has 1920 elements, its layout 1968": lambda a: a["shapes"].__setitem__((0, 2), 41 * 48),
     "13 live blocks of 9": lambda a: a["shapes"].__setitem__((1, 3), 13),
+    "row shift 16 \\(0 to 15\\)": lambda a: a["shapes"].__setitem__((1, 4), 16),
     "step of tensor 1": lambda a: a["hyper"].__setitem__((1, 5), 0.0),
     "betas of tensor 0": lambda a: a["hyper"].__setitem__((0, 2), 1.0),
     "stochastic rounding is for bfloat16": lambda a: a.update(seeds=torch.tensor([5, 6])),
@@ -365,6 +367,47 @@ BAD_CALLS = {
     "block id 12 of program 0": lambda a: a["block_ids"].__setitem__(1, 12),
     "must be contiguous 1-D int32": lambda a: a.update(block_ids=a["block_ids"].long()),
 }
+
+
+@pytest.mark.parametrize("impl,device", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_shards_match_the_whole_parameter(impl, device, dtype):
+    """FSDP2 row shards that start inside a block row, masked and unmasked, in one call: the same bits as updating
+    the whole parameter (stochastic rounding counts elements of the whole parameter)."""
+    shape, block, cuts = (70, 45), (16, 16), (0, 21, 35, 70)  # shards start 5 and 3 rows into a block row
+    gen = torch.Generator().manual_seed(2)
+    mask = random_block_mask(shape, 0.3, block, generator=gen)
+    whole = {"masked": apply_block_mask_(torch.randn(shape, generator=gen), mask, block).to(dtype).to(device),
+             "dense": torch.randn(shape, generator=gen).to(dtype).to(device)}
+    masks = {"masked": mask.to(device), "dense": None}
+    shards = {k: [whole[k].clone()[a:b] for a, b in zip(cuts, cuts[1:])] for k in whole}
+
+    def state(p, layout):
+        return new_state(p, layout, torch.float32), new_state(p, layout, torch.float32)
+
+    layouts = {k: BlockLayout.for_param(whole[k], block, masks[k]) for k in whole}
+    states = {k: state(whole[k], layouts[k]) for k in whole}
+    shard_layouts = {k: [BlockLayout.for_param(p, block, masks[k], a) for p, a in zip(shards[k], cuts)]
+                     for k in whole}
+    shard_states = {k: [state(p, lay) for p, lay in zip(shards[k], shard_layouts[k])] for k in whole}
+    for step in range(1, 4):
+        grads = {k: torch.randn(shape, generator=gen).to(dtype).to(device) for k in whole}
+        seed = 1000 + step if dtype == torch.bfloat16 else None
+
+        def update(p, g, m_v, layout):
+            return ParamUpdate(p, g, *m_v, layout, step, 1e-2, 0.9, 0.99, 1e-8, 0.01, seed)
+
+        ext_impl.step([update(whole[k], grads[k], states[k], layouts[k]) for k in whole], {})
+        ext_impl.step([update(p, grads[k][a:b], m_v, lay) for k in whole
+                       for p, a, b, m_v, lay in zip(shards[k], cuts, cuts[1:], shard_states[k], shard_layouts[k])],
+                      {})
+    for k in whole:
+        assert torch.equal(torch.cat(shards[k]), whole[k]), k
+        for i in range(2):
+            dense = [compact_to_dense(m_v[i], lay.mask, p.shape, block, lay.row_shift)
+                     for p, m_v, lay in zip(shards[k], shard_states[k], shard_layouts[k])]
+            expected = compact_to_dense(states[k][i], layouts[k].mask, shape, block)
+            assert torch.equal(torch.cat(dense), expected), (k, i)
 
 
 @pytest.mark.parametrize("message", list(BAD_CALLS))

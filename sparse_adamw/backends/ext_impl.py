@@ -40,7 +40,7 @@ def _plan(updates, cache: Dict, k: int):
     shapes, prog_tensor, block_ids = [], [], []
     for t, u in enumerate(updates):
         lay = u.layout
-        shapes.append([lay.rows, lay.cols, lay.numel, lay.n_live])
+        shapes.append([lay.rows, lay.cols, lay.numel, lay.n_live, lay.row_shift, lay.index_base])
         progs = math.ceil(lay.n_live / k)
         prog_tensor.append(torch.full((progs,), t, dtype=torch.int32))
         block_ids += [lay.live_ids().cpu(), torch.zeros(progs * k - lay.n_live, dtype=torch.int32)]
@@ -53,14 +53,6 @@ def _plan(updates, cache: Dict, k: int):
 def step(updates, cache: Dict) -> None:
     """Update `updates` (one device, param dtype, grad dtype and state dtype) in one call."""
     updates = [u for u in updates if u.layout.numel and u.layout.n_live]
-    # The kernels take no row offsets yet: FSDP2 row shards (which may start mid-block, and whose stochastic
-    # rounding counts from the shard's first element) go to the torch backend.
-    shards = [u for u in updates if u.layout.row_shift or u.layout.index_base]
-    if shards:
-        from . import torch_impl
-
-        torch_impl.step(shards, cache)
-        updates = [u for u in updates if not (u.layout.row_shift or u.layout.index_base)]
     if not updates:
         return
     first = updates[0]
