@@ -38,12 +38,12 @@ setup(
     description="Fused masked AdamW for fine-tuning block-pruned LLMs with the pruned blocks kept exactly zero",
     packages=find_packages(include=["sparse_adamw", "sparse_adamw.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "ninja"],  # ninja: the C++ extension is compiled on first use where not built
     extras_require={
         "triton": ["triton>=3.6"],
-        "pipeline": ["transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors", "tqdm", "ninja"],
+        "pipeline": ["transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors", "tqdm"],
         "test": ["pytest", "triton>=3.6", "transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors",
-                 "tqdm", "ninja"],
+                 "tqdm"],
     },
     **extension(),
 )
