@@ -25,7 +25,8 @@ class SparseAdamW(torch.optim.Optimizer):
         masks: None (every parameter dense), a dict {param: bool block mask, True = live}, or "auto": every 2-D
             parameter with at least one all-zero block gets the mask of its nonzero blocks.
         block_size: int or (bh, bw); a mask of a (R, C) parameter has shape (ceil(R/bh), ceil(C/bw)).
-        impl: "auto", "torch" or "triton". "auto" honours the SPARSE_ADAMW_IMPL environment variable.
+        impl: "auto", "triton", "cuda", "cpp" or "torch" (sparse_adamw.backends says how "auto" chooses); "auto"
+            honours the SPARSE_ADAMW_IMPL environment variable.
         state_dtype: dtype of exp_avg / exp_avg_sq: torch.float32 (default) or torch.bfloat16.
         stochastic_rounding: round updated bf16 params up with probability equal to the dropped fraction, so that
             updates smaller than half a bf16 ulp are kept in expectation. None (default) = on for bf16 params.
