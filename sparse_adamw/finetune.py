@@ -5,8 +5,9 @@ model (or reads the prune step's block_masks.pt), SparseAdamW never touches thos
 checked at the start, at every checkpoint and at the end.
 
 Defaults follow the user's guide: sequence length 1024, 30000 training sequences at most, 3 epochs, learning
-rate 5e-5, batch 1 per device, effective batch 8 (gradient accumulation 8 / number of processes), bf16 autocast
-on GPUs that support it, logs every 10 steps (`Step 10: loss=2.5432`). With no --model, the model is the
+rate 5e-5, batch 1 per device, effective batch 8 (gradient accumulation 8 / number of processes), logs every 10
+steps (`Step 10: loss=2.5432`). On GPUs that support bf16: bf16 weights (SparseAdamW rounds them stochastically,
+so small updates are not lost) and bf16 autocast; fp32 on the CPU. With no --model, the model is the
 offline default: SmolLM2-135M pruned by `python -m sparse_adamw.prune` (run first when its output is missing).
 On a CPU that default job is resized to finish in minutes (DESIGN.md §6): 40 steps of 4 sequences of 256
 tokens at learning rate 1e-4, perplexity on 16 windows of 256 tokens.
@@ -14,7 +15,8 @@ tokens at learning rate 1e-4, perplexity on 16 windows of 256 tokens.
 Rerunning the same command resumes from the last complete checkpoint in --output_dir (unless
 --overwrite_output_dir). The first Ctrl+C saves a checkpoint at the end of the current step and exits with
 status 130; a second one aborts without saving. The result, in --output_dir: the model in safetensors with its
-tokenizer, trainer_state.json, block_masks.pt and finetune_report.json (perplexity and sparsity before and after).
+tokenizer, trainer_state.json, block_masks.pt and finetune_report.json (perplexity and sparsity before and after:
+check_sparsity's exact zeros, and the fraction of weights in pruned blocks, which cannot change).
 """
 from __future__ import annotations
 
