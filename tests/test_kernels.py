@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 
-from sparse_adamw import SparseAdamW, apply_block_mask_, compact_to_dense, random_block_mask, sparse_adamw_reference
+from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask, sparse_adamw_reference
 from sparse_adamw.masks import expand_block_mask
-from tests.utils import assert_close_verbose
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
