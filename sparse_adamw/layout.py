@@ -68,6 +68,18 @@ class BlockLayout:
                    index_base)
 
 
+def program_map(layouts, blocks_per_program: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The work split shared by the compiled and Triton kernels, as int32 CPU tensors: the tensor index of each
+    program (K live blocks of one tensor), and K block ids per program, zero-padded past a tensor's last block."""
+    k = blocks_per_program
+    prog_tensor, block_ids = [], []
+    for t, lay in enumerate(layouts):
+        progs = math.ceil(lay.n_live / k)
+        prog_tensor.append(torch.full((progs,), t, dtype=torch.int32))
+        block_ids += [lay.live_ids().cpu(), torch.zeros(progs * k - lay.n_live, dtype=torch.int32)]
+    return torch.cat(prog_tensor), torch.cat(block_ids)
+
+
 def new_state(param: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
     """Zeroed state for one moment (exp_avg or exp_avg_sq) in the compact format."""
     if layout.mask is None:

@@ -30,6 +30,15 @@ def _fixed_seeds():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: a tiny model trains several times faster so than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama():
     """A factory for a tiny random LlamaForCausalLM (hidden 64, 2 layers); every Linear dim is a multiple of 16."""
     def make(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, seed=0):

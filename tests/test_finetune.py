@@ -32,12 +32,7 @@ from sparse_adamw.prune import MASKS_FILE, load_masks
 STEP_LINE = re.compile(r"^Step (\d+): loss=(\d+\.\d{4})\b", re.M)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -19,13 +19,7 @@ from sparse_adamw.trainer import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # A tiny model trains several times faster on one thread than on two contended ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Tokens(torch.utils.data.Dataset):

@@ -7,11 +7,11 @@ module compiles nothing; `load` (called when the backend is selected) loads or b
 """
 from __future__ import annotations
 
-import math
 from typing import Dict
 
 import torch
 
+from ..layout import program_map
 from . import build
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,16 +37,12 @@ def _plan(updates, cache: Dict, k: int):
     hit = cache.get(key)
     if hit is not None and all(a is u.layout for a, u in zip(hit[0], updates)):
         return hit[1:]
-    shapes, prog_tensor, block_ids = [], [], []
-    for t, u in enumerate(updates):
-        lay = u.layout
-        shapes.append([lay.rows, lay.cols, lay.numel, lay.n_live, lay.row_shift, lay.index_base])
-        progs = math.ceil(lay.n_live / k)
-        prog_tensor.append(torch.full((progs,), t, dtype=torch.int32))
-        block_ids += [lay.live_ids().cpu(), torch.zeros(progs * k - lay.n_live, dtype=torch.int32)]
+    shapes = [[u.layout.rows, u.layout.cols, u.layout.numel, u.layout.n_live, u.layout.row_shift,
+               u.layout.index_base] for u in updates]
+    prog_tensor, block_ids = program_map([u.layout for u in updates], k)
     device = updates[0].param.device
-    cache[key] = ([u.layout for u in updates], torch.tensor(shapes, dtype=torch.int64),
-                  torch.cat(prog_tensor).to(device), torch.cat(block_ids).to(device))
+    cache[key] = ([u.layout for u in updates], torch.tensor(shapes, dtype=torch.int64), prog_tensor.to(device),
+                  block_ids.to(device))
     return cache[key][1:]
 
 

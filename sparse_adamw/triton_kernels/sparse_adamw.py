@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import program_map
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 DTYPES = tuple(_TL_DTYPES)
 
@@ -174,23 +176,17 @@ def _plan(updates, cache: Dict, k: int):
     aligned = bw % 16 == 0
     index_64 = False
     shape_cols: List[List[int]] = []
-    prog_tensor, block_ids = [], []
     n_prog = 0
-    for t, u in enumerate(updates):
+    for u in updates:
         lay = u.layout
         shape_cols.append([lay.rows, lay.cols, lay.numel, lay.n_block_cols, lay.n_live, n_prog, lay.row_shift])
         check_edges |= bool(lay.rows % bh or lay.cols % bw or lay.numel != lay.rows * lay.cols or lay.row_shift)
         aligned &= lay.cols % 16 == 0
         # Offsets reach past the last row/column in edge blocks, and past the last slot in the last program.
         index_64 |= max((lay.rows + bh) * (lay.cols + bw), (lay.n_live + k) * bh * bw) >= _INT32_LIMIT
-        progs = math.ceil(lay.n_live / k)
-        prog_tensor.append(torch.full((progs,), t, dtype=torch.int32))
-        ids = lay.live_ids().cpu()
-        block_ids += [ids, torch.zeros(progs * k - ids.numel(), dtype=torch.int32)]
-        n_prog += progs
+        n_prog += math.ceil(lay.n_live / k)
     device = updates[0].param.device
-    prog_tensor = torch.cat(prog_tensor).to(device)
-    block_ids = torch.cat(block_ids).to(device)
+    prog_tensor, block_ids = (t.to(device) for t in program_map([u.layout for u in updates], k))
     cache[key] = ([u.layout for u in updates], shape_cols, prog_tensor, block_ids, index_64, check_edges, aligned)
     return cache[key][1:]
 
