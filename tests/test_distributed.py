@@ -74,6 +74,9 @@ def _worker(rank, world, port, impl, dtype, out_dir):
         torch.save({"final": final, "resumed": resumed_final}, os.path.join(out_dir, "result.pt"))
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
+    # Skip interpreter teardown: under load it sometimes aborted in a C++ destructor ("terminate called without
+    # an active exception") after all the work above was done and saved.
+    os._exit(0)
 
 
 def _free_port():
