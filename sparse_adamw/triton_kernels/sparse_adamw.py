@@ -33,23 +33,23 @@ def _hash32(index, seed):
 
 
 @triton.jit
-def _store_bf16_stochastic(ptr, x, mask, index, seed):
+def _store_bf16_stochastic(ptr, x, mask, index, seed, CACHE: tl.constexpr):
     """Round to bf16 up with probability equal to the dropped fraction (reference.round_to_bf16_stochastic)."""
     bits = x.to(tl.uint32, bitcast=True) + (_hash32(index, seed) & 0xFFFF)
-    tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask, cache_modifier=CACHE)
 
 
 @triton.jit
-def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr, CACHE: tl.constexpr):
     """Store fp32 `x` as DTYPE, rounding to nearest even."""
     if DTYPE == tl.bfloat16 and EXACT_BF16:
         # By hand: the interpreter's fp32 -> bf16 cast truncates; the GPU's cast is already exact. NaN and inf
         # survive.
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask, cache_modifier=CACHE)
     else:
-        tl.store(ptr, x.to(DTYPE), mask=mask)
+        tl.store(ptr, x.to(DTYPE), mask=mask, cache_modifier=CACHE)
 
 
 @triton.jit
@@ -58,6 +58,7 @@ def _sparse_adamw_kernel(
     hyper_ptr,
     prog_tensor_ptr,
     block_ids_ptr,
+    n_programs,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
@@ -71,11 +72,49 @@ def _sparse_adamw_kernel(
     EXACT_BF16: tl.constexpr,
     ALIGNED: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    LOAD_POLICY: tl.constexpr,
+    STORE_CACHE: tl.constexpr,
+):
+    if PERSISTENT:  # a grid of a few programs per SM, each looping over work items
+        for pid in tl.range(tl.program_id(0), n_programs, tl.num_programs(0), num_stages=NUM_STAGES):
+            _update_blocks(meta_ptr, hyper_ptr, prog_tensor_ptr, block_ids_ptr, pid, P_DTYPE, G_DTYPE, S_DTYPE,
+                           BH, BW, TILE_H, TILE_W, K, INDEX_64, CHECK_EDGES, EXACT_BF16, ALIGNED, STOCHASTIC,
+                           LOAD_POLICY, STORE_CACHE)
+    else:
+        _update_blocks(meta_ptr, hyper_ptr, prog_tensor_ptr, block_ids_ptr, tl.program_id(0), P_DTYPE, G_DTYPE,
+                       S_DTYPE, BH, BW, TILE_H, TILE_W, K, INDEX_64, CHECK_EDGES, EXACT_BF16, ALIGNED, STOCHASTIC,
+                       LOAD_POLICY, STORE_CACHE)
+
+
+@triton.jit
+def _update_blocks(
+    meta_ptr,
+    hyper_ptr,
+    prog_tensor_ptr,
+    block_ids_ptr,
+    pid,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    K: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    CHECK_EDGES: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    LOAD_POLICY: tl.constexpr,
+    STORE_CACHE: tl.constexpr,
 ):
     # meta row (int64): param, grad, exp_avg, exp_avg_sq addresses; rows, cols, numel, block cols, live blocks,
     # first program, row shift (a shard starting mid-block), rounding seed, flat index of element 0. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2).
     # block_ids holds K block ids per program, so that load does not wait for the meta row.
-    pid = tl.program_id(0)
+    pid = tl.cast(pid, tl.int32)  # the interpreter's loop yields Python ints
     t = tl.load(prog_tensor_ptr + pid)
     block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
     meta = meta_ptr + t * 13
@@ -130,10 +169,10 @@ def _sparse_adamw_kernel(
     if CHECK_EDGES:  # partial blocks somewhere in this launch
         ok = ok & (r3 < BH) & (c < BW) & (row3 >= 0) & (row3 < rows) & (col3 < cols) & (offs < numel)
 
-    p = tl.load(p_ptr + offs, mask=ok).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
-    m = tl.load(m_ptr + state_offs, mask=ok).to(tl.float32)
-    v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
+    m = tl.load(m_ptr + state_offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
+    v = tl.load(v_ptr + state_offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
 
     # DESIGN.md section 1, in torch.optim.AdamW's order. Fast sqrt and division: their few-ulp error in the
     # update is far below the rounding of p itself.
@@ -146,16 +185,20 @@ def _sparse_adamw_kernel(
     if STOCHASTIC:
         seed = tl.load(meta + 11).to(tl.uint32)
         index = (tl.load(meta + 12) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
-        _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed)
+        _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed, STORE_CACHE)
     else:
-        _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
-    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
-    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
+        _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16, STORE_CACHE)
+    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16, STORE_CACHE)
+    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16, STORE_CACHE)
 
 
 # Launch parameters; 0 blocks per program picks about 2048 elements. Benchmarks set these to sweep them.
 BLOCKS_PER_PROGRAM = 0
 NUM_WARPS = 4
+PERSISTENT_PROGRAMS_PER_SM = 0  # > 0: a persistent grid of this many programs per SM
+NUM_STAGES = 1  # software pipelining depth of the persistent loop
+LOAD_POLICY = ""  # e.g. "evict_first"
+STORE_CACHE = ""  # e.g. ".cs" (streaming)
 _INT32_LIMIT = 2**31  # tests lower it to exercise the int64 path
 
 
@@ -213,8 +256,12 @@ def step(updates, cache: Dict) -> None:
     device = first.param.device
     meta = torch.tensor(meta, dtype=torch.int64).to(device)
     hyper = torch.tensor(hyper, dtype=torch.float32).to(device)
-    _sparse_adamw_kernel[(prog_tensor.numel(),)](
-        meta, hyper, prog_tensor, block_ids,
+    n_prog = prog_tensor.numel()
+    grid = n_prog
+    if PERSISTENT_PROGRAMS_PER_SM:
+        grid = min(n_prog, PERSISTENT_PROGRAMS_PER_SM * _sm_count(device))
+    _sparse_adamw_kernel[(grid,)](
+        meta, hyper, prog_tensor, block_ids, n_prog,
         P_DTYPE=_TL_DTYPES[first.param.dtype],
         G_DTYPE=_TL_DTYPES[first.grad.dtype],
         S_DTYPE=_TL_DTYPES[first.exp_avg.dtype],
@@ -223,5 +270,10 @@ def step(updates, cache: Dict) -> None:
         K=k, INDEX_64=index_64, CHECK_EDGES=check_edges,
         EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1", ALIGNED=aligned,
         STOCHASTIC=first.rounding_seed is not None and first.param.dtype == torch.bfloat16,
+        PERSISTENT=grid != n_prog, NUM_STAGES=NUM_STAGES, LOAD_POLICY=LOAD_POLICY, STORE_CACHE=STORE_CACHE,
         num_warps=NUM_WARPS,
     )
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

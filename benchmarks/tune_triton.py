@@ -1,0 +1,112 @@
+"""Compare launch settings of the Triton kernel on one card, interleaved: each round times every variant once.
+
+Timing one variant after another drifts by several percent on the same card (clocks, placement), so variants run
+in rounds on the same params and optimizer, and each variant's number is its median over rounds.
+
+    python benchmarks/tune_triton.py --dtype bf16 --sparsity 0.2 --rounds 5
+    python benchmarks/tune_triton.py --profile   # two steps per mask kind, for ncu
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_step import DTYPES, make_params  # noqa: E402
+from common import copy_bandwidth_gbs, environment, median_ms  # noqa: E402
+
+from sparse_adamw import SparseAdamW, apply_block_mask_  # noqa: E402
+from sparse_adamw.triton_kernels import sparse_adamw as kernels  # noqa: E402
+
+# name: (blocks per program (0 = about 2048 elements), warps, persistent programs per SM, stages, load policy,
+# store cache modifier)
+VARIANTS = {
+    "base": (0, 4, 0, 1, "", ""),
+    "stream": (0, 4, 0, 1, "evict_first", ".cs"),
+    "persist4": (0, 4, 4, 1, "", ""),
+    "persist8": (0, 4, 8, 1, "", ""),
+    "persist8_s2": (0, 4, 8, 2, "", ""),
+    "persist8_s3": (0, 4, 8, 3, "", ""),
+    "persist16_s2": (0, 4, 16, 2, "", ""),
+    "persist8_s2_stream": (0, 4, 8, 2, "evict_first", ".cs"),
+    "k16_w8": (16, 8, 0, 1, "", ""),
+    "k4_w2": (4, 2, 0, 1, "", ""),
+}
+
+
+def use(variant):
+    (kernels.BLOCKS_PER_PROGRAM, kernels.NUM_WARPS, kernels.PERSISTENT_PROGRAMS_PER_SM, kernels.NUM_STAGES,
+     kernels.LOAD_POLICY, kernels.STORE_CACHE) = VARIANTS[variant]
+
+
+def paired_masks(masks):
+    """Masks whose live blocks come in horizontal pairs (64-byte bf16 rows): each pair takes its first block's bit."""
+    out = []
+    for m in masks:
+        pairs = m[:, ::2]
+        out.append(pairs.repeat_interleave(2, dim=1)[:, : m.shape[1]].contiguous())
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    parser.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.2, 0.5])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--paired", action="store_true", help="also time masks pruned in 16x32 pairs")
+    parser.add_argument("--profile", action="store_true", help="two steps of bf16 s=0.2, random then paired masks")
+    args = parser.parse_args()
+
+    env = environment()
+    if args.profile:
+        params, masks = make_params(2, torch.bfloat16, 0.2)
+        for kind, ms in (("random", masks), ("paired", paired_masks(masks))):
+            for p, m in zip(params, ms):
+                apply_block_mask_(p, m)
+            opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, ms)), impl="triton", state_dtype=torch.bfloat16)
+            for _ in range(2):
+                opt.step()
+            torch.cuda.synchronize()
+            live = sum(int(m.sum()) * 256 for m in ms)
+            print(f"{kind}: {live:,} live elements, {live * 14:,} live bytes per step", flush=True)
+        return
+
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"{env['gpu']}: copy {copy_gbs:.0f} GB/s; torch {env['torch']}, triton {env['triton']}", flush=True)
+    for dtype_name in args.dtype:
+        dtype = DTYPES[dtype_name]
+        per_elem = 28 if dtype == torch.float32 else 14
+        for sparsity in args.sparsity:
+            params, masks = make_params(args.layers, dtype, sparsity)
+            kinds = [("random", masks)] + ([("paired", paired_masks(masks))] if args.paired and sparsity else [])
+            for kind, ms in kinds:
+                for p, m in zip(params, ms):
+                    apply_block_mask_(p, m)
+                opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, ms)), impl="triton",
+                                  state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+                floor = sum(int(m.sum()) * 256 for m in ms) * per_elem / copy_gbs / 1e6
+                times = {v: [] for v in args.variants}
+                for _ in range(args.rounds):
+                    for v in args.variants:
+                        use(v)
+                        times[v].append(median_ms(opt.step, warmup=2, reps=10))
+                print(f"{dtype_name} s={sparsity} {kind} masks: floor {floor:.3f} ms", flush=True)
+                for v in args.variants:
+                    med = statistics.median(times[v])
+                    spread = (max(times[v]) - min(times[v])) / med * 100
+                    print(f"  {v:20s} {med:7.3f} ms  {100 * floor / med:5.1f}% of copy bw  (spread {spread:.1f}%)",
+                          flush=True)
+                del opt
+            del params, masks
+            torch.cuda.empty_cache()
+    use("base")
+
+
+if __name__ == "__main__":
+    main()
