@@ -23,24 +23,52 @@ from sparse_adamw import SparseAdamW, apply_block_mask_  # noqa: E402
 from sparse_adamw.triton_kernels import sparse_adamw as kernels  # noqa: E402
 
 # name: (blocks per program (0 = about 2048 elements), warps, persistent programs per SM, stages, load policy,
-# store cache modifier)
+# store cache modifier, register cap)
 VARIANTS = {
-    "base": (0, 4, 0, 1, "", ""),
-    "stream": (0, 4, 0, 1, "evict_first", ".cs"),
-    "persist4": (0, 4, 4, 1, "", ""),
-    "persist8": (0, 4, 8, 1, "", ""),
-    "persist8_s2": (0, 4, 8, 2, "", ""),
-    "persist8_s3": (0, 4, 8, 3, "", ""),
-    "persist16_s2": (0, 4, 16, 2, "", ""),
-    "persist8_s2_stream": (0, 4, 8, 2, "evict_first", ".cs"),
-    "k16_w8": (16, 8, 0, 1, "", ""),
-    "k4_w2": (4, 2, 0, 1, "", ""),
+    "base": (0, 4, 0, 1, "", "", 0),
+    "stream": (0, 4, 0, 1, "evict_first", ".cs", 0),
+    "persist8_s3": (0, 4, 8, 3, "", "", 0),
+    "k16_w8": (16, 8, 0, 1, "", "", 0),
+    "k8_w8": (8, 8, 0, 1, "", "", 0),
+    "k4_w2": (4, 2, 0, 1, "", "", 0),
+    "maxnreg64": (0, 4, 0, 1, "", "", 64),
+    "maxnreg80": (0, 4, 0, 1, "", "", 80),
+    "k16_w8_maxnreg64": (16, 8, 0, 1, "", "", 64),
 }
 
 
 def use(variant):
     (kernels.BLOCKS_PER_PROGRAM, kernels.NUM_WARPS, kernels.PERSISTENT_PROGRAMS_PER_SM, kernels.NUM_STAGES,
-     kernels.LOAD_POLICY, kernels.STORE_CACHE) = VARIANTS[variant]
+     kernels.LOAD_POLICY, kernels.STORE_CACHE, kernels.MAXNREG) = VARIANTS[variant]
+
+
+def kernel_ms(step, steps=5):
+    """Mean device time of the update kernel per step (torch.profiler): the step's time less host overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    total = sum(e.device_time_total for e in prof.key_averages() if "sparse_adamw_kernel" in e.key)
+    return total / steps / 1e3
+
+
+def host_ms(step, steps=5):
+    """Host time of one step while the GPU is busy (nothing to wait for): Python, table upload, launch."""
+    import time
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # keeps the stream busy for about a second
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = (time.perf_counter() - start) / steps * 1e3
+    torch.cuda.synchronize()
+    return elapsed
 
 
 def paired_masks(masks):
@@ -97,6 +125,9 @@ def main():
                         use(v)
                         times[v].append(median_ms(opt.step, warmup=2, reps=10))
                 print(f"{dtype_name} s={sparsity} {kind} masks: floor {floor:.3f} ms", flush=True)
+                use("base")
+                print(f"  base: kernel {kernel_ms(opt.step):.3f} ms (profiler), host {host_ms(opt.step):.3f} ms "
+                      "per step", flush=True)
                 for v in args.variants:
                     med = statistics.median(times[v])
                     spread = (max(times[v]) - min(times[v])) / med * 100

@@ -199,6 +199,7 @@ PERSISTENT_PROGRAMS_PER_SM = 0  # > 0: a persistent grid of this many programs p
 NUM_STAGES = 1  # software pipelining depth of the persistent loop
 LOAD_POLICY = ""  # e.g. "evict_first"
 STORE_CACHE = ""  # e.g. ".cs" (streaming)
+MAXNREG = 0  # > 0: cap registers per thread (more programs per SM)
 _INT32_LIMIT = 2**31  # tests lower it to exercise the int64 path
 
 
@@ -254,8 +255,10 @@ def step(updates, cache: Dict) -> None:
             u.lr / (1 - u.beta1**u.step), 1 / math.sqrt(1 - u.beta2**u.step),
         ])
     device = first.param.device
-    meta = torch.tensor(meta, dtype=torch.int64).to(device)
-    hyper = torch.tensor(hyper, dtype=torch.float32).to(device)
+    # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
+    pin = device.type == "cuda"
+    meta = torch.tensor(meta, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=pin)
+    hyper = torch.tensor(hyper, dtype=torch.float32, pin_memory=pin).to(device, non_blocking=pin)
     n_prog = prog_tensor.numel()
     grid = n_prog
     if PERSISTENT_PROGRAMS_PER_SM:
@@ -271,7 +274,7 @@ def step(updates, cache: Dict) -> None:
         EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1", ALIGNED=aligned,
         STOCHASTIC=first.rounding_seed is not None and first.param.dtype == torch.bfloat16,
         PERSISTENT=grid != n_prog, NUM_STAGES=NUM_STAGES, LOAD_POLICY=LOAD_POLICY, STORE_CACHE=STORE_CACHE,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **({"maxnreg": MAXNREG} if MAXNREG and device.type == "cuda" else {}),
     )
 
 
