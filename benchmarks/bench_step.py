@@ -2,7 +2,8 @@
 
 Contenders, side by side in one process on one card: torch AdamW (foreach, fused), fused + dense mask reapply,
 Wanda's gradient masking (per micro-step, and at gradient accumulation 8 with the fused step), SparseAdamW.
-Prints a markdown table last and appends CSV rows (card, versions, git SHA, date).
+Prints a markdown table last and appends CSV rows (card, versions, git SHA, date). tune_triton.py compares the
+Triton kernel's launch settings.
 
     python benchmarks/bench_step.py --layers 8 --dtype fp32 bf16 --sparsity 0 0.2 0.5 0.8
 """
@@ -43,7 +44,7 @@ def make_params(layers, dtype, sparsity, seed=0):
     return params, masks
 
 
-def run_contender(name, params, masks, dtype, tuning=None):
+def run_contender(name, params, masks, dtype):
     """Return (ms per optimizer step, ms per micro-step or None, optimizer-state bytes, peak GiB)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -52,12 +53,6 @@ def run_contender(name, params, masks, dtype, tuning=None):
         impl = name.rsplit("_", 1)[1]
         state_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
         opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl=impl, state_dtype=state_dtype)
-        if impl == "triton":
-            from sparse_adamw.triton_kernels import sparse_adamw as kernels
-            kernels.BLOCKS_PER_PROGRAM, kernels.NUM_WARPS = tuning or (0, 4)
-        else:  # blocks per program and threads per program of the CUDA kernel
-            from sparse_adamw.backends import ext_impl
-            ext_impl.BLOCKS_PER_PROGRAM, ext_impl.THREADS = tuning or (0, 128)
         step = opt.step
     else:
         opt = torch.optim.AdamW(params, lr=1e-4, foreach=name == "torch_foreach", fused=name != "torch_foreach")
@@ -93,7 +88,6 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.2, 0.5, 0.8])
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--sweep", action="store_true", help="also try Triton blocks-per-program x num_warps")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results", "bench_step.csv"))
     args = parser.parse_args()
 
@@ -111,15 +105,8 @@ def main():
             n = sum(p.numel() for p in params)
             live = sum(int(m.sum()) * 256 for m in masks)  # every shape is a multiple of 16
             floor_ms = live * per_elem / copy_gbs / 1e6
-            variants = [(c, None) for c in args.contenders]
-            if args.sweep and "sparse_adamw_triton" in args.contenders:
-                variants += [("sparse_adamw_triton", (k, w)) for k in (4, 8, 16) for w in (2, 4, 8)]
-            if args.sweep and "sparse_adamw_cuda" in args.contenders:
-                variants += [("sparse_adamw_cuda", (k, t)) for k in (4, 8, 16) for t in (64, 128, 256)]
-            for name, tuning in variants:
-                ms, micro, state, peak = run_contender(name, params, masks, dtype, tuning)
-                knob = "threads" if name == "sparse_adamw_cuda" else "w"
-                label = name if tuning is None else f"{name} K={tuning[0]} {knob}={tuning[1]}"
+            for label in args.contenders:
+                ms, micro, state, peak = run_contender(label, params, masks, dtype)
                 row = dict(env, params=n, dtype=dtype_name, sparsity=sparsity, contender=label,
                            ms=round(ms, 3), micro_step_ms=round(micro, 3) if micro else "",
                            live_gbs=round(live * per_elem / ms / 1e6, 1),

@@ -1,9 +1,9 @@
 """Fused masked AdamW in Triton: one launch updates every live block of many parameters of one dtype.
 
-Each program updates K live blocks of one parameter, a [K, BH, BW] tile. Per parameter, a row of a small int64
-table holds its addresses (param, grad, exp_avg, exp_avg_sq, live-block ids) and shape, and a row of an fp32
-table holds its step's scalars. Those change every step (grads are reallocated, lr follows a scheduler) but are
-plain data, so nothing recompiles. Pruned blocks are not in the live list: no program reads or writes them.
+Each program updates K live blocks of one parameter, a [K, BH, BW] tile. Small tables give each parameter's shape
+(uploaded once per set of layouts), its addresses and rounding seed (per step: grads are reallocated) and its
+step's scalars (one row per distinct lr and step: a scheduler changes them). They are plain data, so nothing
+recompiles. Pruned blocks are not in the live list: no program reads or writes them.
 """
 from __future__ import annotations
 
@@ -33,32 +33,32 @@ def _hash32(index, seed):
 
 
 @triton.jit
-def _store_bf16_stochastic(ptr, x, mask, index, seed, CACHE: tl.constexpr):
+def _store_bf16_stochastic(ptr, x, mask, index, seed):
     """Round to bf16 up with probability equal to the dropped fraction (reference.round_to_bf16_stochastic)."""
     bits = x.to(tl.uint32, bitcast=True) + (_hash32(index, seed) & 0xFFFF)
-    tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask, cache_modifier=CACHE)
+    tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
 
 
 @triton.jit
-def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr, CACHE: tl.constexpr):
+def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
     """Store fp32 `x` as DTYPE, rounding to nearest even."""
     if DTYPE == tl.bfloat16 and EXACT_BF16:
         # By hand: the interpreter's fp32 -> bf16 cast truncates; the GPU's cast is already exact. NaN and inf
         # survive.
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask, cache_modifier=CACHE)
+        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
-        tl.store(ptr, x.to(DTYPE), mask=mask, cache_modifier=CACHE)
+        tl.store(ptr, x.to(DTYPE), mask=mask)
 
 
 @triton.jit
 def _sparse_adamw_kernel(
-    meta_ptr,
+    shape_ptr,
+    dyn_ptr,
     hyper_ptr,
     prog_tensor_ptr,
     block_ids_ptr,
-    n_programs,
     P_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
@@ -72,65 +72,30 @@ def _sparse_adamw_kernel(
     EXACT_BF16: tl.constexpr,
     ALIGNED: tl.constexpr,
     STOCHASTIC: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-    LOAD_POLICY: tl.constexpr,
-    STORE_CACHE: tl.constexpr,
 ):
-    if PERSISTENT:  # a grid of a few programs per SM, each looping over work items
-        for pid in tl.range(tl.program_id(0), n_programs, tl.num_programs(0), num_stages=NUM_STAGES):
-            _update_blocks(meta_ptr, hyper_ptr, prog_tensor_ptr, block_ids_ptr, pid, P_DTYPE, G_DTYPE, S_DTYPE,
-                           BH, BW, TILE_H, TILE_W, K, INDEX_64, CHECK_EDGES, EXACT_BF16, ALIGNED, STOCHASTIC,
-                           LOAD_POLICY, STORE_CACHE)
-    else:
-        _update_blocks(meta_ptr, hyper_ptr, prog_tensor_ptr, block_ids_ptr, tl.program_id(0), P_DTYPE, G_DTYPE,
-                       S_DTYPE, BH, BW, TILE_H, TILE_W, K, INDEX_64, CHECK_EDGES, EXACT_BF16, ALIGNED, STOCHASTIC,
-                       LOAD_POLICY, STORE_CACHE)
-
-
-@triton.jit
-def _update_blocks(
-    meta_ptr,
-    hyper_ptr,
-    prog_tensor_ptr,
-    block_ids_ptr,
-    pid,
-    P_DTYPE: tl.constexpr,
-    G_DTYPE: tl.constexpr,
-    S_DTYPE: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-    TILE_H: tl.constexpr,
-    TILE_W: tl.constexpr,
-    K: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    CHECK_EDGES: tl.constexpr,
-    EXACT_BF16: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    LOAD_POLICY: tl.constexpr,
-    STORE_CACHE: tl.constexpr,
-):
-    # meta row (int64): param, grad, exp_avg, exp_avg_sq addresses; rows, cols, numel, block cols, live blocks,
-    # first program, row shift (a shard starting mid-block), rounding seed, flat index of element 0. hyper row (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2).
-    # block_ids holds K block ids per program, so that load does not wait for the meta row.
-    pid = tl.cast(pid, tl.int32)  # the interpreter's loop yields Python ints
+    # Per tensor t: shape row (int64, uploaded once per set of layouts): rows, cols, numel, block cols, live blocks,
+    # first program, row shift (a shard starting mid-block), flat index of element 0. Step row (int64): param, grad,
+    # exp_avg, exp_avg_sq addresses, rounding seed, row of the hyper table (fp32): decay, b1, 1-b1, b2, 1-b2, eps,
+    # lr/bc1, 1/sqrt(bc2); tensors with the same hyper-parameters and step share one.
+    # block_ids holds K block ids per program, so that load does not wait for the tables.
+    pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
     block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
-    meta = meta_ptr + t * 13
-    p_ptr = tl.load(meta + 0).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(meta + 1).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(meta + 2).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(meta + 3).to(tl.pointer_type(S_DTYPE))
+    dyn = dyn_ptr + t * 6
+    shape = shape_ptr + t * 8
+    p_ptr = tl.load(dyn + 0).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(dyn + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(dyn + 2).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(dyn + 3).to(tl.pointer_type(S_DTYPE))
     # int32 index math unless some tensor of this launch is too large for it: half the registers and ops.
     idx = tl.int64 if INDEX_64 else tl.int32
-    rows = tl.load(meta + 4).to(idx)
-    cols = tl.load(meta + 5).to(idx)
-    numel = tl.load(meta + 6).to(idx)
-    n_block_cols = tl.load(meta + 7).to(idx)
-    n_live = tl.load(meta + 8).to(idx)
-    prog0 = tl.load(meta + 9).to(idx)
-    row_shift = tl.load(meta + 10).to(idx)
+    rows = tl.load(shape + 0).to(idx)
+    cols = tl.load(shape + 1).to(idx)
+    numel = tl.load(shape + 2).to(idx)
+    n_block_cols = tl.load(shape + 3).to(idx)
+    n_live = tl.load(shape + 4).to(idx)
+    prog0 = tl.load(shape + 5).to(idx)
+    row_shift = tl.load(shape + 6).to(idx)
     if ALIGNED:
         # Addresses cast from integers carry no alignment; without these hints every access is scalar.
         p_ptr = tl.multiple_of(p_ptr, 16)
@@ -139,7 +104,7 @@ def _update_blocks(
         v_ptr = tl.multiple_of(v_ptr, 16)
         cols = tl.multiple_of(cols, 16)
 
-    hyper = hyper_ptr + t * 8
+    hyper = hyper_ptr + tl.load(dyn + 5) * 8
     decay = tl.load(hyper + 0)
     beta1 = tl.load(hyper + 1)
     one_minus_beta1 = tl.load(hyper + 2)
@@ -169,10 +134,10 @@ def _update_blocks(
     if CHECK_EDGES:  # partial blocks somewhere in this launch
         ok = ok & (r3 < BH) & (c < BW) & (row3 >= 0) & (row3 < rows) & (col3 < cols) & (offs < numel)
 
-    p = tl.load(p_ptr + offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
-    m = tl.load(m_ptr + state_offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
-    v = tl.load(v_ptr + state_offs, mask=ok, eviction_policy=LOAD_POLICY).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=ok).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
+    m = tl.load(m_ptr + state_offs, mask=ok).to(tl.float32)
+    v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
 
     # DESIGN.md section 1, in torch.optim.AdamW's order. Fast sqrt and division: their few-ulp error in the
     # update is far below the rounding of p itself.
@@ -183,34 +148,29 @@ def _update_blocks(
     p = p - step_size * (m / denom)
 
     if STOCHASTIC:
-        seed = tl.load(meta + 11).to(tl.uint32)
-        index = (tl.load(meta + 12) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
-        _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed, STORE_CACHE)
+        seed = tl.load(dyn + 4).to(tl.uint32)
+        index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
+        _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed)
     else:
-        _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16, STORE_CACHE)
-    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16, STORE_CACHE)
-    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16, STORE_CACHE)
+        _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
+    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
+    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
 
 
-# Launch parameters; 0 blocks per program picks about 2048 elements. Benchmarks set these to sweep them.
+# Launch parameters; 0 blocks per program picks about 4096 elements. Benchmarks set these to sweep them.
 BLOCKS_PER_PROGRAM = 0
-NUM_WARPS = 4
-PERSISTENT_PROGRAMS_PER_SM = 0  # > 0: a persistent grid of this many programs per SM
-NUM_STAGES = 1  # software pipelining depth of the persistent loop
-LOAD_POLICY = ""  # e.g. "evict_first"
-STORE_CACHE = ""  # e.g. ".cs" (streaming)
-MAXNREG = 0  # > 0: cap registers per thread (more programs per SM)
+NUM_WARPS = 8
 _INT32_LIMIT = 2**31  # tests lower it to exercise the int64 path
 
 
 def _blocks_per_program(block) -> int:
-    # About 2048 elements per program, 16 per thread at 4 warps: the best of a sweep on H100 and H200
-    # (benchmarks/RESULTS.md); larger tiles spill registers.
-    return max(1, triton.next_power_of_2(max(1, 2048 // (block[0] * block[1]))))
+    # About 4096 elements per program, 16 per thread at 8 warps: the best of interleaved sweeps on the H100
+    # (benchmarks/RESULTS.md); more per thread spills registers.
+    return max(1, triton.next_power_of_2(max(1, 4096 // (block[0] * block[1]))))
 
 
 def _plan(updates, cache: Dict, k: int):
-    """Static part of a launch, cached per set of layouts: shape columns, program -> tensor map, block ids."""
+    """Static part of a launch, cached per set of layouts: the shape table, program -> tensor map, block ids."""
     key = ("triton_plan", k) + tuple(id(u.layout) for u in updates)
     hit = cache.get(key)
     if hit is not None and all(a is u.layout for a, u in zip(hit[0], updates)):
@@ -219,11 +179,12 @@ def _plan(updates, cache: Dict, k: int):
     check_edges = triton.next_power_of_2(bh) != bh or triton.next_power_of_2(bw) != bw
     aligned = bw % 16 == 0
     index_64 = False
-    shape_cols: List[List[int]] = []
+    shapes: List[List[int]] = []
     n_prog = 0
     for u in updates:
         lay = u.layout
-        shape_cols.append([lay.rows, lay.cols, lay.numel, lay.n_block_cols, lay.n_live, n_prog, lay.row_shift])
+        shapes.append([lay.rows, lay.cols, lay.numel, lay.n_block_cols, lay.n_live, n_prog, lay.row_shift,
+                       lay.index_base])
         check_edges |= bool(lay.rows % bh or lay.cols % bw or lay.numel != lay.rows * lay.cols or lay.row_shift)
         aligned &= lay.cols % 16 == 0
         # Offsets reach past the last row/column in edge blocks, and past the last slot in the last program.
@@ -231,8 +192,15 @@ def _plan(updates, cache: Dict, k: int):
         n_prog += math.ceil(lay.n_live / k)
     device = updates[0].param.device
     prog_tensor, block_ids = (t.to(device) for t in program_map([u.layout for u in updates], k))
-    cache[key] = ([u.layout for u in updates], shape_cols, prog_tensor, block_ids, index_64, check_edges, aligned)
+    shapes = torch.tensor(shapes, dtype=torch.int64, device=device)
+    cache[key] = ([u.layout for u in updates], shapes, prog_tensor, block_ids, index_64, check_edges, aligned)
     return cache[key][1:]
+
+
+def _upload(values, dtype, device) -> torch.Tensor:
+    # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
+    pin = device.type == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
 
 
 def step(updates, cache: Dict) -> None:
@@ -243,28 +211,23 @@ def step(updates, cache: Dict) -> None:
     first = updates[0]
     block = first.layout.block
     k = BLOCKS_PER_PROGRAM or _blocks_per_program(block)
-    shape_cols, prog_tensor, block_ids, index_64, check_edges, aligned = _plan(updates, cache, k)
+    shapes, prog_tensor, block_ids, index_64, check_edges, aligned = _plan(updates, cache, k)
 
-    meta, hyper = [], []
-    for u, static in zip(updates, shape_cols):
-        addresses = [u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()]
-        aligned = aligned and all(a % 16 == 0 for a in addresses)
-        meta.append(addresses + static + [u.rounding_seed or 0, u.layout.index_base])
-        hyper.append([
-            1 - u.lr * u.weight_decay, u.beta1, 1 - u.beta1, u.beta2, 1 - u.beta2, u.eps,
-            u.lr / (1 - u.beta1**u.step), 1 / math.sqrt(1 - u.beta2**u.step),
-        ])
+    # Per step: addresses (grads may be new tensors), seeds, and one hyper row per distinct (lr, betas, eps,
+    # weight decay, step): the Python work per tensor is most of the host time of a step.
+    dyn: List[int] = []
+    hyper_rows: Dict[tuple, int] = {}
+    for u in updates:
+        key = (u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.step)
+        row = hyper_rows.setdefault(key, len(hyper_rows))
+        dyn += (u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr(),
+                u.rounding_seed or 0, row)
+    aligned = aligned and all(dyn[i] % 16 == 0 for i in range(len(dyn)) if i % 6 < 4)
+    hyper = [[1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, lr / (1 - b1**n), 1 / math.sqrt(1 - b2**n)]
+             for lr, b1, b2, eps, wd, n in hyper_rows]
     device = first.param.device
-    # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
-    pin = device.type == "cuda"
-    meta = torch.tensor(meta, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=pin)
-    hyper = torch.tensor(hyper, dtype=torch.float32, pin_memory=pin).to(device, non_blocking=pin)
-    n_prog = prog_tensor.numel()
-    grid = n_prog
-    if PERSISTENT_PROGRAMS_PER_SM:
-        grid = min(n_prog, PERSISTENT_PROGRAMS_PER_SM * _sm_count(device))
-    _sparse_adamw_kernel[(grid,)](
-        meta, hyper, prog_tensor, block_ids, n_prog,
+    _sparse_adamw_kernel[(prog_tensor.numel(),)](
+        shapes, _upload(dyn, torch.int64, device), _upload(hyper, torch.float32, device), prog_tensor, block_ids,
         P_DTYPE=_TL_DTYPES[first.param.dtype],
         G_DTYPE=_TL_DTYPES[first.grad.dtype],
         S_DTYPE=_TL_DTYPES[first.exp_avg.dtype],
@@ -273,10 +236,5 @@ def step(updates, cache: Dict) -> None:
         K=k, INDEX_64=index_64, CHECK_EDGES=check_edges,
         EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1", ALIGNED=aligned,
         STOCHASTIC=first.rounding_seed is not None and first.param.dtype == torch.bfloat16,
-        PERSISTENT=grid != n_prog, NUM_STAGES=NUM_STAGES, LOAD_POLICY=LOAD_POLICY, STORE_CACHE=STORE_CACHE,
-        num_warps=NUM_WARPS, **({"maxnreg": MAXNREG} if MAXNREG and device.type == "cuda" else {}),
+        num_warps=NUM_WARPS,
     )
-
-
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
