@@ -7,7 +7,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from .backends import ParamUpdate, requested_impl, select_backend
-from .layout import BlockLayout, compact_to_dense, new_state
+from .layout import BlockLayout, compact_to_dense, dense_to_compact, new_state
 from .masks import BlockSize, block_grid, block_mask_from_zeros, normalize_block_size
 
 logger = logging.getLogger("sparse_adamw")
@@ -135,6 +135,24 @@ class SparseAdamW(torch.optim.Optimizer):
                                "are (sparse_adamw.masks.apply_block_mask_ zeros them)", self._describe(p), leaked)
             self.state[p]["block_mask"] = mask
 
+    def set_masks(self, masks: Union[str, Dict[torch.Tensor, torch.Tensor]]) -> None:
+        """Give parameters block masks after construction: `"auto"` or `{param: mask}`, as the `masks` argument.
+
+        Only before a parameter's first step (its moments are laid out by its mask). Meant for wrappers that swap
+        the optimizer's parameters after it is built, as accelerate's FSDP2 preparation does: set the masks on
+        the parameters that are there now. A DTensor (FSDP2) parameter takes the mask of the whole parameter;
+        every rank must call this with the same masks, in the same order (each parameter is gathered once to
+        check its zeros).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "exp_avg" in self.state.get(p, {}):
+                    raise RuntimeError(f"set_masks after {self._describe(p)} has taken a step: its state is laid "
+                                       "out already; set masks before the first step")
+        self._set_masks(masks)
+        self._layouts.clear()
+        self._kernel_cache.clear()
+
     def _check_mask(self, p: torch.Tensor, mask, block) -> None:
         what = self._describe(p)
         if p.dim() != 2:
@@ -194,32 +212,35 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # This loop's Python is most of a step's host time (hundreds of tensors): keep the per-tensor work lean.
         batches: Dict[tuple, list] = {}
         index = -1
+        layouts = self._layouts
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            lr, eps, weight_decay, seed = float(group["lr"]), group["eps"], group["weight_decay"], group["seed"]
             stochastic = group["stochastic_rounding"] is not False
             for p in group["params"]:
                 index += 1
-                if p.grad is None:
-                    continue
                 grad = p.grad
+                if grad is None:
+                    continue
                 if grad.is_sparse:
                     raise RuntimeError(f"SparseAdamW does not support sparse gradients: {self._describe(p)}")
                 if grad.shape != p.shape:
                     raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for {self._describe(p)}")
                 local, grad = _local(p), _local(grad).contiguous()  # FSDP2: this rank's rows
-                layout = self._layout(p, group)
+                layout = layouts.get(p) or self._layout(p, group)
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["step"] = 0
                     state["exp_avg"] = new_state(local, layout, self.state_dtype)
                     state["exp_avg_sq"] = new_state(local, layout, self.state_dtype)
-                state["step"] += 1
-                seed = _rounding_seed(group["seed"], state["step"], index) if stochastic else None
-                update = ParamUpdate(local, grad, state["exp_avg"], state["exp_avg_sq"], layout, state["step"],
-                                     float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], seed)
-                key = (local.device, p.dtype, grad.dtype, state["exp_avg"].dtype, layout.block, stochastic)
+                step = state["step"] = state["step"] + 1
+                exp_avg = state["exp_avg"]
+                update = ParamUpdate(local, grad, exp_avg, state["exp_avg_sq"], layout, step, lr, beta1, beta2, eps,
+                                     weight_decay, _rounding_seed(seed, step, index) if stochastic else None)
+                key = (local.device, p.dtype, grad.dtype, exp_avg.dtype, layout.block, stochastic)
                 batches.setdefault(key, []).append(update)
         for (device, *dtypes, _, _), updates in batches.items():
             self._backend(device, tuple(dtypes)).step(updates, self._kernel_cache)
@@ -239,7 +260,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._kernel_cache.clear()
 
     def _check_loaded_state(self, p: torch.Tensor, group) -> None:
-        state = self.state[p]
+        state = self.state.get(p, {})  # not self.state[p]: that would add an entry for a parameter without state
         if "block_mask" in state:
             self._check_mask(p, state["block_mask"], group["block_size"])
         if "exp_avg" in state:
@@ -250,6 +271,117 @@ class SparseAdamW(torch.optim.Optimizer):
                 if tuple(state[key].shape) != expected:
                     raise ValueError(f"loaded {key} of shape {tuple(state[key].shape)} does not fit "
                                      f"{self._describe(p)}: expected {expected}")
+
+    # ------------------------------------------------------------------------------- whole-parameter state I/O
+    @torch.no_grad()
+    def full_state_dict(self, *, to_cpu: bool = True, rank0_only: bool = False) -> Dict[str, object]:
+        """The state dict a single-process SparseAdamW over the whole parameters would have.
+
+        Under FSDP2 every rank must call this, in the same order relative to other collectives: each sharded
+        parameter's moments are gathered (one parameter at a time). For plain parameters (one process, DDP) it is
+        `state_dict()` with its tensors copied.
+
+        Format: exactly `state_dict()`'s, `{"state": {index: {...}}, "param_groups": [...]}` with parameters
+        numbered in param-group order, and for each parameter that has state:
+
+        * "block_mask": the whole parameter's bool block mask, shape (ceil(R/bh), ceil(C/bw)), True = live;
+        * "step": the number of steps taken (an int);
+        * "exp_avg", "exp_avg_sq": for a masked parameter the compact state of the whole parameter, shape
+          (n_live, bh, bw), slot s holding the s-th live block of the whole mask in row-major order
+          (`sparse_adamw.layout`); for a parameter without a mask, the whole parameter's shape.
+
+        A block that straddles two row shards has a slot on both ranks, each holding its own rows; here the two
+        halves are joined into one slot. So this dict loads into a single-process SparseAdamW with
+        `load_state_dict`, and into any sharding of the same parameters with `load_full_state_dict`.
+
+        torch.distributed.checkpoint's `get_optimizer_state_dict` / `set_optimizer_state_dict` (what accelerate's
+        FSDP2 checkpointing calls) assume that every state tensor is shaped and sharded like its parameter. Compact
+        states are not, so use this method (or the per-rank `state_dict()`) instead.
+
+        Args:
+            to_cpu: move the tensors to the CPU as they are gathered (default), so that only one parameter's
+                moments are on the device at a time.
+            rank0_only: return the dict on rank 0 only ({} elsewhere); every rank still takes part in the gathers.
+        """
+        local = self.state_dict()
+        keep = not rank0_only or not _distributed() or torch.distributed.get_rank() == 0
+        out_state = {}
+        for group, saved_group in zip(self.param_groups, local["param_groups"]):
+            for p, index in zip(group["params"], saved_group["params"]):
+                if index not in local["state"]:
+                    continue
+                state = {}
+                for key, value in local["state"][index].items():
+                    if key in ("exp_avg", "exp_avg_sq") and _is_dtensor(p):
+                        value = self._gather_moment(p, group, value)
+                    if isinstance(value, torch.Tensor):
+                        value = value.to("cpu", copy=True) if to_cpu else value.clone()
+                    state[key] = value
+                if keep:
+                    out_state[index] = state
+        if not keep:
+            return {}
+        return {"state": out_state, "param_groups": local["param_groups"]}
+
+    def _gather_moment(self, p: torch.Tensor, group, value: torch.Tensor) -> torch.Tensor:
+        """One moment of an FSDP2 parameter, whole: compact (whole mask) for a masked parameter, else param-shaped."""
+        from torch.distributed.tensor import DTensor
+
+        layout = self._layout(p, group)
+        local = _local(p)
+        dense = value if layout.mask is None else compact_to_dense(value, layout.mask, local.shape, layout.block,
+                                                                   layout.row_shift)
+        whole = DTensor.from_local(dense.reshape(local.shape).contiguous(), p.device_mesh, p.placements,
+                                   run_check=False, shape=p.shape, stride=p.stride()).full_tensor()
+        mask = self.state[p].get("block_mask")
+        return whole if mask is None else dense_to_compact(whole, mask, layout.block)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict) -> None:
+        """Load a whole-parameter state dict (`full_state_dict()`'s format, which is also what a single-process
+        SparseAdamW's `state_dict()` holds) into this optimizer, whose parameters may be FSDP2 row shards.
+
+        Every rank passes the same dict; each keeps the rows of its own shard. No collectives: a dict opened
+        with `torch.load(..., mmap=True)` is read only where this rank's rows lie. Resuming on a different
+        number of ranks, or moving between one process and FSDP2, works both ways.
+        """
+        local_state = {}
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, index in zip(group["params"], saved_group["params"]):
+                if index not in state_dict["state"]:
+                    continue
+                state = dict(state_dict["state"][index])
+                if _is_dtensor(p):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in state:
+                            state[key] = self._shard_moment(p, group, state[key], state.get("block_mask"), key)
+                local_state[index] = state
+        self.load_state_dict({"state": local_state, "param_groups": state_dict["param_groups"]})
+
+    def _shard_moment(self, p: torch.Tensor, group, whole: torch.Tensor, mask, key: str) -> torch.Tensor:
+        """This rank's part of one whole-parameter moment, in the compact format of its row shard."""
+        local = _local(p)
+        offset, rows = _row_offset(p, self._describe(p)), local.shape[0] if local.dim() else 0
+        if mask is None:
+            if tuple(whole.shape) != tuple(p.shape):
+                raise ValueError(f"loaded {key} of shape {tuple(whole.shape)} does not fit {self._describe(p)}")
+            return whole[offset:offset + rows].clone()
+        bh = group["block_size"][0]
+        self._check_mask(p, mask.to(p.device), group["block_size"])
+        per_row = mask.sum(dim=1).tolist()
+        if tuple(whole.shape) != (sum(per_row), *group["block_size"]):
+            raise ValueError(f"loaded {key} of shape {tuple(whole.shape)} does not fit {self._describe(p)}: "
+                             f"expected {(sum(per_row), *group['block_size'])}")
+        first = offset // bh
+        end = -(-(offset + rows) // bh) if rows else first
+        start, n = sum(per_row[:first]), sum(per_row[first:end])
+        shard = whole[start:start + n].clone()
+        if n:
+            # Rows of a straddling block that belong to the neighbouring shard are never read or written here:
+            # zero them, as in a state that was never loaded.
+            shard[:per_row[first], :offset - first * bh] = 0
+            shard[n - per_row[end - 1]:, offset + rows - (end - 1) * bh:] = 0
+        return shard
 
     def dense_state(self, p: torch.Tensor) -> Dict[str, object]:
         """Param-shaped copies of p's state ({"step", "exp_avg", "exp_avg_sq"}; pruned blocks read as 0).
@@ -295,6 +427,10 @@ def _row_offset(p: torch.Tensor, what: str) -> int:
     return int(offset[0]) if len(offset) else 0
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _full(p: torch.Tensor) -> torch.Tensor:
     """The whole parameter (gathers a DTensor: every rank must call this in the same order)."""
     return p.full_tensor() if _is_dtensor(p) else p
@@ -303,8 +439,8 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 def _rounding_seed(seed: int, step: int, index: int) -> int:
     """A 32-bit seed per (optimizer seed, step, parameter position): murmur3's finaliser of their mix."""
     h = (seed * 0x9E3779B1 ^ step * 0x85EBCA6B ^ index * 0xC2B2AE35) & 0xFFFFFFFF
-    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-        h = ((h ^ (h >> shift)) * mult) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
     return h ^ (h >> 16)
 
 
