@@ -48,17 +48,31 @@ And in a plain PyTorch loop, with gradient accumulation and clipping:
     torch.save(optimizer.state_dict(), "optimizer.pt")   # masks, m, v and step; load_state_dict restores them
 
 Gradients of pruned blocks are not masked (that would cost a pass over every gradient); they count in the
-clipping norm, which only rescales the whole step. SparseTrainer runs in one process or under DDP (torchrun).
-The Trainer's FSDP and DeepSpeed paths are refused for now: SparseAdamW itself updates FSDP2 (fully_shard) row
-shards, but SparseTrainer does not yet derive and check masks on sharded parameters.
+clipping norm, which only rescales the whole step. SparseTrainer runs in one process, under DDP (torchrun), or
+under the Trainer's FSDP2 (torchrun on GPUs):
+
+    args = TrainingArguments(..., fsdp=True, fsdp_config={"version": 2})   # `python -m sparse_adamw.finetune --fsdp`
+
+The Trainer builds the optimizer on the whole parameters, then accelerate shards the model (fully_shard) and swaps
+the optimizer's parameters for the DTensor row shards. SparseTrainer therefore sets the masks after that swap:
+the given ones, or derived from each whole weight gathered in turn, so every rank has the same masks. The pruned
+blocks are checked on every rank's rows (one all-reduce). A checkpoint's optimizer.pt holds
+`SparseAdamW.full_state_dict()`, the format of a one-process run (resumable on any number of ranks, or in one
+process); with fsdp_config `state_dict_type: SHARDED_STATE_DICT` each rank writes its own
+`optimizer-rank{r}-of-{n}.pt` instead (no gather; resumable on as many ranks). accelerate's own FSDP optimizer
+checkpointing (torch.distributed.checkpoint) assumes param-shaped states and is not used. FSDP1 and DeepSpeed ZeRO
+hand the optimizer flattened parameters, which destroy the block structure: refused with an error. accelerate
+runs FSDP on accelerators only; on the CPU it trains with DDP instead (SparseTrainer warns).
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -66,7 +80,17 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .masks import BlockSize, block_grid, block_mask_from_zeros, normalize_block_size
-from .optimizer import SparseAdamW
+from .optimizer import SparseAdamW, _full, _is_dtensor, _local, _row_offset
+
+logger = logging.getLogger("sparse_adamw")
+
+OPTIMIZER_FILE = "optimizer.pt"  # the Trainer's name; under FSDP2 it holds SparseAdamW.full_state_dict()
+SCHEDULER_FILE = "scheduler.pt"
+
+
+def sharded_optimizer_file(rank: int, world_size: int) -> str:
+    """Name of one rank's optimizer state in a checkpoint saved with FSDP2's SHARDED_STATE_DICT."""
+    return f"optimizer-rank{rank}-of-{world_size}.pt"
 
 __all__ = [
     "SigintCheckpointCallback",
@@ -93,29 +117,55 @@ def linear_block_masks(model: torch.nn.Module, block_size: BlockSize = 16) -> Di
     masks = {}
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dim() == 2:
-            mask = block_mask_from_zeros(module.weight, block)
+            # An FSDP2 (DTensor) weight is gathered whole: every rank gets the same mask.
+            mask = block_mask_from_zeros(_full(module.weight), block)
             if not bool(mask.all()):
                 masks[f"{module_name}.weight" if module_name else "weight"] = mask
     return masks
+
+
+def _nonzero_blocks(p: torch.Tensor, block) -> torch.Tensor:
+    """The whole parameter's grid of blocks holding a nonzero; for an FSDP2 (DTensor) parameter, as far as this
+    rank's rows show (the other ranks' rows read as zero)."""
+    if not _is_dtensor(p):
+        return block_mask_from_zeros(p, block)
+    local, offset = _local(p).detach(), _row_offset(p, "")
+    first = offset // block[0]
+    grid = torch.zeros(block_grid(p.shape, block), dtype=torch.bool, device=local.device)
+    if local.shape[0]:
+        part = block_mask_from_zeros(torch.nn.functional.pad(local, (0, 0, offset - first * block[0], 0)), block)
+        grid[first:first + part.shape[0]] = part
+    return grid
 
 
 @torch.no_grad()
 def verify_block_sparsity(optimizer: SparseAdamW, names: Optional[Dict[int, str]] = None, when: str = "") -> int:
     """Raise SparsityViolation if any block that `optimizer`'s masks mark pruned holds a nonzero.
 
-    `names` maps id(param) to a name for the message. Returns the number of masked parameters checked.
+    `names` maps id(param) to a name for the message. Returns the number of masked parameters checked. With
+    FSDP2 (DTensor) parameters every rank checks its own rows and one all-reduce joins the answers, so every
+    rank must call this, and every rank raises alike.
     """
-    bad, checked = [], 0
+    bad, checked, leaks = [], 0, []
     for group in optimizer.param_groups:
         for p in group["params"]:
             mask = optimizer.state.get(p, {}).get("block_mask")
             if mask is None:
                 continue
             checked += 1
-            leaked = int((block_mask_from_zeros(p, group["block_size"]) & ~mask.to(p.device)).sum())
-            if leaked:
-                name = (names or {}).get(id(p), f"parameter of shape {tuple(p.shape)}")
-                bad.append(f"{name}: {leaked} of {int((~mask).sum())} pruned blocks")
+            nonzero = _nonzero_blocks(p, group["block_size"])
+            leaks.append((p, mask, nonzero & ~mask.to(nonzero.device)))
+    sharded = [p for p, _, _ in leaks if _is_dtensor(p)]
+    if sharded and torch.distributed.is_initialized():
+        flat = torch.cat([leak.reshape(-1) for _, _, leak in leaks]).to(torch.uint8)
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+        joined = flat.bool().split([leak.numel() for _, _, leak in leaks])
+        leaks = [(p, mask, j.reshape(leak.shape)) for (p, mask, leak), j in zip(leaks, joined)]
+    for p, mask, leak in leaks:
+        leaked = int(leak.sum())
+        if leaked:
+            name = (names or {}).get(id(p), f"parameter of shape {tuple(p.shape)}")
+            bad.append(f"{name}: {leaked} of {int((~mask).sum())} pruned blocks")
     if bad:
         where = f" {when}" if when else ""
         raise SparsityViolation(f"pruned blocks became nonzero{where}: " + "; ".join(bad[:10])
@@ -233,6 +283,7 @@ class _SparsityGuard(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._bind_fsdp_masks(required=True)
         self.trainer.verify_sparsity("at the start of training")
 
 
@@ -277,13 +328,23 @@ class SparseTrainer(Trainer):
         self.masks_file = None if masks_file is None else str(masks_file)
         self.optimizer_impl = optimizer_impl
         self.state_dtype = state_dtype
+        self._fsdp_masks_pending = False
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self.is_deepspeed_enabled:
             raise NotImplementedError(
-                "SparseTrainer supports one process or DDP (torchrun), not yet the Trainer's FSDP or DeepSpeed: "
-                "it derives and checks masks on whole parameters. SparseAdamW itself takes FSDP2 (fully_shard) "
-                "parameters in a loop of your own"
+                "SparseTrainer does not support DeepSpeed: ZeRO hands the optimizer flattened partitions of the "
+                "parameters, which destroys the 2-D block structure the masks describe. Use FSDP2 (--fsdp, or "
+                "TrainingArguments(fsdp=True, fsdp_config={\"version\": 2})) or DDP (torchrun)"
             )
+        if self.is_fsdp_enabled and self.fsdp_version != 2:
+            raise NotImplementedError(
+                f"SparseTrainer does not support FSDP{self.fsdp_version}: its flat parameters destroy the 2-D "
+                "block structure the masks describe. Use FSDP2, which shards each parameter by rows: "
+                "fsdp_config={\"version\": 2} (transformers' default)"
+            )
+        if getattr(self.args, "fsdp_plugin_args", None) and not self.is_fsdp_enabled:
+            warnings.warn("FSDP was requested but accelerate did not enable it (it runs FSDP on accelerators only, "
+                          "not on the CPU): training with DDP, every rank holding the whole model", stacklevel=2)
         if self.optimizer is not None and not isinstance(self.optimizer, SparseAdamW):
             raise TypeError(f"SparseTrainer needs a SparseAdamW optimizer, got {type(self.optimizer).__name__}")
         self.sigint_callback = SigintCheckpointCallback() if handle_sigint else None
@@ -324,11 +385,23 @@ class SparseTrainer(Trainer):
             return dict(self._given_masks)
         return linear_block_masks(model, self.block_size)
 
+    @property
+    def fsdp_version(self) -> Optional[int]:
+        """1 or 2 when the Trainer runs FSDP through accelerate, else None."""
+        if not self.is_fsdp_enabled:
+            return None
+        return int(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1))
+
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
         if self.optimizer is None:
             params = dict(opt_model.named_parameters())
-            masks = self.block_masks(opt_model)
+            # FSDP2: the Trainer creates the optimizer on the whole parameters, then accelerate shards the model and
+            # swaps the optimizer's parameters for the DTensor shards (fsdp2_switch_optimizer_parameters). State
+            # kept under the old parameters would be lost (and would pin the whole model in memory), so the masks
+            # are set after the swap, by name (_bind_fsdp_masks).
+            self._fsdp_masks_pending = self.fsdp_version == 2 and not any(_is_dtensor(p) for p in params.values())
+            masks = {} if self._fsdp_masks_pending else self.block_masks(opt_model)
             decay = set(self.get_decay_parameter_names(opt_model))
             groups = [
                 {"params": [], "param_names": [], "weight_decay": self.args.weight_decay},
@@ -352,6 +425,37 @@ class SparseTrainer(Trainer):
                 seed=self.args.seed,  # bf16 params: the stochastic rounding follows the run's seed
             )
         return self.optimizer
+
+    def _bind_fsdp_masks(self, required: bool = False) -> None:
+        """FSDP2: give the sharded parameters their masks once accelerate has swapped them into the optimizer.
+
+        The masks are the given ones, or derived from the whole parameters (each gathered in turn), so every rank
+        sets the same masks. A no-op when nothing is pending or the parameters are not sharded yet (then, with
+        `required`, an error).
+        """
+        optimizer = self.sparse_optimizer
+        if not self._fsdp_masks_pending or optimizer is None:
+            return
+        params = [(name, p, group) for group in optimizer.param_groups
+                  for name, p in zip(group["param_names"], group["params"])]
+        if not any(_is_dtensor(p) for _, p, _ in params):
+            if required:
+                raise RuntimeError("FSDP2 is enabled but the optimizer's parameters were never sharded: SparseTrainer "
+                                   "sets the block masks on the DTensor shards that accelerate.prepare swaps in")
+            return
+        current = {id(p) for _, p, _ in params}
+        for old in [q for q in optimizer.state if id(q) not in current]:
+            if optimizer.state[old]:
+                raise RuntimeError("FSDP2: the optimizer holds state for a parameter that accelerate swapped out")
+            del optimizer.state[old]  # an empty entry would pin the whole unsharded parameter in memory
+        masks = self.block_masks(self.model)
+        optimizer.set_masks({p: masks[name].to(p.device) for name, p, _ in params if name in masks})
+        self._fsdp_masks_pending = False
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # The Trainer creates the scheduler right after accelerator.prepare: under FSDP2 the shards are in place.
+        self._bind_fsdp_masks()
+        return super().create_scheduler(num_training_steps, optimizer)
 
     @property
     def sparse_optimizer(self) -> Optional[SparseAdamW]:
@@ -384,3 +488,60 @@ class SparseTrainer(Trainer):
         # Every checkpoint and the final save pass through here: never write a model that lost its sparsity.
         self.verify_sparsity(f"before saving to {output_dir or self.args.output_dir}")
         super().save_model(output_dir, _internal_call)
+
+    # ------------------------------------------------------------------------------ FSDP2 optimizer checkpoints
+    def _full_optimizer_state(self) -> bool:
+        return "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.fsdp_version != 2:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # accelerate's save_fsdp_optimizer goes through torch.distributed.checkpoint, which assumes param-shaped
+        # states; SparseAdamW's are compact. The model part is saved as the Trainer saves it (it loads it back).
+        from accelerate.utils import save_fsdp_model
+        from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
+
+        save_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir,
+                        **get_fsdp_ckpt_kwargs())
+        optimizer = self.sparse_optimizer
+        os.makedirs(output_dir, exist_ok=True)
+        if self._full_optimizer_state():
+            # The format of a single-process run's optimizer.pt: resumable on any number of ranks, or none.
+            state = optimizer.full_state_dict(rank0_only=True)
+            if self.args.should_save:
+                torch.save(state, os.path.join(output_dir, OPTIMIZER_FILE))
+        else:
+            torch.save(optimizer.state_dict(),
+                       os.path.join(output_dir, sharded_optimizer_file(self.args.process_index, self.args.world_size)))
+        if self.args.should_save:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's note that the optimizer state is saved separately
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if checkpoint is None or self.fsdp_version != 2:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self._bind_fsdp_masks(required=True)
+        optimizer = self.sparse_optimizer
+        rank, world = self.args.process_index, self.args.world_size
+        sharded = os.path.join(checkpoint, sharded_optimizer_file(rank, world))
+        full = os.path.join(checkpoint, OPTIMIZER_FILE)
+        if os.path.isfile(sharded):
+            optimizer.load_state_dict(torch.load(sharded, map_location="cpu", weights_only=True))
+        elif os.path.isfile(full):
+            # Every rank reads the whole file, memory-mapped, and keeps its own rows.
+            optimizer.load_full_state_dict(torch.load(full, map_location="cpu", weights_only=True, mmap=True))
+        else:
+            others = sorted(Path(checkpoint).glob(sharded_optimizer_file(0, "*")))
+            if others:
+                raise ValueError(f"{checkpoint} holds the optimizer state of a run on a different number of ranks "
+                                 f"({others[0].name}); this run has {world}. Resume on as many ranks, or save "
+                                 "checkpoints with fsdp_config state_dict_type FULL_STATE_DICT, which any number "
+                                 "of ranks can load")
+            logger.warning("%s has no optimizer state: the optimizer starts afresh", checkpoint)
+            return
+        scheduler = os.path.join(checkpoint, SCHEDULER_FILE)
+        if os.path.isfile(scheduler):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))

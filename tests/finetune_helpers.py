@@ -11,6 +11,22 @@ from pipeline_helpers import WORDS, save_tiny_model, tiny_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
+class ArithmeticTokens(torch.utils.data.Dataset):
+    """Learnable sequences: each is an arithmetic progression of token ids with a per-sequence start and stride."""
+
+    def __init__(self, n=64, seq=32, vocab=256):
+        g = torch.Generator().manual_seed(1)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        stride = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = (start + stride * torch.arange(seq)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 def learnable_corpus(path, n=400, seed=0):
     """Paragraphs built from six fixed 12-word sentences: a tiny model's loss drops within a few steps."""
     rng = random.Random(seed)
@@ -20,12 +36,13 @@ def learnable_corpus(path, n=400, seed=0):
     return path
 
 
-def pruned_tiny_model(directory, tiny_llama, sparsity=0.25):
-    """A tiny random LLaMA with `sparsity` of its decoder Linear weights' 16x16 blocks zeroed, saved with its
-    tokenizer and block_masks.pt in `directory`; returns (directory, {name: mask})."""
+def pruned_tiny_model(directory, tiny_llama, sparsity=0.25, **sizes):
+    """A tiny random LLaMA (`sizes` go to the tiny_llama factory) with `sparsity` of its decoder Linear weights'
+    16x16 blocks zeroed, saved with its tokenizer and block_masks.pt in `directory`; returns (directory,
+    {name: mask})."""
     from sparse_adamw.prune import MASKS_FILE, prune_magnitude, save_masks
 
-    model = tiny_llama()
+    model = tiny_llama(**sizes)
     masks = prune_magnitude(model, sparsity, progress=False)
     save_tiny_model(directory, model, tiny_tokenizer())
     save_masks(Path(directory) / MASKS_FILE, masks)

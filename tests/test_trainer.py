@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune_helpers import pruned_blocks_are_zero
+from finetune_helpers import ArithmeticTokens as _Tokens, pruned_blocks_are_zero
 from sparse_adamw import SparseAdamW
 from sparse_adamw.masks import block_mask_from_zeros
 from sparse_adamw.prune import prune_magnitude, save_masks
@@ -20,22 +20,6 @@ from sparse_adamw.trainer import (
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _Tokens(torch.utils.data.Dataset):
-    """Learnable sequences: each is an arithmetic progression of token ids with a per-sequence start and stride."""
-
-    def __init__(self, n=64, seq=32, vocab=256):
-        g = torch.Generator().manual_seed(1)
-        start = torch.randint(0, vocab, (n, 1), generator=g)
-        stride = torch.randint(1, 4, (n, 1), generator=g)
-        self.ids = (start + stride * torch.arange(seq)) % vocab
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def _args(output_dir, **overrides):

@@ -1,0 +1,191 @@
+"""SparseTrainer under the Trainer's FSDP2 path (accelerate's fully_shard preparation) on 2 CPU processes with gloo:
+the masks reach the DTensor shards that accelerate swaps into the optimizer, the pruned blocks stay exactly zero,
+the loss follows the one-process run, and a checkpoint (SparseAdamW.full_state_dict in optimizer.pt) resumes
+bit for bit.
+
+accelerate runs FSDP on accelerators only: on the CPU its AcceleratorState quietly drops the FSDP plugin and
+trains with DDP. `_CpuFsdpTrainer` puts the plugin back after the Accelerator is made; everything after that
+(prepare, fully_shard, the optimizer swap, clipping, the FSDP checkpoint files) is accelerate's and
+transformers' own code. What this cannot cover, NCCL and CUDA, the GPU hosts run (README, "Several GPUs").
+"""
+import os
+import socket
+import types
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import TrainerCallback, TrainingArguments
+
+from finetune_helpers import ArithmeticTokens, pruned_blocks_are_zero, pruned_tiny_model
+from sparse_adamw.trainer import SparseTrainer
+
+STEPS, SAVE_AT = 6, 3
+# hidden 48, intermediate 80: rank 1's shard of every Linear weight starts mid-block (row 24, 12 or 40).
+SIZES = dict(hidden_size=48, intermediate_size=80)
+
+
+class _CpuFsdpTrainer(SparseTrainer):
+    """SparseTrainer with accelerate's FSDP plugin restored on the CPU (see the module docstring)."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        # AcceleratorState copies PartialState's distributed_type whenever it is constructed again: set both, as
+        # accelerate itself does on GPUs.
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+
+class _Losses(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def _args(output_dir, **overrides):
+    values = dict(output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                  max_steps=STEPS, learning_rate=3e-3, weight_decay=0.01, save_strategy="no", logging_steps=1,
+                  report_to="none", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, seed=0)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def _fsdp_args(output_dir):
+    return _args(output_dir, ddp_backend="gloo", fsdp=True, fsdp_config={"version": 2},
+                 save_strategy="steps", save_steps=SAVE_AT)
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def _whole_params(model):
+    from sparse_adamw.optimizer import _full
+
+    return {name: _full(p).detach().clone() for name, p in model.named_parameters()}  # every rank gathers
+
+
+def _worker(rank, world, port, model_dir, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    result = {}
+    losses = _Losses()
+    trainer = _CpuFsdpTrainer(model=_load(model_dir), args=_fsdp_args(out_dir), train_dataset=ArithmeticTokens(),
+                              callbacks=[losses])
+    trainer.train()
+    optimizer = trainer.sparse_optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    result["sharded"] = all(type(p).__name__ == "DTensor" for g in optimizer.param_groups for p in g["params"])
+    result["masks"] = {names[id(p)]: s["block_mask"].cpu() for p, s in optimizer.state.items() if "block_mask" in s}
+    result["stray_state"] = [p for p in optimizer.state if id(p) not in names]
+    result["local_rows"] = {names[id(p)]: p._local_tensor.shape[0] for p in optimizer.state}
+    result["losses"] = losses.losses
+    result["final"] = _whole_params(trainer.model)
+    result["checked"] = trainer.verify_sparsity()
+    result["files"] = sorted(os.listdir(os.path.join(out_dir, f"checkpoint-{SAVE_AT}")))
+
+    # A fresh model resumes from the checkpoint: model, optimizer (full state dict), scheduler, RNG.
+    resumed = _CpuFsdpTrainer(model=_load(model_dir), args=_fsdp_args(out_dir), train_dataset=ArithmeticTokens())
+    resumed.train(resume_from_checkpoint=os.path.join(out_dir, f"checkpoint-{SAVE_AT}"))
+    result["resumed"] = _whole_params(resumed.model)
+    result["resumed_steps"] = resumed.state.global_step
+
+    torch.save(result, os.path.join(out_dir, f"result_rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # as in test_distributed: no interpreter teardown after the work is saved
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp2_trainer_keeps_blocks_zero_follows_one_process_and_resumes_exactly(tiny_llama, tmp_path, one_thread):
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
+    out_dir = tmp_path / "fsdp"
+    mp.start_processes(_worker, args=(2, _free_port(), str(model_dir), str(out_dir)), nprocs=2, join=True,
+                       start_method="spawn")
+    results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
+
+    # The same global batch of 4 in one process, without FSDP.
+    losses = _Losses()
+    reference = SparseTrainer(model=_load(model_dir), args=_args(tmp_path / "one", per_device_train_batch_size=4),
+                              train_dataset=ArithmeticTokens(), callbacks=[losses])
+    reference.train()
+    expected = {n: p.detach() for n, p in reference.model.named_parameters()}
+
+    for rank, result in enumerate(results):
+        assert result["sharded"], "accelerate did not swap the DTensor shards into the optimizer"
+        assert not result["stray_state"], "optimizer state left under the swapped-out whole parameters"
+        assert set(result["masks"]) == set(masks), f"rank {rank}: masks for {sorted(result['masks'])}"
+        for name, mask in masks.items():
+            assert torch.equal(result["masks"][name], mask), f"rank {rank}: {name} has another mask"
+            assert result["local_rows"][name] < mask.shape[0] * 16, f"{name} is not sharded"
+        assert result["checked"] == len(masks)
+        assert "optimizer.pt" in result["files"] and "scheduler.pt" in result["files"], result["files"]
+        assert result["resumed_steps"] == STEPS
+    final = results[0]["final"]
+    for name, mask in masks.items():
+        assert pruned_blocks_are_zero(final[name], mask), f"{name}: a pruned block became nonzero under FSDP2"
+        assert torch.equal(results[1]["final"][name], final[name])
+    # FSDP2 averages the two ranks' gradients; one process averages the batch of 4 at once: equal up to rounding.
+    assert len(results[0]["losses"]) == len(losses.losses) == STEPS
+    assert results[0]["losses"] == pytest.approx(losses.losses, rel=1e-5), (results[0]["losses"], losses.losses)
+    assert losses.losses[-1] < losses.losses[0]
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=5e-5, msg=lambda m: f"{name}: {m}")
+    # The resumed run continues from optimizer.pt (the whole-parameter state) to the same bits.
+    for name, value in final.items():
+        assert torch.equal(results[0]["resumed"][name], value), f"{name} differs after resuming under FSDP2"
+
+
+class _Fsdp1Trainer(SparseTrainer):
+    """What SparseTrainer sees under FSDP1: accelerate's FSDP1 plugin cannot even be built without a GPU, so only
+    the version it reports is faked here."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        self.accelerator.state.fsdp_plugin = types.SimpleNamespace(fsdp_version=1)
+        self.is_fsdp_enabled = True
+
+
+def test_fsdp1_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(NotImplementedError, match='FSDP1: its flat parameters .*"version": 2'):
+        _Fsdp1Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=ArithmeticTokens())
+
+
+def test_fsdp_on_the_cpu_is_refused_by_finetune():
+    from sparse_adamw.finetune import _split, build_parser, resolve_arguments
+
+    args, training = _split(build_parser().parse_args(["--model", "m", "--fsdp"]))
+    with pytest.raises(ValueError, match="--fsdp needs GPUs"):
+        resolve_arguments(args, training, cuda_available=False, bf16_supported=False, world_size=2)
+    args, training = _split(build_parser().parse_args(["--model", "m", "--fsdp"]))
+    with pytest.raises(ValueError, match="--fsdp shards over several processes"):
+        resolve_arguments(args, training, cuda_available=True, bf16_supported=True, world_size=1)
+    args, training = _split(build_parser().parse_args(["--model", "m", "--fsdp"]))
+    plan = resolve_arguments(args, training, cuda_available=True, bf16_supported=True, world_size=2)
+    assert plan.training["fsdp"] is True and plan.training["fsdp_config"]["version"] == 2
+    assert plan.training["gradient_accumulation_steps"] == 4  # the effective batch stays 8
+
+
+def test_print_config_says_fsdp(capsys):
+    from sparse_adamw.finetune import _split, build_parser, print_config, resolve_arguments
+
+    for argv, expected in ((["--model", "m"], "FSDP=0"), (["--model", "m", "--fsdp"], "FSDP=1")):
+        args, training = _split(build_parser().parse_args(argv))
+        print_config(resolve_arguments(args, training, cuda_available=True, bf16_supported=True, world_size=2))
+        assert expected in capsys.readouterr().out.splitlines()
