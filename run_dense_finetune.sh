@@ -31,6 +31,8 @@ Every other argument goes to python -m sparse_adamw.finetune (see its --help), f
                       made first if missing; fully offline)
   --dataset wikitext  wikitext-2-raw-v1 instead of the offline corpus (or --dataset_path FILE)
   --output_dir DIR    default: dense_finetuned_model next to the pruned_model directory
+  --fsdp              shard weights, gradients and optimizer state over the GPUs (FSDP2) instead of DDP
+                      (2 or more GPUs; for models whose training state does not fit one GPU)
   --gradient_checkpointing, --max_steps N, --learning_rate LR, --num_train_epochs N, ...
 
 Examples:
@@ -39,6 +41,7 @@ Examples:
   Dual GPU (GPU 2,3):       ./${NAME} --num_gpus 2 --gpu_ids "2,3"
   Quad GPU (GPU 0-3):       ./${NAME} --num_gpus 4 --gpu_ids "0,1,2,3"
   LLaMA-2-7B on wikitext:   ./${NAME} --num_gpus 2 --model out/llama2_7b/block_16x16_20sparsity/wanda/pruned_model --dataset wikitext
+  Sharded (FSDP2), 4 GPUs:  ./${NAME} --num_gpus 4 --fsdp --model DIR
   Unattended (no prompt):   ./${NAME} --num_gpus 2 --yes > finetune.log 2>&1
   No GPU: the default command runs the offline demo on the CPU, in one process.
 
@@ -151,6 +154,8 @@ if [[ "$CPU_MODE" == 1 ]]; then
     TRAINING_MODE="CPU, one process (no GPU found)"
 elif [[ "$NPROC" == 1 ]]; then
     TRAINING_MODE="Single-GPU"
+elif [[ "$FSDP" == 1 ]]; then
+    TRAINING_MODE="Multi-GPU (torchrun, FSDP2: weights, gradients and optimizer state sharded)"
 else
     TRAINING_MODE="Multi-GPU (torchrun)"
 fi
@@ -231,7 +236,7 @@ echo "=========================================="
 if [[ "$NPROC" == 1 ]]; then
     echo "Using single-process training ($([[ "$CPU_MODE" == 1 ]] && echo CPU || echo "GPU ${GPU_IDS}"))..."
 else
-    echo "Using multi-GPU training with torchrun (${NPROC} GPUs)..."
+    echo "Using multi-GPU training with torchrun (${NPROC} GPUs$([[ "$FSDP" == 1 ]] && echo ", FSDP2"))..."
 fi
 echo "Command: $(printf '%q ' "${CMD[@]}")"
 

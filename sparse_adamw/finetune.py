@@ -12,6 +12,10 @@ offline default: SmolLM2-135M pruned by `python -m sparse_adamw.prune` (run firs
 On a CPU that default job is resized to finish in minutes (DESIGN.md §6): 40 steps of 4 sequences of 256
 tokens at learning rate 1e-4, perplexity on 16 windows of 256 tokens.
 
+Under torchrun the ranks train with DDP; --fsdp shards the weights, gradients and SparseAdamW's state over the
+GPUs with FSDP2 instead (accelerate's fully_shard through the Trainer; GPUs only). Either way the checkpoint's
+optimizer.pt has the one-process format, so a run can resume on another number of GPUs.
+
 Rerunning the same command resumes from the last complete checkpoint in --output_dir (unless
 --overwrite_output_dir). The first Ctrl+C saves a checkpoint at the end of the current step and exits with
 status 130; a second one aborts without saving. The result, in --output_dir: the model in safetensors with its
@@ -178,6 +182,10 @@ class FinetuneTrainingArguments(TrainingArguments):
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "keep at most this many checkpoints"})
     disable_tqdm: Optional[bool] = field(default=True, metadata={"help": (
         "no progress bar: `Step N: loss=...` lines only (pass False for the bar and the Trainer's log dicts)")})
+    fsdp: Optional[str] = field(default=None, metadata={"nargs": "?", "const": True, "help": (
+        "shard weights, gradients and SparseAdamW's state over the GPUs with FSDP2 instead of DDP (torchrun, 2 or "
+        "more GPUs; --fsdp_config adds accelerate's FSDP settings). With bf16 autocast, accelerate keeps the "
+        "sharded weights in fp32. Checkpoints keep optimizer.pt in the one-process format")})
 
 
 class _Parser(HfArgumentParser):
@@ -261,6 +269,21 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
         raise ValueError("--bf16 is for GPUs; this run is on the CPU (fp32)")
     if args.dtype is None:
         args.dtype = "bfloat16" if not on_cpu and bf16_supported else "float32"
+    if training.get("fsdp"):
+        if on_cpu:
+            raise ValueError("--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on the CPU it would "
+                             "quietly train with DDP instead)")
+        if world_size < 2:
+            raise ValueError("--fsdp shards over several processes: launch it with torchrun "
+                             "(run_dense_finetune.sh --num_gpus 2 or more)")
+        config = training.get("fsdp_config") or {}
+        if isinstance(config, dict):
+            version = int(config.get("version", config.get("fsdp_version", 2)))
+            if version != 2:
+                raise ValueError(f"--fsdp_config asks for FSDP{version}: SparseAdamW needs FSDP2 (version 2), which "
+                                 "keeps each parameter's rows together")
+            training["fsdp_config"] = {**config, "version": 2}
+        training["fsdp"] = True
     if on_cpu:
         # use_cpu also makes accelerate set up DDP over gloo under torchrun; without it, it would not.
         training["use_cpu"] = True
@@ -310,6 +333,7 @@ def print_config(plan: Plan) -> None:
         "MAX_TRAIN_SAMPLES": a.max_train_samples or "all",
         "BF16": int(bool(t["bf16"])),
         "DTYPE": a.dtype,
+        "FSDP": int(bool(t.get("fsdp"))),
         "RESUME_FROM": plan.resume_from or "",
     }
     for key, value in values.items():
@@ -474,6 +498,8 @@ def run(plan: Plan) -> int:
 
     ppl_before = None
     if windows is not None:
+        if trainer.fsdp_version:
+            model.to(training_args.device)  # the Trainer leaves placement to FSDP, which shards it later
         say(f"Perplexity of the pruned model on {evaluated}...", flush=True)
         start = time.perf_counter()
         ppl_before = perplexity(model, windows, training_args.per_device_eval_batch_size, training_args.device,
@@ -502,12 +528,16 @@ def run(plan: Plan) -> int:
     if not main:
         return 0
 
-    sparsity_after = check_sparsity(trainer.model, verbose=False)
-    blocks_after = block_sparsity(trainer.model, trainer.block_size)
+    final_model = trainer.model
+    if trainer.fsdp_version:
+        # The trained model is sharded over the ranks: evaluate the whole model that save_model wrote.
+        final_model, _ = load_model(str(output_dir), training_args.device, args.dtype)
+    sparsity_after = check_sparsity(final_model, verbose=False)
+    blocks_after = block_sparsity(final_model, trainer.block_size)
     ppl_after = None
     if windows is not None:
         start = time.perf_counter()
-        ppl_after = perplexity(trainer.model, windows, training_args.per_device_eval_batch_size,
+        ppl_after = perplexity(final_model, windows, training_args.per_device_eval_batch_size,
                                training_args.device, progress=False)
         timings["eval_after_s"] = time.perf_counter() - start
     timings["total_s"] = time.perf_counter() - start_all
@@ -542,6 +572,7 @@ def run(plan: Plan) -> int:
         "effective_batch_size": plan.effective_batch_size, "block_size": args.block_size,
         "learning_rate": training_args.learning_rate, "world_size": plan.world_size,
         "device": str(training_args.device), "dtype": args.dtype, "bf16_autocast": bool(training_args.bf16),
+        "fsdp": bool(trainer.fsdp_version),
         "resumed_from": plan.resume_from, "timings_s": timings,
         "tokens_per_s": tokens_per_s,
         "versions": _versions(),
