@@ -1,7 +1,7 @@
 """SparseTrainer under the Trainer's FSDP2 path (accelerate's fully_shard preparation) on 2 CPU processes with gloo:
 the masks reach the DTensor shards that accelerate swaps into the optimizer, the pruned blocks stay exactly zero,
 the loss follows the one-process run, and a checkpoint (SparseAdamW.full_state_dict in optimizer.pt) resumes
-bit for bit.
+bit for bit (and from per-rank optimizer files with SHARDED_STATE_DICT).
 
 accelerate runs FSDP on accelerators only: on the CPU its AcceleratorState quietly drops the FSDP plugin and
 trains with DDP. `_CpuFsdpTrainer` puts the plugin back after the Accelerator is made; everything after that
@@ -58,8 +58,8 @@ def _args(output_dir, **overrides):
     return TrainingArguments(**values)
 
 
-def _fsdp_args(output_dir):
-    return _args(output_dir, ddp_backend="gloo", fsdp=True, fsdp_config={"version": 2},
+def _fsdp_args(output_dir, **config):
+    return _args(output_dir, ddp_backend="gloo", fsdp=True, fsdp_config={"version": 2, **config},
                  save_strategy="steps", save_steps=SAVE_AT)
 
 
@@ -101,6 +101,15 @@ def _worker(rank, world, port, model_dir, out_dir):
     result["resumed"] = _whole_params(resumed.model)
     result["resumed_steps"] = resumed.state.global_step
 
+    # SHARDED_STATE_DICT: each rank saves and loads its own optimizer state.
+    sharded_dir = os.path.join(out_dir, "sharded")
+    args = _fsdp_args(sharded_dir, state_dict_type="SHARDED_STATE_DICT")
+    _CpuFsdpTrainer(model=_load(model_dir), args=args, train_dataset=ArithmeticTokens()).train()
+    result["sharded_files"] = sorted(os.listdir(os.path.join(sharded_dir, f"checkpoint-{SAVE_AT}")))
+    resumed = _CpuFsdpTrainer(model=_load(model_dir), args=args, train_dataset=ArithmeticTokens())
+    resumed.train(resume_from_checkpoint=os.path.join(sharded_dir, f"checkpoint-{SAVE_AT}"))
+    result["resumed_sharded"] = _whole_params(resumed.model)
+
     torch.save(result, os.path.join(out_dir, f"result_rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -137,6 +146,8 @@ def test_fsdp2_trainer_keeps_blocks_zero_follows_one_process_and_resumes_exactly
         assert result["checked"] == len(masks)
         assert "optimizer.pt" in result["files"] and "scheduler.pt" in result["files"], result["files"]
         assert result["resumed_steps"] == STEPS
+        assert {"optimizer-rank0-of-2.pt", "optimizer-rank1-of-2.pt"} <= set(result["sharded_files"])
+        assert "optimizer.pt" not in result["sharded_files"]
     final = results[0]["final"]
     for name, mask in masks.items():
         assert pruned_blocks_are_zero(final[name], mask), f"{name}: a pruned block became nonzero under FSDP2"
@@ -150,6 +161,7 @@ def test_fsdp2_trainer_keeps_blocks_zero_follows_one_process_and_resumes_exactly
     # The resumed run continues from optimizer.pt (the whole-parameter state) to the same bits.
     for name, value in final.items():
         assert torch.equal(results[0]["resumed"][name], value), f"{name} differs after resuming under FSDP2"
+        assert torch.equal(results[0]["resumed_sharded"][name], value), f"{name}: resumed from per-rank files"
 
 
 class _Fsdp1Trainer(SparseTrainer):
