@@ -220,6 +220,27 @@ def test_cuda_sources_compile(tmp_path):
     assert "fma.rn.f32" not in text
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("c++") is None, reason="GNU/Linux toolchain")
+def test_link_flags_keep_libstdcxx_shared_on_a_static_by_default_toolchain(tmp_path):
+    """A toolchain that links libstdc++ statically by default (as -static-libstdc++ does here) put a second
+    libstdc++ into the extension on the GPU machine, and formatting a number into an error message crashed there.
+    With our link flags the library needs the shared libstdc++ and carries none of its code."""
+    src = tmp_path / "t.cpp"
+    src.write_text('#include <sstream>\n#include <string>\n'
+                   'std::string f(unsigned long n) { std::ostringstream s; s << n; return s.str(); }\n')
+
+    def build_so(flags):
+        out = tmp_path / f"t{len(flags)}.so"
+        subprocess.run(["c++", "-shared", "-fPIC", str(src), "-o", str(out), "-static-libstdc++", *flags],
+                       check=True, capture_output=True)
+        needed = subprocess.run(["readelf", "-d", str(out)], capture_output=True, text=True).stdout
+        symbols = subprocess.run(["nm", "-C", str(out)], capture_output=True, text=True).stdout
+        return "libstdc++.so" in needed, "codecvt" in symbols
+
+    assert build_so([]) == (False, True)  # the failure mode: static
+    assert build_so(build.ld_flags()) == (True, False)
+
+
 def test_cuda_arch_flags():
     flags = build.nvcc_flags("80;9.0")
     assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags

@@ -50,7 +50,11 @@ def cxx_flags(cuda: bool) -> List[str]:
 
 
 def ld_flags() -> List[str]:
-    return list(_OPENMP)
+    # libstdc++ by name, shared: some toolchains (seen: a g++ wrapper on the GPU machine's image) link it statically
+    # by default, and a second, static libstdc++ inside the extension crashed formatting a number into an error
+    # message (its locale is not the process's). Named among our flags, it comes before the driver's own libraries,
+    # so the shared library resolves every symbol.
+    return (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []) + list(_OPENMP)
 
 
 def nvcc_flags(archs: Optional[str]) -> List[str]:
