@@ -586,7 +586,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if plan.args.print_config:
         print_config(plan)
         return 0
-    return run(plan)
+    try:
+        return run(plan)
+    finally:
+        # A rank that exits with its NCCL process group alive can crash in teardown (seen once under FSDP2 on
+        # 2 GPUs: SIGSEGV on rank 1 after its last save, so torchrun killed rank 0 mid-evaluation).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 from typing import Dict, List
 
 import torch
@@ -197,10 +198,14 @@ def _plan(updates, cache: Dict, k: int):
     return cache[key][1:]
 
 
-def _upload(values, dtype, device) -> torch.Tensor:
-    # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
-    pin = device.type == "cuda"
-    return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
+def _upload(dyn: List[int], hyper: List[List[float]], device: torch.device):
+    """The step's int64 table and fp32 hyper table, in one copy (each copy costs host time)."""
+    data = bytearray(array("q", dyn).tobytes() + array("f", [x for row in hyper for x in row]).tobytes())
+    tables = torch.frombuffer(data, dtype=torch.int64)
+    if device.type == "cuda":
+        # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
+        tables = tables.pin_memory().to(device, non_blocking=True)
+    return tables[: len(dyn)], tables[len(dyn):].view(torch.float32)
 
 
 def step(updates, cache: Dict) -> None:
@@ -217,17 +222,19 @@ def step(updates, cache: Dict) -> None:
     # weight decay, step): the Python work per tensor is most of the host time of a step.
     dyn: List[int] = []
     hyper_rows: Dict[tuple, int] = {}
+    addresses = 0
     for u in updates:
         key = (u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.step)
         row = hyper_rows.setdefault(key, len(hyper_rows))
-        dyn += (u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr(),
-                u.rounding_seed or 0, row)
-    aligned = aligned and all(dyn[i] % 16 == 0 for i in range(len(dyn)) if i % 6 < 4)
+        p, g, m, v = u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()
+        addresses |= p | g | m | v
+        dyn += (p, g, m, v, u.rounding_seed or 0, row)
+    aligned = aligned and addresses % 16 == 0
     hyper = [[1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, lr / (1 - b1**n), 1 / math.sqrt(1 - b2**n)]
              for lr, b1, b2, eps, wd, n in hyper_rows]
     device = first.param.device
     _sparse_adamw_kernel[(prog_tensor.numel(),)](
-        shapes, _upload(dyn, torch.int64, device), _upload(hyper, torch.float32, device), prog_tensor, block_ids,
+        shapes, *_upload(dyn, hyper, device), prog_tensor, block_ids,
         P_DTYPE=_TL_DTYPES[first.param.dtype],
         G_DTYPE=_TL_DTYPES[first.grad.dtype],
         S_DTYPE=_TL_DTYPES[first.exp_avg.dtype],
