@@ -61,11 +61,19 @@ def environment() -> Dict[str, str]:
 
 
 def append_csv(path: str, rows: List[Dict]) -> None:
+    """Append rows; an existing file keeps its own column order (a row's keys must be its columns)."""
     if not rows:
         return
+    fields = list(rows[0])
     new = not os.path.exists(path)
+    if not new:
+        with open(path, newline="") as f:
+            existing = next(csv.reader(f), [])
+        if set(existing) != set(fields):
+            raise ValueError(f"{path} has columns {existing}, these rows {fields}: write them to another --csv")
+        fields = existing
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerows(rows)

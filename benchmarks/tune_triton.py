@@ -4,7 +4,8 @@ Timing one variant after another drifts by several percent on the same card (clo
 in rounds on the same params and optimizer, and each variant's number is its median over rounds.
 
     python benchmarks/tune_triton.py --dtype bf16 --sparsity 0.2 --rounds 5
-    python benchmarks/tune_triton.py --profile   # two steps per mask kind, for ncu
+    python benchmarks/tune_triton.py --variants default --host   # kernel vs host time, and the host's parts
+    ncu --metrics dram__bytes_read.sum python benchmarks/tune_triton.py --profile   # random vs paired masks
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def kernel_ms(step, steps=5):
     return total / steps / 1e3
 
 
-def host_ms(step, steps=5):
+def host_ms(step, steps=20):
     """Host time of one step while the GPU is busy (nothing to wait for): Python, table upload, launch."""
     import time
 
@@ -75,6 +76,24 @@ def paired_masks(masks):
     return out
 
 
+def host_breakdown(opt) -> None:
+    """Split a step's host time: the optimizer's loop, the backend's tables and upload, Triton's launch."""
+    kernel, step = kernels._sparse_adamw_kernel, kernels.step
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    print(f"  host, whole step: {host_ms(opt.step):.3f} ms", flush=True)
+    try:
+        kernels._sparse_adamw_kernel = NoLaunch()
+        print(f"  host, without the launch: {host_ms(opt.step):.3f} ms", flush=True)
+        kernels.step = lambda updates, cache: None
+        print(f"  host, the optimizer's loop alone: {host_ms(opt.step):.3f} ms", flush=True)
+    finally:
+        kernels._sparse_adamw_kernel, kernels.step = kernel, step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
@@ -84,6 +103,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--paired", action="store_true", help="also time masks pruned in 16x32 pairs")
     parser.add_argument("--profile", action="store_true", help="two steps of bf16 s=0.2, random then paired masks")
+    parser.add_argument("--host", action="store_true", help="also split the default's host time")
     args = parser.parse_args()
 
     env = environment()
@@ -123,6 +143,8 @@ def main():
                 use("default")
                 print(f"  default: kernel {kernel_ms(opt.step):.3f} ms (profiler), host {host_ms(opt.step):.3f} ms "
                       "per step", flush=True)
+                if args.host:
+                    host_breakdown(opt)
                 for v in args.variants:
                     med = statistics.median(times[v])
                     spread = (max(times[v]) - min(times[v])) / med * 100
