@@ -15,14 +15,21 @@ import torch
 LLAMA7B_LAYER_SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 
 
-def median_ms(fn: Callable[[], None], warmup: int = 3, reps: int = 20) -> float:
-    """Median of CUDA-event timings of `fn`, in ms."""
+def median_ms(fn: Callable[[], None], warmup: int = 3, reps: int = 20, device_only: bool = False) -> float:
+    """Median of CUDA-event timings of `fn`, in ms.
+
+    By default the GPU is idle when `fn` starts, so its host time (Python, launches) counts. With `device_only`,
+    a sleep kernel queued first keeps the GPU busy while the host issues `fn`'s work, as the backward pass does
+    in training: the events then time the device work alone.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if device_only:
+            torch.cuda._sleep(20_000_000)  # about 10 ms, longer than any step's host time
         start.record()
         fn()
         end.record()
@@ -61,22 +68,27 @@ def environment() -> Dict[str, str]:
 
 
 def append_csv(path: str, rows: List[Dict]) -> None:
-    """Append rows; an existing file keeps its own column order (a row's keys must be its columns)."""
+    """Append rows. An existing file keeps its column order; columns the rows add are appended to its header
+    (earlier rows leave them empty)."""
     if not rows:
         return
     fields = list(rows[0])
-    new = not os.path.exists(path)
-    if not new:
+    old_rows = None
+    if os.path.exists(path):
         with open(path, newline="") as f:
-            existing = next(csv.reader(f), [])
-        if set(existing) != set(fields):
-            raise ValueError(f"{path} has columns {existing}, these rows {fields}: write them to another --csv")
-        fields = existing
-    with open(path, "a", newline="") as f:
+            reader = csv.DictReader(f)
+            existing = list(reader.fieldnames or [])
+            if not set(existing) <= set(fields):
+                raise ValueError(f"{path} has columns {existing}, these rows {fields}: write them to another --csv")
+            if set(fields) - set(existing):
+                old_rows = list(reader)  # the header grows: rewrite the file
+        fields = existing + [c for c in fields if c not in existing]
+    new = old_rows is not None or not os.path.exists(path)
+    with open(path, "w" if old_rows is not None else "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows((old_rows or []) + rows)
 
 
 def markdown_table(rows: List[Dict], columns: List[str]) -> str:
