@@ -1,10 +1,12 @@
-"""Shared by the fine-tuning tests: a tiny pruned LLaMA on disk, a learnable local corpus, subprocess settings."""
+"""Shared by the fine-tuning tests: a tiny pruned LLaMA on disk, a learnable local corpus, subprocess settings,
+a callback that logs the training losses."""
 import os
 import random
 import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from pipeline_helpers import WORDS, save_tiny_model, tiny_tokenizer
 
@@ -72,3 +74,14 @@ def pruned_blocks_are_zero(weight, mask, block=16):
 
     dense = expand_block_mask(mask, weight.shape, block)
     return torch.equal(weight.detach()[~dense], torch.zeros_like(weight.detach()[~dense]))
+
+
+class LossLog(TrainerCallback):
+    """Collects the Trainer's logged training losses."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])

@@ -15,9 +15,9 @@ import types
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
-from finetune_helpers import ArithmeticTokens, pruned_blocks_are_zero, pruned_tiny_model
+from finetune_helpers import ArithmeticTokens, LossLog, pruned_blocks_are_zero, pruned_tiny_model
 from sparse_adamw.trainer import SparseTrainer
 
 STEPS, SAVE_AT = 6, 3
@@ -39,15 +39,6 @@ class _CpuFsdpTrainer(SparseTrainer):
         # accelerate itself does on GPUs.
         state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.is_fsdp_enabled = True
-
-
-class _Losses(TrainerCallback):
-    def __init__(self):
-        self.losses = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
 
 
 def _args(output_dir, **overrides):
@@ -80,7 +71,7 @@ def _worker(rank, world, port, model_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     result = {}
-    losses = _Losses()
+    losses = LossLog()
     trainer = _CpuFsdpTrainer(model=_load(model_dir), args=_fsdp_args(out_dir), train_dataset=ArithmeticTokens(),
                               callbacks=[losses])
     trainer.train()
@@ -130,7 +121,7 @@ def test_fsdp2_trainer_keeps_blocks_zero_follows_one_process_and_resumes_exactly
     results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
 
     # The same global batch of 4 in one process, without FSDP.
-    losses = _Losses()
+    losses = LossLog()
     reference = SparseTrainer(model=_load(model_dir), args=_args(tmp_path / "one", per_device_train_batch_size=4),
                               train_dataset=ArithmeticTokens(), callbacks=[losses])
     reference.train()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune_helpers import ArithmeticTokens as _Tokens, pruned_blocks_are_zero
+from finetune_helpers import ArithmeticTokens as _Tokens, LossLog, pruned_blocks_are_zero
 from sparse_adamw import SparseAdamW
 from sparse_adamw.masks import block_mask_from_zeros
 from sparse_adamw.prune import prune_magnitude, save_masks
@@ -40,15 +40,6 @@ def _params(model):
     return dict(model.named_parameters())
 
 
-class _Losses(TrainerCallback):
-    def __init__(self):
-        self.losses = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
-
-
 def test_optimizer_has_the_trainers_groups_and_the_models_masks(tiny_llama, tmp_path):
     model, masks = _pruned(tiny_llama)
     trainer = SparseTrainer(model=model, args=_args(tmp_path), train_dataset=_Tokens())
@@ -73,7 +64,7 @@ def test_optimizer_has_the_trainers_groups_and_the_models_masks(tiny_llama, tmp_
 def test_training_keeps_pruned_blocks_exactly_zero_and_learns(tiny_llama, tmp_path):
     model, masks = _pruned(tiny_llama)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    losses = _Losses()
+    losses = LossLog()
     trainer = SparseTrainer(model=model, args=_args(tmp_path, max_steps=30, logging_steps=5, learning_rate=1e-2),
                             train_dataset=_Tokens(), callbacks=[losses])
     trainer.train()
