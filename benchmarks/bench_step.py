@@ -25,6 +25,9 @@ from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask  # no
 from sparse_adamw.masks import expand_block_mask  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# SparseAdamW's states take the params' dtype (torch keeps bf16 states for bf16 params). Bytes moved per live
+# element: read p g m v, write p m v.
+BYTES_PER_LIVE_ELEMENT = {torch.float32: 28, torch.bfloat16: 14}
 CONTENDERS = ("torch_foreach", "torch_fused", "fused_reapply", "wanda_gradmask_ga8", "sparse_adamw_triton",
               "sparse_adamw_cuda")
 
@@ -53,8 +56,7 @@ def run_contender(name, params, masks, dtype):
     micro_ms = None
     if name.startswith("sparse_adamw_"):
         impl = name.rsplit("_", 1)[1]
-        state_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
-        opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl=impl, state_dtype=state_dtype)
+        opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl=impl, state_dtype=dtype)
         step = opt.step
     else:
         opt = torch.optim.AdamW(params, lr=1e-4, foreach=name == "torch_foreach", fused=name != "torch_foreach")
@@ -102,8 +104,7 @@ def main():
     rows = []
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
-        # bytes per live element: read p g m v, write p m v (states fp32 for fp32 params, bf16 for bf16)
-        per_elem = 28 if dtype == torch.float32 else 14
+        per_elem = BYTES_PER_LIVE_ELEMENT[dtype]
         for sparsity in args.sparsity:
             params, masks = make_params(args.layers, dtype, sparsity)
             n = sum(p.numel() for p in params)

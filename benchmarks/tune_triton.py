@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_step import DTYPES, make_params  # noqa: E402
+from bench_step import BYTES_PER_LIVE_ELEMENT, DTYPES, make_params  # noqa: E402
 from common import copy_bandwidth_gbs, environment, median_ms  # noqa: E402
 
 from sparse_adamw import SparseAdamW, apply_block_mask_  # noqa: E402
@@ -77,14 +77,14 @@ def paired_masks(masks):
 
 
 def host_breakdown(opt) -> None:
-    """Split a step's host time: the optimizer's loop, the backend's tables and upload, Triton's launch."""
+    """Split a step's host time (host_ms, printed by the caller): the optimizer's loop, the backend's tables and
+    upload, Triton's launch."""
     kernel, step = kernels._sparse_adamw_kernel, kernels.step
 
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    print(f"  host, whole step: {host_ms(opt.step):.3f} ms", flush=True)
     try:
         kernels._sparse_adamw_kernel = NoLaunch()
         print(f"  host, without the launch: {host_ms(opt.step):.3f} ms", flush=True)
@@ -117,14 +117,15 @@ def main():
                 opt.step()
             torch.cuda.synchronize()
             live = sum(int(m.sum()) * 256 for m in ms)
-            print(f"{kind}: {live:,} live elements, {live * 14:,} live bytes per step", flush=True)
+            print(f"{kind}: {live:,} live elements, {live * BYTES_PER_LIVE_ELEMENT[torch.bfloat16]:,} live bytes per "
+                  "step", flush=True)
         return
 
     copy_gbs = copy_bandwidth_gbs()
     print(f"{env['gpu']}: copy {copy_gbs:.0f} GB/s; torch {env['torch']}, triton {env['triton']}", flush=True)
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
-        per_elem = 28 if dtype == torch.float32 else 14
+        per_elem = BYTES_PER_LIVE_ELEMENT[dtype]
         for sparsity in args.sparsity:
             params, masks = make_params(args.layers, dtype, sparsity)
             kinds = [("random", masks)] + ([("paired", paired_masks(masks))] if args.paired and sparsity else [])
@@ -132,7 +133,7 @@ def main():
                 for p, m in zip(params, ms):
                     apply_block_mask_(p, m)
                 opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, ms)), impl="triton",
-                                  state_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+                                  state_dtype=dtype)
                 floor = sum(int(m.sum()) * 256 for m in ms) * per_elem / copy_gbs / 1e6
                 times = {v: [] for v in args.variants}
                 for _ in range(args.rounds):
