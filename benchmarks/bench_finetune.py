@@ -98,9 +98,9 @@ class Contender:
             mask += b.elapsed_time(c)
         o0 = event()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         o1 = event()
         o1.synchronize()
+        self.opt.zero_grad(set_to_none=True)
         if record:
             for key, value in (("fwd_bwd", fwd_bwd / ga), ("mask", mask / ga), ("opt", o0.elapsed_time(o1)),
                                ("step", start.elapsed_time(o1))):

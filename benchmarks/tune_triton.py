@@ -79,7 +79,7 @@ def paired_masks(masks):
 def host_breakdown(opt) -> None:
     """Split a step's host time (host_ms, printed by the caller): the optimizer's loop, the backend's tables and
     upload, Triton's launch."""
-    kernel, step = kernels._sparse_adamw_kernel, kernels.step
+    kernel, step, run = kernels._sparse_adamw_kernel, kernels.step, kernels.PreparedStep.run
 
     class NoLaunch:
         def __getitem__(self, grid):
@@ -89,9 +89,10 @@ def host_breakdown(opt) -> None:
         kernels._sparse_adamw_kernel = NoLaunch()
         print(f"  host, without the launch: {host_ms(opt.step):.3f} ms", flush=True)
         kernels.step = lambda updates, cache: None
+        kernels.PreparedStep.run = lambda self, grad_ptrs, seeds, hyper: None
         print(f"  host, the optimizer's loop alone: {host_ms(opt.step):.3f} ms", flush=True)
     finally:
-        kernels._sparse_adamw_kernel, kernels.step = kernel, step
+        kernels._sparse_adamw_kernel, kernels.step, kernels.PreparedStep.run = kernel, step, run
 
 
 def main():

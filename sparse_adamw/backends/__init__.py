@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 from typing import Dict, List, NamedTuple, Optional
 
@@ -48,6 +49,13 @@ class ParamUpdate(NamedTuple):
     eps: float
     weight_decay: float
     rounding_seed: Optional[int]  # None: round to nearest; else stochastic rounding of bf16 params, this seed
+
+
+def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> List[float]:
+    """A step's scalars as the GPU kernels read them, bias corrections folded in: decay, b1, 1-b1, b2, 1-b2, eps,
+    lr / bc1, 1 / sqrt(bc2)."""
+    return [1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1**step),
+            1 / math.sqrt(1 - beta2**step)]
 
 
 class BackendUnavailable(RuntimeError):

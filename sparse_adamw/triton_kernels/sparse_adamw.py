@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import hyper_row
 from ..layout import program_map
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -201,25 +202,55 @@ def _plan(updates, cache: Dict, k: int):
 def _upload(dyn: List[int], hyper: List[List[float]], device: torch.device):
     """The step's int64 table and fp32 hyper table, in one copy (each copy costs host time)."""
     data = bytearray(array("q", dyn).tobytes() + array("f", [x for row in hyper for x in row]).tobytes())
-    tables = torch.frombuffer(data, dtype=torch.int64)
+    return _to_device(torch.frombuffer(data, dtype=torch.int64), len(dyn), device)
+
+
+def _to_device(tables: torch.Tensor, n_dyn: int, device: torch.device):
     if device.type == "cuda":
         # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
         tables = tables.pin_memory().to(device, non_blocking=True)
-    return tables[: len(dyn)], tables[len(dyn):].view(torch.float32)
+    return tables[:n_dyn], tables[n_dyn:].view(torch.float32)
+
+
+def _constants(updates) -> Dict:
+    """The launch's compile-time arguments (all but ALIGNED and the plan's flags): from dtypes and block shape."""
+    first = updates[0]
+    block = first.layout.block
+    return dict(
+        P_DTYPE=_TL_DTYPES[first.param.dtype],
+        G_DTYPE=_TL_DTYPES[first.grad.dtype],
+        S_DTYPE=_TL_DTYPES[first.exp_avg.dtype],
+        BH=block[0], BW=block[1],
+        TILE_H=triton.next_power_of_2(block[0]), TILE_W=triton.next_power_of_2(block[1]),
+        K=_k(block),
+        EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1",
+        STOCHASTIC=first.rounding_seed is not None and first.param.dtype == torch.bfloat16,
+    )
+
+
+def _launch(plan, constants: Dict, dyn: torch.Tensor, hyper: torch.Tensor, aligned: bool) -> None:
+    shapes, prog_tensor, block_ids, index_64, check_edges, plan_aligned = plan
+    _sparse_adamw_kernel[(prog_tensor.numel(),)](
+        shapes, dyn, hyper, prog_tensor, block_ids, INDEX_64=index_64, CHECK_EDGES=check_edges,
+        ALIGNED=plan_aligned and aligned, num_warps=NUM_WARPS, **constants)
+
+
+def _k(block) -> int:
+    return BLOCKS_PER_PROGRAM or _blocks_per_program(block)
+
+
+def _live(updates):
+    return [u for u in updates if u.layout.numel and u.layout.n_live]
 
 
 def step(updates, cache: Dict) -> None:
     """Update `updates` (one device, param dtype, grad dtype and state dtype) in one launch."""
-    updates = [u for u in updates if u.layout.numel and u.layout.n_live]
+    updates = _live(updates)
     if not updates:
         return
-    first = updates[0]
-    block = first.layout.block
-    k = BLOCKS_PER_PROGRAM or _blocks_per_program(block)
-    shapes, prog_tensor, block_ids, index_64, check_edges, aligned = _plan(updates, cache, k)
-
+    plan = _plan(updates, cache, _k(updates[0].layout.block))
     # Per step: addresses (grads may be new tensors), seeds, and one hyper row per distinct (lr, betas, eps,
-    # weight decay, step): the Python work per tensor is most of the host time of a step.
+    # weight decay, step). SparseAdamW.step takes PreparedStep instead once a step repeats the last one's shape.
     dyn: List[int] = []
     hyper_rows: Dict[tuple, int] = {}
     addresses = 0
@@ -229,19 +260,50 @@ def step(updates, cache: Dict) -> None:
         p, g, m, v = u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()
         addresses |= p | g | m | v
         dyn += (p, g, m, v, u.rounding_seed or 0, row)
-    aligned = aligned and addresses % 16 == 0
-    hyper = [[1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, lr / (1 - b1**n), 1 / math.sqrt(1 - b2**n)]
-             for lr, b1, b2, eps, wd, n in hyper_rows]
-    device = first.param.device
-    _sparse_adamw_kernel[(prog_tensor.numel(),)](
-        shapes, *_upload(dyn, hyper, device), prog_tensor, block_ids,
-        P_DTYPE=_TL_DTYPES[first.param.dtype],
-        G_DTYPE=_TL_DTYPES[first.grad.dtype],
-        S_DTYPE=_TL_DTYPES[first.exp_avg.dtype],
-        BH=block[0], BW=block[1],
-        TILE_H=triton.next_power_of_2(block[0]), TILE_W=triton.next_power_of_2(block[1]),
-        K=k, INDEX_64=index_64, CHECK_EDGES=check_edges,
-        EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1", ALIGNED=aligned,
-        STOCHASTIC=first.rounding_seed is not None and first.param.dtype == torch.bfloat16,
-        num_warps=NUM_WARPS,
-    )
+    _launch(plan, _constants(updates),
+            *_upload(dyn, [hyper_row(*key) for key in hyper_rows], updates[0].param.device),
+            aligned=addresses % 16 == 0)
+
+
+class PreparedStep:
+    """A launch whose per-tensor facts stay from one step to the next: SparseAdamW's fast path.
+
+    Made from one step's updates and the hyper row each will read. The param and state addresses, the rows and
+    the plan are kept; each `run` brings only the new gradient addresses, rounding seeds and hyper rows, as
+    tensors, so a step's host time no longer grows with Python work per tensor. The caller checks that params
+    and states are still the ones given here.
+    """
+
+    def __init__(self, updates, rows: List[int], cache: Dict):
+        # Holds no gradient: they are freed between steps.
+        self.kept = [i for i, u in enumerate(updates) if u.layout.numel and u.layout.n_live]
+        kept = [updates[i] for i in self.kept]
+        self.device = updates[0].param.device
+        self.plan = _plan(kept, cache, _k(kept[0].layout.block)) if kept else None
+        self.constants = _constants(kept) if kept else None
+        self.template = torch.tensor(
+            [[u.param.data_ptr(), 0, u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr(), 0, rows[i]]
+             for i, u in zip(self.kept, kept)], dtype=torch.int64).reshape(-1, 6)
+        self.static_aligned = not bool((self.template & 15).any())
+        self.index = torch.tensor(self.kept, dtype=torch.int64) if len(self.kept) < len(updates) else None
+
+    def run(self, grad_ptrs: torch.Tensor, seeds, hyper: List[List[float]]) -> None:
+        """grad_ptrs, seeds: int64 CPU tensors over all the updates given at construction (seeds may be None)."""
+        if self.plan is None:
+            return
+        if self.index is not None:
+            grad_ptrs = grad_ptrs[self.index]
+            seeds = None if seeds is None else seeds[self.index]
+        n_dyn, n_hyper = self.template.numel(), 8 * len(hyper)
+        pin = self.device.type == "cuda"
+        tables = torch.empty(n_dyn + (n_hyper + 1) // 2, dtype=torch.int64, pin_memory=pin)
+        dyn = tables[:n_dyn].view(-1, 6)
+        dyn.copy_(self.template)
+        dyn[:, 1] = grad_ptrs
+        if seeds is not None:
+            dyn[:, 4] = seeds
+        tables[n_dyn:].view(torch.float32)[:n_hyper] = torch.tensor(hyper, dtype=torch.float32).view(-1)
+        aligned = self.static_aligned and not bool((grad_ptrs & 15).any())
+        if pin:
+            tables = tables.to(self.device, non_blocking=True)
+        _launch(self.plan, self.constants, tables[:n_dyn], tables[n_dyn:].view(torch.float32), aligned)

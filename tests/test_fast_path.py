@@ -1,0 +1,176 @@
+"""SparseAdamW.step's fast path (a prepared Triton launch) against the general path, step for step, bit for bit."""
+import gc
+import random
+import weakref
+
+import pytest
+import torch
+
+from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask
+from sparse_adamw.optimizer import _index_mix, _rounding_seed, _rounding_seeds, _seed_mix
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _twins(device, seed=0):
+    """Two identical optimizers over identical params: `fast` as shipped, `slow` with the fast path off.
+
+    Two launches (bf16 and fp32 params), odd shapes with partial edge blocks, a parameter with every block pruned,
+    an empty one, 1-D params, and two groups with their own lr, weight decay, seed and rounding.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    specs = [((48, 80), torch.bfloat16, 0.3), ((33, 20), torch.bfloat16, 0.4), ((16, 32), torch.bfloat16, 1.0),
+             ((37,), torch.bfloat16, None), ((40, 32), torch.float32, 0.25), ((0, 16), torch.float32, None),
+             ((19,), torch.float32, None)]
+    params, masks = [], {}
+    for shape, dtype, sparsity in specs:
+        p = (torch.randn(shape, generator=gen) * 0.05).to(device=device, dtype=dtype)
+        if sparsity is not None:
+            masks[len(params)] = random_block_mask(shape, sparsity, generator=gen).to(device)
+            apply_block_mask_(p, masks[len(params)])
+        params.append(p)
+
+    def make():
+        ps = [p.clone() for p in params]
+        groups = [{"params": [ps[0], ps[3], ps[4]], "lr": 1e-2, "seed": 3},
+                  {"params": [ps[1], ps[2], ps[5], ps[6]], "lr": 5e-3, "weight_decay": 0.0, "seed": 11},
+                  ]
+        opt = SparseAdamW(groups, masks={ps[i]: m for i, m in masks.items()}, impl="triton",
+                          state_dtype=torch.bfloat16, weight_decay=0.1)
+        return ps, opt
+
+    fast, slow = make(), make()
+    slow[1]._prepare_fast = lambda *args: None
+    return fast, slow
+
+
+def _set_fresh_grads(params, step):
+    """New gradient tensors (as zero_grad(set_to_none=True) then backward gives), the same for both twins."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+
+
+def _record_paths(opt):
+    """After each step, `paths` says whether that step took the fast path."""
+    paths, inner, step = [], opt._fast_step, opt.step
+
+    def fast_step():
+        paths[-1] = inner()
+        return paths[-1]
+
+    def recorded_step(*args, **kwargs):
+        paths.append(False)
+        return step(*args, **kwargs)
+
+    opt._fast_step, opt.step = fast_step, recorded_step
+    return paths
+
+
+def _assert_twins_equal(fast, slow):
+    for p, q in zip(fast[0], slow[0]):
+        assert torch.equal(p, q)
+    for p, q in zip(fast[0], slow[0]):
+        a, b = fast[1].state.get(p, {}), slow[1].state.get(q, {})
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_matches_general_path_bitwise(device):
+    fast, slow = _twins(device)
+    paths = _record_paths(fast[1])
+    pruned = {i: (p == 0).clone() for i, p in enumerate(fast[0])}
+    for step in range(6):
+        for (params, opt) in (fast, slow):
+            _set_fresh_grads(params, step)
+            for group in opt.param_groups:
+                group["lr"] *= 0.8  # as a scheduler does
+            opt.step()
+        _assert_twins_equal(fast, slow)
+    assert paths == [False] + [True] * 5  # the first step prepares, the others take the fast path
+    assert fast[1].state[fast[0][0]]["step"] == 6
+    # Pruned blocks stay exactly zero: the fully pruned parameter is untouched.
+    assert torch.equal(fast[0][2], torch.zeros_like(fast[0][2]))
+    assert (fast[0][0][pruned[0] & (slow[0][0] == 0)] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_steps_aside_whenever_a_step_differs(device):
+    fast, slow = _twins(device, seed=1)
+    paths = _record_paths(fast[1])
+    old_data = {}
+
+    def change(step, params, opt):
+        if step == 2:  # one parameter without a gradient: it must keep its value and step count
+            params[1].grad = None
+        if step == 4:  # a parameter's storage replaced; the old one must not be written again
+            old_data[id(opt)] = params[0].data
+            params[0].data = params[0].data.clone()
+        if step == 6:  # a non-contiguous gradient
+            g = params[4].grad
+            params[4].grad = g.t().contiguous().t()
+        if step == 8:  # a group's rounding switched off
+            opt.param_groups[1]["stochastic_rounding"] = False
+
+    for step in range(10):
+        for (params, opt) in (fast, slow):
+            _set_fresh_grads(params, step)
+            change(step, params, opt)
+            opt.step()
+        _assert_twins_equal(fast, slow)
+        if step == 4:
+            kept = [t.clone() for t in old_data.values()]
+    for before, t in zip(kept, old_data.values()):
+        assert torch.equal(before, t)
+    assert fast[1].state[fast[0][1]]["step"] == 9 and fast[1].state[fast[0][0]]["step"] == 10
+    # Steps 2, 4, 6 and 8 differ from the plan, so the general path takes them; it prepares a new plan where it can
+    # (not after a missing or a copied gradient: steps 3 and 7 are general too).
+    assert paths == [False, True, False, False, False, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_is_dropped_by_state_and_group_changes(device):
+    (params, opt), _ = _twins(device, seed=2)
+    for step in range(2):
+        _set_fresh_grads(params, step)
+        opt.step()
+    assert opt._fast is not None
+    opt.load_state_dict(opt.state_dict())
+    assert opt._fast is None
+    _set_fresh_grads(params, 5)
+    opt.step()
+    assert opt._fast is not None
+    extra = torch.zeros(8, device=device, requires_grad=True)
+    opt.add_param_group({"params": [extra]})
+    assert opt._fast is None
+    # A sparse gradient after the plan is built still gets the general path's error.
+    opt.param_groups.pop()
+    opt.step()
+    assert opt._fast is not None
+    params[6].grad = torch.zeros(19, device=device).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_holds_no_gradient(device):
+    (params, opt), _ = _twins(device, seed=3)
+    for step in range(3):
+        _set_fresh_grads(params, step)
+        opt.step()
+    refs = [weakref.ref(p.grad) for p in params]
+    for p in params:
+        p.grad = None
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+def test_vectorised_rounding_seeds_equal_the_scalar_ones():
+    rng = random.Random(0)
+    for _ in range(50):
+        seed, step = rng.randrange(2**40), rng.randrange(1, 2**33)
+        index = torch.tensor([rng.randrange(2**20) for _ in range(30)] + [0, 1], dtype=torch.int64)
+        got = _rounding_seeds(_seed_mix(seed, step) ^ _index_mix(index))
+        assert got.tolist() == [_rounding_seed(seed, step, int(i)) for i in index]
