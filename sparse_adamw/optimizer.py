@@ -283,22 +283,23 @@ class SparseAdamW(torch.optim.Optimizer):
             return None  # some parameter had no gradient
         rows: Dict[tuple, int] = {}  # (group number, step count) -> hyper row
         facts = {}  # position -> what the next steps check
-        prepared = []
         for key, updates in batches.items():
-            backend = self._backend(key[0], tuple(key[1:4]))
-            if not hasattr(backend, "PreparedStep"):
+            if not hasattr(self._backend(key[0], tuple(key[1:4])), "PreparedStep"):
                 return None
-            row_ids = []
             for u, (group_number, index) in zip(updates, where[key]):
                 if u.grad is not u.param.grad:
                     return None  # sharded (the update holds the local shard), or a gradient made contiguous
-                row_ids.append(rows.setdefault((group_number, u.step), len(rows)))
+                rows.setdefault((group_number, u.step), len(rows))
                 facts[index] = (u.param, self.state[u.param], u.exp_avg, u.exp_avg_sq, u.param.data_ptr(),
                                 u.grad.dtype, u.param.shape, u.step)
+        prepared = []
+        for key, updates in batches.items():
+            row_ids = [rows[(group_number, u.step)] for u, (group_number, _) in zip(updates, where[key])]
             positions = torch.tensor([index for _, index in where[key]], dtype=torch.int64)
             stochastic = key[-1]
-            prepared.append((backend.PreparedStep(updates, row_ids, self._kernel_cache), positions,
-                             torch.tensor(row_ids, dtype=torch.int64), _index_mix(positions) if stochastic else None))
+            launch = self._backend(key[0], tuple(key[1:4])).PreparedStep(updates, row_ids, self._kernel_cache)
+            prepared.append((launch, positions, torch.tensor(row_ids, dtype=torch.int64),
+                             _index_mix(positions) if stochastic else None))
         groups, position = [], 0
         for group in self.param_groups:
             groups.append([facts[position + i] for i in range(len(group["params"]))])
