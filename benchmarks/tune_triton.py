@@ -89,7 +89,7 @@ def host_breakdown(opt) -> None:
         kernels._sparse_adamw_kernel = NoLaunch()
         print(f"  host, without the launch: {host_ms(opt.step):.3f} ms", flush=True)
         kernels.step = lambda updates, cache: None
-        kernels.PreparedStep.run = lambda self, grad_ptrs, seeds, hyper: None
+        kernels.PreparedStep.run = lambda self, grad_ptrs, hyper, seed_mixes: None
         print(f"  host, the optimizer's loop alone: {host_ms(opt.step):.3f} ms", flush=True)
     finally:
         kernels._sparse_adamw_kernel, kernels.step, kernels.PreparedStep.run = kernel, step, run

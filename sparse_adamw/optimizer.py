@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from .backends import ParamUpdate, hyper_row, requested_impl, select_backend
+from .backends import ParamUpdate, hyper_row, requested_impl, seed_mix, select_backend
 from .layout import BlockLayout, compact_to_dense, dense_to_compact, new_state
 from .masks import BlockSize, block_grid, block_mask_from_zeros, normalize_block_size
 
@@ -265,7 +265,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 step = state["step"] = state["step"] + 1
                 exp_avg = state["exp_avg"]
                 update = ParamUpdate(p, grad, exp_avg, state["exp_avg_sq"], layout, step, lr, beta1, beta2, eps,
-                                     weight_decay, _rounding_seed(seed, step, index) if stochastic else None)
+                                     weight_decay, seed if stochastic else None, index)
                 key = (p.device, p.dtype, grad.dtype, exp_avg.dtype, layout.block, stochastic)
                 batches.setdefault(key, []).append(update)
                 where.setdefault(key, []).append((group_number, index))
@@ -276,8 +276,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # The fast path. After a step in which every parameter had a contiguous gradient, no parameter was sharded and
     # every backend could prepare its launch (Triton), the next steps check each tensor in a few attribute reads
-    # and hand the backends only the new gradient addresses, the rounding seeds (computed as tensors) and one hyper
-    # row per group and step count. Anything else falls back to the loop above.
+    # and hand the backends only the new gradient addresses and, per group and step count, one hyper row and one
+    # rounding-seed mix. Anything else falls back to the loop above.
     def _prepare_fast(self, batches, where) -> Optional["_FastPlan"]:
         if sum(map(len, batches.values())) != sum(len(group["params"]) for group in self.param_groups):
             return None  # some parameter had no gradient
@@ -295,11 +295,9 @@ class SparseAdamW(torch.optim.Optimizer):
         prepared = []
         for key, updates in batches.items():
             row_ids = [rows[(group_number, u.step)] for u, (group_number, _) in zip(updates, where[key])]
-            positions = torch.tensor([index for _, index in where[key]], dtype=torch.int64)
-            stochastic = key[-1]
+            positions = [index for _, index in where[key]]
             launch = self._backend(key[0], tuple(key[1:4])).PreparedStep(updates, row_ids, self._kernel_cache)
-            prepared.append((launch, positions, torch.tensor(row_ids, dtype=torch.int64),
-                             _index_mix(positions) if stochastic else None))
+            prepared.append((launch, None if positions == list(range(len(facts))) else positions))
         groups, position = [], 0
         for group in self.param_groups:
             groups.append([facts[position + i] for i in range(len(group["params"]))])
@@ -341,12 +339,9 @@ class SparseAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             step += done
             hyper.append(hyper_row(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step))
-            mixes.append(_seed_mix(group["seed"], step))
-        grad_ptrs_t = torch.tensor(grad_ptrs, dtype=torch.int64)
-        mixes_t = torch.tensor(mixes, dtype=torch.int64)
-        for launch, positions, row_ids, index_mix in plan.prepared:
-            seeds = None if index_mix is None else _rounding_seeds(mixes_t[row_ids] ^ index_mix)
-            launch.run(grad_ptrs_t[positions], seeds, hyper)
+            mixes.append(seed_mix(group["seed"], step))
+        for launch, positions in plan.prepared:
+            launch.run(grad_ptrs if positions is None else [grad_ptrs[i] for i in positions], hyper, mixes)
         return True
 
     # ----------------------------------------------------------------------------------------------- state I/O
@@ -511,7 +506,7 @@ class _FastPlan:
         self.groups = groups
         self.flags = flags  # per group: (block size, stochastic rounding), which the launches were prepared for
         self.rows = rows  # per hyper row: (group number, step count)
-        self.prepared = prepared  # per launch: (backend's PreparedStep, param positions, hyper rows, index mixes)
+        self.prepared = prepared  # per launch: (backend's PreparedStep, its params' positions or None for all)
         self.done = 0  # steps taken on this plan: every step count above has grown by this much
 
 
@@ -546,29 +541,6 @@ def _distributed() -> bool:
 def _full(p: torch.Tensor) -> torch.Tensor:
     """The whole parameter (gathers a DTensor: every rank must call this in the same order)."""
     return p.full_tensor() if _is_dtensor(p) else p
-
-
-def _rounding_seed(seed: int, step: int, index: int) -> int:
-    """A 32-bit seed per (optimizer seed, step, parameter position): murmur3's finaliser of their mix."""
-    h = (seed * 0x9E3779B1 ^ step * 0x85EBCA6B ^ index * 0xC2B2AE35) & 0xFFFFFFFF
-    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
-    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-# _rounding_seed over int64 tensors, in three parts: _seed_mix(seed, step) ^ _index_mix(index), then the finaliser.
-def _seed_mix(seed: int, step: int) -> int:
-    return (seed * 0x9E3779B1 ^ step * 0x85EBCA6B) & 0xFFFFFFFF
-
-
-def _index_mix(index: torch.Tensor) -> torch.Tensor:
-    return (index * 0xC2B2AE35) & 0xFFFFFFFF
-
-
-def _rounding_seeds(h: torch.Tensor) -> torch.Tensor:
-    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF  # int64 products wrap, but their low 32 bits are exact
-    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
 
 
 def _state_dtype(state_dtype) -> torch.dtype:

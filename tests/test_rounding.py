@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask, sparse_adamw_reference
-from sparse_adamw.optimizer import _rounding_seed
+from sparse_adamw.backends import rounding_seed
 from sparse_adamw.reference import round_to_bf16_stochastic
 from tests.test_kernels import BACKENDS, CPU_BACKENDS, DEVICES, _skip_unrunnable
 
@@ -36,21 +36,30 @@ def test_stochastic_rounding_special_values():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_backends_round_exactly_like_the_reference(device, impl):
-    """Counter-based random bits: every backend makes the same rounding decisions as the reference."""
+    """Counter-based random bits: every backend makes the same rounding decisions as the reference, for every
+    parameter of two groups with their own seeds (a seed mixes optimizer seed, step and position), on the general
+    path (step 1) and on Triton's prepared launch (the steps after)."""
     _skip_unrunnable(impl, device)
-    shape = (45, 70)
-    mask = random_block_mask(shape, 0.3, device=device)
-    param = apply_block_mask_((torch.randn(shape) * 0.02).bfloat16().to(device), mask)
-    opt = SparseAdamW([param], lr=1e-4, masks={param: mask}, impl=impl, seed=7)
-    p, m, v = param.detach().cpu().clone(), torch.zeros(shape), torch.zeros(shape)
+    shapes = [(45, 70), (32, 48), (19, 33)]
+    masks = [random_block_mask(shape, 0.3, device=device) for shape in shapes]
+    params = [apply_block_mask_((torch.randn(shape) * 0.02).bfloat16().to(device), mask)
+              for shape, mask in zip(shapes, masks)]
+    groups = [{"params": params[:2], "seed": 7}, {"params": params[2:], "seed": 123456789012}]
+    opt = SparseAdamW(groups, lr=1e-4, masks=dict(zip(params, masks)), impl=impl)
+    seeds = [7, 7, 123456789012]
+    refs = [(p.detach().cpu().clone(), torch.zeros(p.shape), torch.zeros(p.shape)) for p in params]
     for step in range(1, 8):
-        grad = torch.randn(shape).bfloat16()
-        param.grad = grad.to(device)
+        grads = [torch.randn(p.shape).bfloat16() for p in params]
+        for param, grad in zip(params, grads):
+            param.grad = grad.to(device)
         opt.step()
-        p, m, v = sparse_adamw_reference(p, grad, m, v, step=step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
-                                         weight_decay=0.01, block_mask=mask.cpu(),
-                                         rounding_seed=_rounding_seed(7, step, 0))
-        assert torch.equal(param.detach().cpu(), p), f"step {step}"
+        for index, (param, grad, mask) in enumerate(zip(params, grads, masks)):
+            p, m, v = refs[index]
+            p, m, v = sparse_adamw_reference(p, grad, m, v, step=step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
+                                             weight_decay=0.01, block_mask=mask.cpu(),
+                                             rounding_seed=rounding_seed(seeds[index], step, index))
+            refs[index] = (p, m, v)
+            assert torch.equal(param.detach().cpu(), p), f"step {step}, parameter {index}"
 
 
 @pytest.mark.parametrize("impl", CPU_BACKENDS)

@@ -48,7 +48,32 @@ class ParamUpdate(NamedTuple):
     beta2: float
     eps: float
     weight_decay: float
-    rounding_seed: Optional[int]  # None: round to nearest; else stochastic rounding of bf16 params, this seed
+    seed: Optional[int]  # None: round to nearest; else stochastic rounding of bf16 params, the optimizer's seed
+    index: int = 0  # the parameter's position in the optimizer: with seed and step, it makes the rounding seed
+
+    @property
+    def rounding_seed(self) -> Optional[int]:
+        return None if self.seed is None else rounding_seed(self.seed, self.step, self.index)
+
+
+# The rounding seed of a parameter at a step: murmur3's finaliser of a mix of (optimizer seed, step, position), in
+# parts that the Triton kernel combines itself (seed_mix per step, index_mix per parameter).
+def rounding_seed(seed: int, step: int, index: int) -> int:
+    return fmix32(seed_mix(seed, step) ^ index_mix(index))
+
+
+def seed_mix(seed: int, step: int) -> int:
+    return (seed * 0x9E3779B1 ^ step * 0x85EBCA6B) & 0xFFFFFFFF
+
+
+def index_mix(index: int) -> int:
+    return (index * 0xC2B2AE35) & 0xFFFFFFFF
+
+
+def fmix32(h: int) -> int:
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 
 
 def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> List[float]:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import hyper_row
+from ..backends import hyper_row, index_mix, seed_mix
 from ..layout import program_map
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -26,7 +26,12 @@ DTYPES = tuple(_TL_DTYPES)
 @triton.jit
 def _hash32(index, seed):
     """murmur3's finaliser of (index, seed): the same 32 bits as sparse_adamw.reference.hash32."""
-    h = (index * 0x9E3779B1) ^ seed
+    return _fmix32((index * 0x9E3779B1) ^ seed)
+
+
+@triton.jit
+def _fmix32(h):
+    """murmur3's finaliser of uint32 h (sparse_adamw.backends.fmix32)."""
     h = h ^ (h >> 16)
     h = h * 0x85EBCA6B
     h = h ^ (h >> 13)
@@ -58,6 +63,7 @@ def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
 def _sparse_adamw_kernel(
     shape_ptr,
     dyn_ptr,
+    seed_mix_ptr,
     hyper_ptr,
     prog_tensor_ptr,
     block_ids_ptr,
@@ -77,8 +83,9 @@ def _sparse_adamw_kernel(
 ):
     # Per tensor t: shape row (int64, uploaded once per set of layouts): rows, cols, numel, block cols, live blocks,
     # first program, row shift (a shard starting mid-block), flat index of element 0. Step row (int64): param, grad,
-    # exp_avg, exp_avg_sq addresses, rounding seed, row of the hyper table (fp32): decay, b1, 1-b1, b2, 1-b2, eps,
-    # lr/bc1, 1/sqrt(bc2); tensors with the same hyper-parameters and step share one.
+    # exp_avg, exp_avg_sq addresses, index mix (sparse_adamw.backends.index_mix of its position), row r of the hyper
+    # table (fp32): decay, b1, 1-b1, b2, 1-b2, eps, lr/bc1, 1/sqrt(bc2); tensors with the same hyper-parameters and
+    # step share one. seed_mix[r] (int64): the rounding seed's mix of optimizer seed and step.
     # block_ids holds K block ids per program, so that load does not wait for the tables.
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
@@ -106,7 +113,8 @@ def _sparse_adamw_kernel(
         v_ptr = tl.multiple_of(v_ptr, 16)
         cols = tl.multiple_of(cols, 16)
 
-    hyper = hyper_ptr + tl.load(dyn + 5) * 8
+    row = tl.load(dyn + 5)
+    hyper = hyper_ptr + row * 8
     decay = tl.load(hyper + 0)
     beta1 = tl.load(hyper + 1)
     one_minus_beta1 = tl.load(hyper + 2)
@@ -150,7 +158,7 @@ def _sparse_adamw_kernel(
     p = p - step_size * (m / denom)
 
     if STOCHASTIC:
-        seed = tl.load(dyn + 4).to(tl.uint32)
+        seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # backends.rounding_seed
         index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
         _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed)
     else:
@@ -199,17 +207,17 @@ def _plan(updates, cache: Dict, k: int):
     return cache[key][1:]
 
 
-def _upload(dyn: List[int], hyper: List[List[float]], device: torch.device):
-    """The step's int64 table and fp32 hyper table, in one copy (each copy costs host time)."""
-    data = bytearray(array("q", dyn).tobytes() + array("f", [x for row in hyper for x in row]).tobytes())
-    return _to_device(torch.frombuffer(data, dtype=torch.int64), len(dyn), device)
-
-
-def _to_device(tables: torch.Tensor, n_dyn: int, device: torch.device):
+def _upload(dyn, seed_mixes: List[int], hyper: List[List[float]], device: torch.device):
+    """The step's tables in one copy (each copy costs host time): int64 step rows, int64 seed mixes, fp32 hyper rows.
+    Python arrays, not tensor ops: a small torch op costs 10 to 20 us of host time on a slow CPU."""
+    data = bytearray(array("q", dyn).tobytes() + array("q", seed_mixes).tobytes()
+                     + array("f", [x for row in hyper for x in row]).tobytes())
+    tables = torch.frombuffer(data, dtype=torch.int64)
     if device.type == "cuda":
         # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
         tables = tables.pin_memory().to(device, non_blocking=True)
-    return tables[:n_dyn], tables[n_dyn:].view(torch.float32)
+    n_dyn, n_rows = len(dyn), len(seed_mixes)
+    return tables[:n_dyn], tables[n_dyn:n_dyn + n_rows], tables[n_dyn + n_rows:].view(torch.float32)
 
 
 def _constants(updates) -> Dict:
@@ -224,14 +232,14 @@ def _constants(updates) -> Dict:
         TILE_H=triton.next_power_of_2(block[0]), TILE_W=triton.next_power_of_2(block[1]),
         K=_k(block),
         EXACT_BF16=os.environ.get("TRITON_INTERPRET") == "1",
-        STOCHASTIC=first.rounding_seed is not None and first.param.dtype == torch.bfloat16,
+        STOCHASTIC=first.seed is not None and first.param.dtype == torch.bfloat16,
     )
 
 
-def _launch(plan, constants: Dict, dyn: torch.Tensor, hyper: torch.Tensor, aligned: bool) -> None:
+def _launch(plan, constants: Dict, tables, aligned: bool) -> None:
     shapes, prog_tensor, block_ids, index_64, check_edges, plan_aligned = plan
     _sparse_adamw_kernel[(prog_tensor.numel(),)](
-        shapes, dyn, hyper, prog_tensor, block_ids, INDEX_64=index_64, CHECK_EDGES=check_edges,
+        shapes, *tables, prog_tensor, block_ids, INDEX_64=index_64, CHECK_EDGES=check_edges,
         ALIGNED=plan_aligned and aligned, num_warps=NUM_WARPS, **constants)
 
 
@@ -249,61 +257,53 @@ def step(updates, cache: Dict) -> None:
     if not updates:
         return
     plan = _plan(updates, cache, _k(updates[0].layout.block))
-    # Per step: addresses (grads may be new tensors), seeds, and one hyper row per distinct (lr, betas, eps,
-    # weight decay, step). SparseAdamW.step takes PreparedStep instead once a step repeats the last one's shape.
+    # Per step: addresses (grads may be new tensors), and one hyper row and seed mix per distinct (lr, betas, eps,
+    # weight decay, step, seed). SparseAdamW.step takes PreparedStep instead when a step repeats the last one.
     dyn: List[int] = []
-    hyper_rows: Dict[tuple, int] = {}
+    rows: Dict[tuple, int] = {}
     addresses = 0
     for u in updates:
-        key = (u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.step)
-        row = hyper_rows.setdefault(key, len(hyper_rows))
+        row = rows.setdefault((u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.step, u.seed), len(rows))
         p, g, m, v = u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()
         addresses |= p | g | m | v
-        dyn += (p, g, m, v, u.rounding_seed or 0, row)
-    _launch(plan, _constants(updates),
-            *_upload(dyn, [hyper_row(*key) for key in hyper_rows], updates[0].param.device),
-            aligned=addresses % 16 == 0)
+        dyn += (p, g, m, v, index_mix(u.index), row)
+    mixes = [0 if key[-1] is None else seed_mix(key[-1], key[5]) for key in rows]
+    tables = _upload(dyn, mixes, [hyper_row(*key[:6]) for key in rows], updates[0].param.device)
+    _launch(plan, _constants(updates), tables, aligned=addresses % 16 == 0)
 
 
 class PreparedStep:
     """A launch whose per-tensor facts stay from one step to the next: SparseAdamW's fast path.
 
-    Made from one step's updates and the hyper row each will read. The param and state addresses, the rows and
-    the plan are kept; each `run` brings only the new gradient addresses, rounding seeds and hyper rows, as
-    tensors, so a step's host time no longer grows with Python work per tensor. The caller checks that params
-    and states are still the ones given here.
+    Made from one step's updates and the hyper row each reads. The plan, the param and state addresses, the index
+    mixes and the rows are kept; each `run` brings only the new gradient addresses, hyper rows and seed mixes. The
+    caller checks that params and states are still the ones given here. It holds no gradient: they are freed
+    between steps.
     """
 
     def __init__(self, updates, rows: List[int], cache: Dict):
-        # Holds no gradient: they are freed between steps.
         self.kept = [i for i, u in enumerate(updates) if u.layout.numel and u.layout.n_live]
         kept = [updates[i] for i in self.kept]
         self.device = updates[0].param.device
         self.plan = _plan(kept, cache, _k(kept[0].layout.block)) if kept else None
         self.constants = _constants(kept) if kept else None
-        self.template = torch.tensor(
-            [[u.param.data_ptr(), 0, u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr(), 0, rows[i]]
-             for i, u in zip(self.kept, kept)], dtype=torch.int64).reshape(-1, 6)
-        self.static_aligned = not bool((self.template & 15).any())
-        self.index = torch.tensor(self.kept, dtype=torch.int64) if len(self.kept) < len(updates) else None
+        self.template = array("q", [x for i, u in zip(self.kept, kept) for x in (
+            u.param.data_ptr(), 0, u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr(), index_mix(u.index), rows[i])])
+        self.static_addresses = 0
+        for i in range(len(kept)):
+            self.static_addresses |= self.template[6 * i] | self.template[6 * i + 2] | self.template[6 * i + 3]
+        if len(self.kept) == len(updates):
+            self.kept = None
 
-    def run(self, grad_ptrs: torch.Tensor, seeds, hyper: List[List[float]]) -> None:
-        """grad_ptrs, seeds: int64 CPU tensors over all the updates given at construction (seeds may be None)."""
+    def run(self, grad_ptrs: List[int], hyper: List[List[float]], seed_mixes: List[int]) -> None:
+        """grad_ptrs: of all the updates given at construction, in their order."""
         if self.plan is None:
             return
-        if self.index is not None:
-            grad_ptrs = grad_ptrs[self.index]
-            seeds = None if seeds is None else seeds[self.index]
-        n_dyn, n_hyper = self.template.numel(), 8 * len(hyper)
-        pin = self.device.type == "cuda"
-        tables = torch.empty(n_dyn + (n_hyper + 1) // 2, dtype=torch.int64, pin_memory=pin)
-        dyn = tables[:n_dyn].view(-1, 6)
-        dyn.copy_(self.template)
-        dyn[:, 1] = grad_ptrs
-        if seeds is not None:
-            dyn[:, 4] = seeds
-        tables[n_dyn:].view(torch.float32)[:n_hyper] = torch.tensor(hyper, dtype=torch.float32).view(-1)
-        aligned = self.static_aligned and not bool((grad_ptrs & 15).any())
-        if pin:
-            tables = tables.to(self.device, non_blocking=True)
-        _launch(self.plan, self.constants, tables[:n_dyn], tables[n_dyn:].view(torch.float32), aligned)
+        if self.kept is not None:
+            grad_ptrs = [grad_ptrs[i] for i in self.kept]
+        dyn = array("q", self.template)
+        dyn[1::6] = array("q", grad_ptrs)
+        addresses = self.static_addresses
+        for g in grad_ptrs:
+            addresses |= g
+        _launch(self.plan, self.constants, _upload(dyn, seed_mixes, hyper, self.device), aligned=addresses % 16 == 0)
