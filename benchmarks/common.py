@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import datetime
 import os
 import platform
 import statistics
 import subprocess
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -45,6 +46,24 @@ def copy_bandwidth_gbs(n_bytes: int = 4 << 30) -> float:
     ms = median_ms(lambda: dst.copy_(src), reps=30)
     del src, dst
     return 2 * n_bytes / ms / 1e6
+
+
+# CUDA's context limit on how many bytes L2 fetches from DRAM per miss (a hint, 0 to 128; 64 on the H100). A
+# 32-byte bf16 block row whose neighbour is pruned wastes the other half of a 64-byte fetch.
+CU_LIMIT_MAX_L2_FETCH_GRANULARITY = 5
+
+
+def l2_fetch_granularity(n_bytes: Optional[int] = None) -> int:
+    """The current context's L2 fetch granularity in bytes; with `n_bytes`, set it first (every kernel after)."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    torch.cuda.init()
+    torch.cuda.synchronize()
+    if n_bytes is not None and cuda.cuCtxSetLimit(CU_LIMIT_MAX_L2_FETCH_GRANULARITY, ctypes.c_size_t(n_bytes)):
+        raise RuntimeError(f"cuCtxSetLimit(CU_LIMIT_MAX_L2_FETCH_GRANULARITY, {n_bytes}) failed")
+    value = ctypes.c_size_t()
+    if cuda.cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_MAX_L2_FETCH_GRANULARITY):
+        raise RuntimeError("cuCtxGetLimit(CU_LIMIT_MAX_L2_FETCH_GRANULARITY) failed")
+    return value.value
 
 
 def environment() -> Dict[str, str]:

@@ -18,7 +18,6 @@ asynchronous backward), the kernel's time and the host time, split as tune_trito
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import os
 import statistics
@@ -29,14 +28,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import make_params  # noqa: E402
-from common import environment, median_ms  # noqa: E402
+from common import environment, l2_fetch_granularity, median_ms  # noqa: E402
 from tune_triton import host_breakdown, host_ms, kernel_ms  # noqa: E402
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask  # noqa: E402
 from sparse_adamw.triton_kernels import sparse_adamw as kernels  # noqa: E402
 
 DECODER_SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
-CU_LIMIT_MAX_L2_FETCH_GRANULARITY = 5
 
 
 def llama7b_params(sparsity=0.2, seed=0):
@@ -81,21 +79,8 @@ def light_kernel():
     return module._sparse_adamw_kernel
 
 
-def set_l2_fetch(n_bytes: int) -> None:
-    cuda = ctypes.CDLL("libcuda.so.1")
-    if cuda.cuCtxSetLimit(CU_LIMIT_MAX_L2_FETCH_GRANULARITY, ctypes.c_size_t(n_bytes)):
-        raise RuntimeError("cuCtxSetLimit(CU_LIMIT_MAX_L2_FETCH_GRANULARITY) failed")
-    torch.cuda.synchronize()
-
-
-def get_l2_fetch() -> int:
-    value = ctypes.c_size_t()
-    ctypes.CDLL("libcuda.so.1").cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_MAX_L2_FETCH_GRANULARITY)
-    return value.value
-
-
 def probe(rounds: int) -> None:
-    default_l2 = get_l2_fetch()
+    default_l2 = l2_fetch_granularity()
     params, masks = make_params(32, torch.bfloat16, 0.2)
     opts = {sr: SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl="triton",
                             state_dtype=torch.bfloat16, stochastic_rounding=sr) for sr in (True, False)}
@@ -113,11 +98,11 @@ def probe(rounds: int) -> None:
         for _ in range(rounds):
             for name, (sr, kernel, l2) in variants.items():
                 kernels._sparse_adamw_kernel = kernel
-                set_l2_fetch(l2)
+                l2_fetch_granularity(l2)
                 times[name].append(median_ms(opts[sr].step, warmup=1, reps=8, device_only=True))
     finally:
         kernels._sparse_adamw_kernel = real
-        set_l2_fetch(default_l2)
+        l2_fetch_granularity(default_l2)
     print(f"The 224 decoder weights alone, device time, medians of {rounds} interleaved rounds "
           f"(L2 fetch granularity by default: {default_l2} B):", flush=True)
     for name in variants:

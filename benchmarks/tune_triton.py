@@ -6,6 +6,7 @@ in rounds on the same params and optimizer, and each variant's number is its med
     python benchmarks/tune_triton.py --dtype bf16 --sparsity 0.2 --rounds 5
     python benchmarks/tune_triton.py --variants default --host   # kernel vs host time, and the host's parts
     ncu --metrics dram__bytes_read.sum python benchmarks/tune_triton.py --profile   # random vs paired masks
+    ncu --metrics dram__bytes_read.sum python benchmarks/tune_triton.py --profile --l2_fetch 32
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import BYTES_PER_LIVE_ELEMENT, DTYPES, make_params  # noqa: E402
-from common import copy_bandwidth_gbs, environment, median_ms  # noqa: E402
+from common import copy_bandwidth_gbs, environment, l2_fetch_granularity, median_ms  # noqa: E402
 
 from sparse_adamw import SparseAdamW, apply_block_mask_  # noqa: E402
 from sparse_adamw.triton_kernels import sparse_adamw as kernels  # noqa: E402
@@ -105,7 +106,10 @@ def main():
     parser.add_argument("--paired", action="store_true", help="also time masks pruned in 16x32 pairs")
     parser.add_argument("--profile", action="store_true", help="two steps of bf16 s=0.2, random then paired masks")
     parser.add_argument("--host", action="store_true", help="also split the default's host time")
+    parser.add_argument("--l2_fetch", type=int, help="set the L2 fetch granularity (bytes, 0 to 128) first")
     args = parser.parse_args()
+    if args.l2_fetch is not None:
+        print(f"L2 fetch granularity: {l2_fetch_granularity(args.l2_fetch)} bytes", flush=True)
 
     env = environment()
     if args.profile:
