@@ -1,9 +1,12 @@
 """Fused masked AdamW in Triton: one launch updates every live block of many parameters of one dtype.
 
 Each program updates K live blocks of one parameter, a [K, BH, BW] tile. Small tables give each parameter's shape
-(uploaded once per set of layouts), its addresses and rounding seed (per step: grads are reallocated) and its
-step's scalars (one row per distinct lr and step: a scheduler changes them). They are plain data, so nothing
-recompiles. Pruned blocks are not in the live list: no program reads or writes them.
+(uploaded once per set of layouts), its addresses (per step: grads are reallocated) and its step's scalars and
+rounding-seed mix (one row per distinct lr, step and seed: a scheduler changes them). They are plain data, so
+nothing recompiles. Pruned blocks are not in the live list: no program reads or writes them.
+
+`step` builds the per-step table from scratch; `PreparedStep` keeps all of it but the gradient addresses, for
+SparseAdamW.step's fast path.
 """
 from __future__ import annotations
 
@@ -247,13 +250,9 @@ def _k(block) -> int:
     return BLOCKS_PER_PROGRAM or _blocks_per_program(block)
 
 
-def _live(updates):
-    return [u for u in updates if u.layout.numel and u.layout.n_live]
-
-
 def step(updates, cache: Dict) -> None:
     """Update `updates` (one device, param dtype, grad dtype and state dtype) in one launch."""
-    updates = _live(updates)
+    updates = [u for u in updates if u.layout.numel and u.layout.n_live]
     if not updates:
         return
     plan = _plan(updates, cache, _k(updates[0].layout.block))
@@ -287,13 +286,15 @@ class PreparedStep:
         self.device = updates[0].param.device
         self.plan = _plan(kept, cache, _k(kept[0].layout.block)) if kept else None
         self.constants = _constants(kept) if kept else None
-        self.template = array("q", [x for i, u in zip(self.kept, kept) for x in (
-            u.param.data_ptr(), 0, u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr(), index_mix(u.index), rows[i])])
+        template: List[int] = []  # step rows, gradient addresses left 0
         self.static_addresses = 0
-        for i in range(len(kept)):
-            self.static_addresses |= self.template[6 * i] | self.template[6 * i + 2] | self.template[6 * i + 3]
+        for i, u in zip(self.kept, kept):
+            p, m, v = u.param.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()
+            self.static_addresses |= p | m | v
+            template += (p, 0, m, v, index_mix(u.index), rows[i])
+        self.template = array("q", template)
         if len(self.kept) == len(updates):
-            self.kept = None
+            self.kept = None  # run() need not pick
 
     def run(self, grad_ptrs: List[int], hyper: List[List[float]], seed_mixes: List[int]) -> None:
         """grad_ptrs: of all the updates given at construction, in their order."""
