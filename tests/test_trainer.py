@@ -143,7 +143,10 @@ def _state_by_name(trainer):
     return {names[id(p)]: s for p, s in trainer.sparse_optimizer.state.items()}
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tiny_llama, tmp_path):
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tiny_llama, tmp_path, monkeypatch, impl):
+    """With Triton (under the interpreter here), the steps after the first take step()'s fast path."""
+    monkeypatch.setenv("SPARSE_ADAMW_IMPL", impl)
     handler = signal.getsignal(signal.SIGINT)
     reference = SparseTrainer(model=_pruned(tiny_llama)[0], args=_args(tmp_path / "a"), train_dataset=_Tokens())
     reference.train()
@@ -173,6 +176,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tiny_llama, tmp_
     expected = _params(reference.model)
     for name, p in resumed.model.named_parameters():
         assert torch.equal(p, expected[name]), f"{name} differs from the uninterrupted run"
+    if impl == "triton":
+        assert reference.sparse_optimizer._fast is not None and reference.sparse_optimizer._fast.done == 7
 
 
 def test_sigint_callback_only_stops_after_a_signal(tiny_llama, tmp_path):
