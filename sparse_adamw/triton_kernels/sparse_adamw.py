@@ -118,8 +118,6 @@ def _sparse_adamw_kernel(
 
     row = tl.load(dyn + 5)
     hyper = hyper_ptr + row * 8
-    if STOCHASTIC:  # a scalar: computed here rather than next to its use, it takes no registers from the update
-        seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # backends.rounding_seed
     decay = tl.load(hyper + 0)
     beta1 = tl.load(hyper + 1)
     one_minus_beta1 = tl.load(hyper + 2)
@@ -162,15 +160,14 @@ def _sparse_adamw_kernel(
     denom = tl.sqrt(v) * inv_bc2_sqrt + eps
     p = p - step_size * (m / denom)
 
-    # m and v first: their registers are free before the rounding's hashes need some. With p stored first, the
-    # bf16 kernel took 103 registers (two programs per SM) on triton 3.6; this order takes 69 to 80 on 3.6 and 3.9.
-    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
-    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
     if STOCHASTIC:
+        seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # backends.rounding_seed
         index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
         _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed)
     else:
         _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
+    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
+    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
 
 
 # Launch parameters; 0 blocks per program picks about 4096 elements. Benchmarks set these to sweep them.
