@@ -274,13 +274,12 @@ class SparseAdamW(torch.optim.Optimizer):
         self._fast = self._prepare_fast(batches, where)
         return loss
 
-    # The fast path. After a step in which every parameter had a contiguous gradient, no parameter was sharded and
-    # every backend could prepare its launch (Triton), the next steps check each tensor in a few attribute reads
-    # and hand the backends only the new gradient addresses and, per group and step count, one hyper row and one
-    # rounding-seed mix. Anything else falls back to the loop above.
+    # The fast path. After a step in which every gradient was contiguous, no parameter was sharded and every backend
+    # could prepare its launch (Triton), the next steps check each tensor in a few attribute reads and hand the
+    # backends only the new gradient addresses and, per group and step count, one hyper row and one rounding-seed
+    # mix. Parameters without a gradient (frozen ones) must stay without one. Anything else falls back to the
+    # loop above.
     def _prepare_fast(self, batches, where) -> Optional["_FastPlan"]:
-        if sum(map(len, batches.values())) != sum(len(group["params"]) for group in self.param_groups):
-            return None  # some parameter had no gradient
         rows: Dict[tuple, int] = {}  # (group number, step count) -> hyper row
         facts = {}  # position -> what the next steps check
         for key, updates in batches.items():
@@ -292,15 +291,16 @@ class SparseAdamW(torch.optim.Optimizer):
                 rows.setdefault((group_number, u.step), len(rows))
                 facts[index] = (u.param, self.state[u.param], u.exp_avg, u.exp_avg_sq, u.param.data_ptr(),
                                 u.grad.dtype, u.param.shape, u.step)
+        slot = {index: i for i, index in enumerate(sorted(facts))}  # position -> place among the gradients
         prepared = []
         for key, updates in batches.items():
             row_ids = [rows[(group_number, u.step)] for u, (group_number, _) in zip(updates, where[key])]
-            positions = [index for _, index in where[key]]
+            slots = [slot[index] for _, index in where[key]]
             launch = self._backend(key[0], tuple(key[1:4])).PreparedStep(updates, row_ids, self._kernel_cache)
-            prepared.append((launch, None if positions == list(range(len(facts))) else positions))
+            prepared.append((launch, None if slots == list(range(len(slot))) else slots))
         groups, position = [], 0
         for group in self.param_groups:
-            groups.append([facts[position + i] for i in range(len(group["params"]))])
+            groups.append([facts.get(position + i) for i in range(len(group["params"]))])
             position += len(group["params"])
         flags = [(group["block_size"], group["stochastic_rounding"] is not False) for group in self.param_groups]
         return _FastPlan(groups, flags, list(rows), prepared)
@@ -320,8 +320,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 if (len(params) != len(group_facts)
                         or (group["block_size"], group["stochastic_rounding"] is not False) != flags):
                     return False
-                for p, (q, state, exp_avg, exp_avg_sq, p_ptr, grad_dtype, shape, step) in zip(params, group_facts):
+                for p, fact in zip(params, group_facts):
                     grad = p.grad
+                    if fact is None:  # had no gradient
+                        if grad is not None:
+                            return False
+                        continue
+                    q, state, exp_avg, exp_avg_sq, p_ptr, grad_dtype, shape, step = fact
                     if (p is not q or grad is None or grad.dtype != grad_dtype or grad.shape != shape
                             or not grad.is_contiguous() or p.data_ptr() != p_ptr or state["step"] != step + done
                             or state["exp_avg"] is not exp_avg or state["exp_avg_sq"] is not exp_avg_sq):
@@ -332,7 +337,8 @@ class SparseAdamW(torch.optim.Optimizer):
         plan.done = done = done + 1
         for group_facts in plan.groups:
             for fact in group_facts:
-                fact[1]["step"] = fact[7] + done
+                if fact is not None:
+                    fact[1]["step"] = fact[7] + done
         hyper, mixes = [], []
         for group_number, step in plan.rows:
             group = groups[group_number]
@@ -340,8 +346,8 @@ class SparseAdamW(torch.optim.Optimizer):
             step += done
             hyper.append(hyper_row(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step))
             mixes.append(seed_mix(group["seed"], step))
-        for launch, positions in plan.prepared:
-            launch.run(grad_ptrs if positions is None else [grad_ptrs[i] for i in positions], hyper, mixes)
+        for launch, slots in plan.prepared:
+            launch.run(grad_ptrs if slots is None else [grad_ptrs[i] for i in slots], hyper, mixes)
         return True
 
     # ----------------------------------------------------------------------------------------------- state I/O
@@ -502,11 +508,12 @@ class SparseAdamW(torch.optim.Optimizer):
 
 class _FastPlan:
     def __init__(self, groups: List[list], flags: List[tuple], rows: List[tuple], prepared: List[tuple]):
-        # Per group, per param: (param, state, exp_avg, exp_avg_sq, param address, grad dtype, shape, step count).
+        # Per group, per param: (param, state, exp_avg, exp_avg_sq, param address, grad dtype, shape, step count),
+        # or None for a parameter that had no gradient.
         self.groups = groups
         self.flags = flags  # per group: (block size, stochastic rounding), which the launches were prepared for
         self.rows = rows  # per hyper row: (group number, step count)
-        self.prepared = prepared  # per launch: (backend's PreparedStep, its params' positions or None for all)
+        self.prepared = prepared  # per launch: (backend's PreparedStep, its gradients' places, or None for all)
         self.done = 0  # steps taken on this plan: every step count above has grown by this much
 
 

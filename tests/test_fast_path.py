@@ -11,18 +11,20 @@ from sparse_adamw.backends import rounding_seed
 from sparse_adamw.masks import expand_block_mask
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+FROZEN = 7  # the parameter that never has a gradient
 
 
 def _twins(device, seed=0):
     """Two identical optimizers over identical params: `fast` as shipped, `slow` with the fast path off.
 
     Two launches (bf16 and fp32 params), odd shapes with partial edge blocks, a parameter with every block pruned,
-    an empty one, 1-D params, and two groups with their own lr, weight decay and seed.
+    an empty one, 1-D params, a frozen one (never a gradient: FROZEN), and two groups with their own lr, weight
+    decay and seed.
     """
     gen = torch.Generator().manual_seed(seed)
     specs = [((48, 80), torch.bfloat16, 0.3), ((33, 20), torch.bfloat16, 0.4), ((16, 32), torch.bfloat16, 1.0),
              ((37,), torch.bfloat16, None), ((40, 32), torch.float32, 0.25), ((0, 16), torch.float32, None),
-             ((19,), torch.float32, None)]
+             ((19,), torch.float32, None), ((24, 16), torch.bfloat16, 0.5)]
     params, masks = [], {}
     for shape, dtype, sparsity in specs:
         p = (torch.randn(shape, generator=gen) * 0.05).to(device=device, dtype=dtype)
@@ -34,7 +36,7 @@ def _twins(device, seed=0):
     def make():
         ps = [p.clone() for p in params]
         groups = [{"params": [ps[0], ps[3], ps[4]], "lr": 1e-2, "seed": 3},
-                  {"params": [ps[1], ps[2], ps[5], ps[6]], "lr": 5e-3, "weight_decay": 0.0, "seed": 11}]
+                  {"params": [ps[1], ps[2], ps[7], ps[5], ps[6]], "lr": 5e-3, "weight_decay": 0.0, "seed": 11}]
         opt = SparseAdamW(groups, masks={ps[i]: m for i, m in masks.items()}, impl="triton",
                           state_dtype=torch.bfloat16, weight_decay=0.1)
         return ps, opt
@@ -47,8 +49,9 @@ def _twins(device, seed=0):
 def _set_fresh_grads(params, step):
     """New gradient tensors (as zero_grad(set_to_none=True) then backward gives), the same for both twins."""
     gen = torch.Generator().manual_seed(1000 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+    for i, p in enumerate(params):
+        if i != FROZEN:
+            p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
 
 
 def _record_paths(opt):
@@ -80,6 +83,7 @@ def _assert_twins_equal(fast, slow):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_path_matches_general_path_bitwise(device):
     fast, slow = _twins(device)
+    frozen = fast[0][FROZEN].clone()
     paths = _record_paths(fast[1])
     for step in range(6):
         for (params, opt) in (fast, slow):
@@ -90,6 +94,7 @@ def test_fast_path_matches_general_path_bitwise(device):
         _assert_twins_equal(fast, slow)
     assert paths == [False] + [True] * 5  # the first step prepares, the others take the fast path
     assert fast[1].state[fast[0][0]]["step"] == 6
+    assert torch.equal(fast[0][FROZEN], frozen) and "exp_avg" not in fast[1].state[fast[0][FROZEN]]
     # Pruned blocks stay exactly zero (the fully pruned parameter too); live ones moved.
     params, opt = fast
     for p in params:
@@ -164,7 +169,7 @@ def test_fast_path_holds_no_gradient(device):
     for step in range(3):
         _set_fresh_grads(params, step)
         opt.step()
-    refs = [weakref.ref(p.grad) for p in params]
+    refs = [weakref.ref(p.grad) for p in params if p.grad is not None]
     for p in params:
         p.grad = None
     gc.collect()
