@@ -134,8 +134,9 @@ def test_fast_path_steps_aside_whenever_a_step_differs(device):
     for before, t in zip(kept, old_data.values()):
         assert torch.equal(before, t)
     assert fast[1].state[fast[0][1]]["step"] == 9 and fast[1].state[fast[0][0]]["step"] == 10
-    # Steps 2, 4, 6 and 8 differ from the plan, so the general path takes them; it prepares a new plan where it can
-    # (not after a missing or a copied gradient: steps 3 and 7 are general too).
+    # Steps 2, 4, 6 and 8 differ from the plan, so the general path takes them and prepares a new plan where it can.
+    # Steps 3 and 7 are general too: after step 2 the plan expects parameter 1 to stay without a gradient, and after
+    # step 6 (a gradient made contiguous by a copy) no plan is made.
     assert paths == [False, True, False, False, False, True, False, False, False, True]
 
 
