@@ -28,13 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import make_params  # noqa: E402
-from common import environment, l2_fetch_granularity, median_ms  # noqa: E402
+from common import LLAMA7B_LAYER_SHAPES, environment, l2_fetch_granularity, median_ms  # noqa: E402
 from tune_triton import host_breakdown, host_ms, kernel_ms  # noqa: E402
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask  # noqa: E402
 from sparse_adamw.triton_kernels import sparse_adamw as kernels  # noqa: E402
 
-DECODER_SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 
 
 def llama7b_params(sparsity=0.2, seed=0):
@@ -46,7 +45,7 @@ def llama7b_params(sparsity=0.2, seed=0):
 
     params, masks = [new((32000, 4096))], {}
     for _ in range(32):
-        for shape in DECODER_SHAPES:
+        for shape in LLAMA7B_LAYER_SHAPES:
             p = new(shape)
             masks[p] = random_block_mask(shape, sparsity, generator=gen, device="cuda")
             apply_block_mask_(p, masks[p])

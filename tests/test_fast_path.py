@@ -54,6 +54,15 @@ def _set_fresh_grads(params, step):
             p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
 
 
+def _stepped(device, seed, steps):
+    """`fast` of _twins after `steps` steps on fresh gradients."""
+    (params, opt), _ = _twins(device, seed)
+    for step in range(steps):
+        _set_fresh_grads(params, step)
+        opt.step()
+    return params, opt
+
+
 def _record_paths(opt):
     """After each step, `paths` says whether that step took the fast path."""
     paths, inner, step = [], opt._fast_step, opt.step
@@ -142,10 +151,7 @@ def test_fast_path_steps_aside_whenever_a_step_differs(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_path_is_dropped_by_state_and_group_changes(device):
-    (params, opt), _ = _twins(device, seed=2)
-    for step in range(2):
-        _set_fresh_grads(params, step)
-        opt.step()
+    params, opt = _stepped(device, seed=2, steps=2)
     assert opt._fast is not None
     opt.load_state_dict(opt.state_dict())
     assert opt._fast is None
@@ -166,10 +172,7 @@ def test_fast_path_is_dropped_by_state_and_group_changes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_path_holds_no_gradient(device):
-    (params, opt), _ = _twins(device, seed=3)
-    for step in range(3):
-        _set_fresh_grads(params, step)
-        opt.step()
+    params, opt = _stepped(device, seed=3, steps=3)
     refs = [weakref.ref(p.grad) for p in params if p.grad is not None]
     for p in params:
         p.grad = None

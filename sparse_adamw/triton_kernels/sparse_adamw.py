@@ -210,10 +210,10 @@ def _plan(updates, cache: Dict, k: int):
     return cache[key][1:]
 
 
-def _upload(dyn, seed_mixes: List[int], hyper: List[List[float]], device: torch.device):
+def _upload(dyn: array, seed_mixes: List[int], hyper: List[List[float]], device: torch.device):
     """The step's tables in one copy (each copy costs host time): int64 step rows, int64 seed mixes, fp32 hyper rows.
     Python arrays, not tensor ops: a small torch op costs 10 to 20 us of host time on a slow CPU."""
-    data = bytearray(array("q", dyn).tobytes() + array("q", seed_mixes).tobytes()
+    data = bytearray(dyn.tobytes() + array("q", seed_mixes).tobytes()
                      + array("f", [x for row in hyper for x in row]).tobytes())
     tables = torch.frombuffer(data, dtype=torch.int64)
     if device.type == "cuda":
@@ -258,14 +258,14 @@ def step(updates, cache: Dict) -> None:
     plan = _plan(updates, cache, _k(updates[0].layout.block))
     # Per step: addresses (grads may be new tensors), and one hyper row and seed mix per distinct (lr, betas, eps,
     # weight decay, step, seed). SparseAdamW.step takes PreparedStep instead when a step repeats the last one.
-    dyn: List[int] = []
+    dyn = array("q")
     rows: Dict[tuple, int] = {}
     addresses = 0
     for u in updates:
         row = rows.setdefault((u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.step, u.seed), len(rows))
         p, g, m, v = u.param.data_ptr(), u.grad.data_ptr(), u.exp_avg.data_ptr(), u.exp_avg_sq.data_ptr()
         addresses |= p | g | m | v
-        dyn += (p, g, m, v, index_mix(u.index), row)
+        dyn.extend((p, g, m, v, index_mix(u.index), row))
     mixes = [0 if key[-1] is None else seed_mix(key[-1], key[5]) for key in rows]
     tables = _upload(dyn, mixes, [hyper_row(*key[:6]) for key in rows], updates[0].param.device)
     _launch(plan, _constants(updates), tables, aligned=addresses % 16 == 0)
