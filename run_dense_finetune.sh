@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Full fine-tuning of a block-pruned model with SparseTrainer (SparseAdamW) on 1, 2 or 4 GPUs, or on the CPU.
-# Options of its own are listed by --help; every other argument goes to `python -m sparse_adamw.finetune`.
+# Options of its own are listed by --help; every other argument goes to `python -m sparse_adamw.pipeline.finetune`.
 # Without a terminal (stdin not a tty), the GPU memory prompt is never asked: the script aborts unless --yes.
 set -euo pipefail
 
@@ -26,8 +26,8 @@ Options:
   --dry_run           Print the configuration and the command, then exit without training
   -h, --help          Show this help message
 
-Every other argument goes to python -m sparse_adamw.finetune (see its --help), for example
-  --model DIR         the pruned model (default: SmolLM2-135M pruned by python -m sparse_adamw.prune,
+Every other argument goes to python -m sparse_adamw.pipeline.finetune (see its --help), for example
+  --model DIR         the pruned model (default: SmolLM2-135M pruned by python -m sparse_adamw.pipeline.prune,
                       made first if missing; fully offline)
   --dataset wikitext  wikitext-2-raw-v1 instead of the offline corpus (or --dataset_path FILE)
   --output_dir DIR    default: dense_finetuned_model next to the pruned_model directory
@@ -145,7 +145,7 @@ fi
 # Sets $PYTHON (creating ./.venv with the offline model and corpus on first use) and HF_HUB_OFFLINE=1.
 source "${SCRIPT_DIR}/scripts/setup_env.sh" pipeline
 # The Python entry resolves every default (and the gradient accumulation) itself; the banner shows its answer.
-if ! CONFIG="$("$PYTHON" -m sparse_adamw.finetune --print_config --num_processes "$NPROC" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
+if ! CONFIG="$("$PYTHON" -m sparse_adamw.pipeline.finetune --print_config --num_processes "$NPROC" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
     exit 2
 fi
 eval "$CONFIG"
@@ -217,7 +217,7 @@ if [[ "$CPU_MODE" == 0 ]]; then
 fi
 
 # ----------------------------------------------------------------------------------------------- launch
-ENTRY=(-m sparse_adamw.finetune --gradient_accumulation_steps "$GRADIENT_ACCUMULATION")
+ENTRY=(-m sparse_adamw.pipeline.finetune --gradient_accumulation_steps "$GRADIENT_ACCUMULATION")
 if [[ "$NPROC" == 1 ]]; then
     CMD=("$PYTHON" "${ENTRY[@]}" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
 else

@@ -19,7 +19,7 @@ from common import environment  # noqa: E402
 
 from sparse_adamw import SparseAdamW, random_block_mask  # noqa: E402
 from sparse_adamw.masks import expand_block_mask  # noqa: E402
-from sparse_adamw.optimizer import _row_offset  # noqa: E402
+from sparse_adamw.dtensor import row_offset  # noqa: E402
 
 
 def main():
@@ -55,7 +55,7 @@ def main():
             local.normal_(0, 0.02) if p.dim() == 2 else local.fill_(1.0)
             if ".layers." in name and p.dim() == 2:
                 mask = random_block_mask(p.shape, 0.2, generator=gen, device="cuda")
-                start = _row_offset(p, name)
+                start = row_offset(p, name)
                 local.mul_(expand_block_mask(mask, p.shape)[start:start + local.shape[0]].to(local.dtype))
                 masks[p] = mask
     opt = SparseAdamW(model.parameters(), lr=5e-5, weight_decay=0.0, masks=masks,
@@ -80,7 +80,7 @@ def main():
     # Pruned blocks still zero on every shard.
     bad = torch.zeros(1, device="cuda")
     for p, mask in masks.items():
-        start = _row_offset(p, "")
+        start = row_offset(p, "")
         pruned = ~expand_block_mask(mask, p.shape)[start:start + p._local_tensor.shape[0]]
         bad += (p._local_tensor[pruned] != 0).sum()
     dist.all_reduce(bad)

@@ -3,7 +3,7 @@
     python benchmarks/bench_prune_cpu.py [--nsamples 32 128] [--sparsity 0.2]
 
 One process: the packaged model is loaded once and deep-copied for each method. fp32, the validation split of
-the offline corpus, the first 16 windows of 256 tokens (the CPU defaults of sparse_adamw.evaluate). Appends
+the offline corpus, the first 16 windows of 256 tokens (the CPU defaults of sparse_adamw.pipeline.evaluate). Appends
 rows to benchmarks/results/prune_cpu.csv and prints a markdown table last. `*_cpu_s` is process CPU time (all
 threads): on a shared machine it moves less than wall time does.
 """
@@ -20,10 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import append_csv, environment, markdown_table  # noqa: E402
 
-from sparse_adamw.data import train_blocks  # noqa: E402
-from sparse_adamw.evaluate import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, load_eval_windows, perplexity  # noqa: E402
-from sparse_adamw.models import DEFAULT_MODEL, load_model  # noqa: E402
-from sparse_adamw.prune import CPU_NSAMPLES, calibration_blocks, prune_model  # noqa: E402
+from sparse_adamw.pipeline.data import train_blocks  # noqa: E402
+from sparse_adamw.pipeline.cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS  # noqa: E402
+from sparse_adamw.pipeline.evaluate import load_eval_windows, perplexity  # noqa: E402
+from sparse_adamw.pipeline.models import DEFAULT_MODEL, load_model  # noqa: E402
+from sparse_adamw.pipeline.prune import CPU_NSAMPLES, calibration_blocks, prune_model  # noqa: E402
 from sparse_adamw.sparsity import check_sparsity  # noqa: E402
 
 

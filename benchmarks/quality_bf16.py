@@ -6,7 +6,7 @@
 
 Every model is evaluated in fp32 on the same validation windows. Prints a markdown table last.
 
-    python -m sparse_adamw.prune --device cuda          # once, makes the pruned default model
+    python -m sparse_adamw.pipeline.prune --device cuda          # once, makes the pruned default model
     python benchmarks/quality_bf16.py --model out/smollm2-135m/block_16x16_20sparsity/wanda/pruned_model
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import append_csv, environment, markdown_table  # noqa: E402
 
 from sparse_adamw import SparseAdamW  # noqa: E402
-from sparse_adamw.data import eval_blocks, train_blocks  # noqa: E402
-from sparse_adamw.evaluate import perplexity  # noqa: E402
+from sparse_adamw.pipeline.data import eval_blocks, train_blocks  # noqa: E402
+from sparse_adamw.pipeline.evaluate import perplexity  # noqa: E402
 
 MODES = {"fp32": (torch.float32, False), "bf16_sr": (torch.bfloat16, True), "bf16_nearest": (torch.bfloat16, False)}
 

@@ -6,15 +6,25 @@ is zero) or given explicitly, and it never changes during training.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-BlockSize = Union[int, Sequence[int]]
+BlockSize = Union[int, str, Sequence[int]]
 
 
 def normalize_block_size(block_size: BlockSize) -> Tuple[int, int]:
-    """An int or a pair -> (bh, bw), both >= 1."""
+    """An int, a pair, or a string "16" / "16x16" (the command lines' form) -> (bh, bw), both >= 1."""
+    if isinstance(block_size, str):
+        parts = block_size.lower().split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"block shape must look like 16 or 16x16, got {block_size!r}") from None
+        if len(values) not in (1, 2):
+            raise ValueError(f"block shape must look like 16 or 16x16, got {block_size!r}")
+        block_size = values if len(values) == 2 else values[0]
     if isinstance(block_size, int) and not isinstance(block_size, bool):
         bh = bw = block_size
     else:
@@ -43,12 +53,24 @@ def _padded_blocks(weight: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
     return weight.reshape(nbr, bh, nbc, bw)
 
 
+def check_sparsity_fraction(sparsity: float, what: str = "sparsity") -> float:
+    """`sparsity` itself when it is a fraction in [0, 1], else a ValueError that names `what`."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"{what} must be in [0, 1], got {sparsity}")
+    return sparsity
+
+
 def block_mask_from_zeros(weight: torch.Tensor, block_size: BlockSize = 16) -> torch.Tensor:
     """True where the block holds any nonzero (NaN counts as nonzero). Same device as `weight`."""
     if weight.dim() != 2:
         raise ValueError(f"block masks are for 2-D weights, got shape {tuple(weight.shape)}")
     bh, bw = normalize_block_size(block_size)
     return _padded_blocks(weight.detach().ne(0), bh, bw).any(dim=3).any(dim=1)
+
+
+def leaked_blocks(weight: torch.Tensor, mask: torch.Tensor, block_size: BlockSize = 16) -> torch.Tensor:
+    """Bool grid of the blocks that `mask` marks pruned but that hold a nonzero in `weight` (all False is good)."""
+    return block_mask_from_zeros(weight, block_size) & ~mask.to(weight.device)
 
 
 def expand_block_mask(mask: torch.Tensor, shape: Sequence[int], block_size: BlockSize = 16) -> torch.Tensor:
@@ -74,8 +96,7 @@ def random_block_mask(
     device: Union[str, torch.device, None] = None,
 ) -> torch.Tensor:
     """A block mask with exactly round(sparsity * n_blocks) pruned blocks, chosen uniformly at random."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    check_sparsity_fraction(sparsity)
     nbr, nbc = block_grid(shape, block_size)
     n_blocks = nbr * nbc
     n_pruned = round(sparsity * n_blocks)
@@ -88,3 +109,29 @@ def random_block_mask(
 def live_block_ids(mask: torch.Tensor) -> torch.Tensor:
     """Row-major linear ids (br * nbc + bc) of the live blocks, int32, sorted: the order of compact state slots."""
     return mask.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------ mask files
+MASKS_FILE = "block_masks.pt"  # the prune step's name for it, next to the pruned model
+_MASKS_FORMAT = 1
+
+
+def save_masks(path: Union[str, Path], masks: Dict[str, torch.Tensor], block_size: BlockSize = 16) -> Path:
+    """Save {parameter name: bool block mask} with the block shape, loadable with load_masks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": _MASKS_FORMAT,
+        "block_size": list(normalize_block_size(block_size)),
+        "masks": {name: mask.detach().to("cpu", torch.bool).contiguous() for name, mask in masks.items()},
+    }
+    torch.save(payload, path)
+    return path
+
+
+def load_masks(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Tuple[int, int]]:
+    """({parameter name: bool block mask}, (bh, bw)) from a file written by save_masks."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != _MASKS_FORMAT:
+        raise ValueError(f"{path} is not a block masks file written by sparse_adamw.masks.save_masks")
+    return dict(payload["masks"]), normalize_block_size(payload["block_size"])

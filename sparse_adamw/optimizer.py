@@ -6,9 +6,10 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from .dtensor import distributed, full_tensor, is_dtensor, local_tensor, row_offset
 from .backends import ParamUpdate, hyper_row, requested_impl, seed_mix, select_backend
 from .layout import BlockLayout, compact_to_dense, dense_to_compact, new_state
-from .masks import BlockSize, block_grid, block_mask_from_zeros, normalize_block_size
+from .masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, normalize_block_size
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -110,7 +111,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 return group
         return None
 
-    def _set_masks(self, masks) -> None:
+    def _set_masks(self, masks, check: bool = True) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if getattr(p, "_is_flat_param", False):
@@ -131,14 +132,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 what = f"tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)
                 raise ValueError(f"masks has a key that is not among the optimizer's parameters: {what}")
             self._check_mask(p, mask, group["block_size"])
-            nonzero = block_mask_from_zeros(_full(p), group["block_size"])
-            leaked = int((nonzero & ~mask).sum())
+            leaked = int(leaked_blocks(full_tensor(p), mask, group["block_size"]).sum()) if check else 0
             if leaked:
                 logger.warning("%s has nonzeros in %d blocks its mask marks pruned; SparseAdamW leaves them as they "
                                "are (sparse_adamw.masks.apply_block_mask_ zeros them)", self._describe(p), leaked)
             self.state[p]["block_mask"] = mask
 
-    def set_masks(self, masks: Union[str, Dict[torch.Tensor, torch.Tensor]]) -> None:
+    def set_masks(self, masks: Union[str, Dict[torch.Tensor, torch.Tensor]], *, check: bool = True) -> None:
         """Give parameters block masks after construction: `"auto"` or `{param: mask}`, as the `masks` argument.
 
         Only before a parameter's first step (its moments are laid out by its mask). Meant for wrappers that swap
@@ -146,13 +146,16 @@ class SparseAdamW(torch.optim.Optimizer):
         the parameters that are there now. A DTensor (FSDP2) parameter takes the mask of the whole parameter;
         every rank must call this with the same masks, in the same order (each parameter is gathered once to
         check its zeros).
+
+        `check=False` skips that comparison of each given mask with its parameter's zeros (a pass over the
+        weights), for callers that derived the masks from these weights or verified them already.
         """
         for group in self.param_groups:
             for p in group["params"]:
                 if "exp_avg" in self.state.get(p, {}):
                     raise RuntimeError(f"set_masks after {self._describe(p)} has taken a step: its state is laid "
                                        "out already; set masks before the first step")
-        self._set_masks(masks)
+        self._set_masks(masks, check)
         self._forget_layouts()
 
     def _check_mask(self, p: torch.Tensor, mask, block) -> None:
@@ -178,7 +181,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 n_params += 1
                 if p.dim() != 2:
                     continue
-                mask = block_mask_from_zeros(_full(p), group["block_size"])
+                mask = block_mask_from_zeros(full_tensor(p), group["block_size"])
                 if not mask.all():
                     self.state[p]["block_mask"] = mask
                     n_masked += 1
@@ -192,8 +195,8 @@ class SparseAdamW(torch.optim.Optimizer):
     def _layout(self, p: torch.Tensor, group) -> BlockLayout:
         layout = self._layouts.get(p)
         if layout is None:
-            layout = BlockLayout.for_param(_local(p), group["block_size"], self.state[p].get("block_mask"),
-                                           _row_offset(p, self._describe(p)))
+            layout = BlockLayout.for_param(local_tensor(p), group["block_size"], self.state[p].get("block_mask"),
+                                           row_offset(p, self._describe(p)))
             self._layouts[p] = layout
         return layout
 
@@ -209,11 +212,11 @@ class SparseAdamW(torch.optim.Optimizer):
         layout = self._layout(p, group)
         state = self.state[p]
         if "exp_avg" not in state:
-            local = _local(p)
+            local = local_tensor(p)
             state["step"] = 0
             state["exp_avg"] = new_state(local, layout, self.state_dtype)
             state["exp_avg_sq"] = new_state(local, layout, self.state_dtype)
-        entry = self._entries[id(p)] = (p, layout, state, _is_dtensor(p))
+        entry = self._entries[id(p)] = (p, layout, state, is_dtensor(p))
         return entry
 
     def _backend(self, device: torch.device, dtypes):
@@ -260,7 +263,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     entry = self._entry(p, group)
                 _, layout, state, sharded = entry
                 if sharded:  # FSDP2: this rank's rows
-                    p, grad = _local(p), _local(grad)
+                    p, grad = local_tensor(p), local_tensor(grad)
                 grad = grad.contiguous()
                 step = state["step"] = state["step"] + 1
                 exp_avg = state["exp_avg"]
@@ -367,9 +370,9 @@ class SparseAdamW(torch.optim.Optimizer):
         if "block_mask" in state:
             self._check_mask(p, state["block_mask"], group["block_size"])
         if "exp_avg" in state:
-            layout = BlockLayout.for_param(_local(p), group["block_size"], state.get("block_mask"),
-                                           _row_offset(p, self._describe(p)))
-            expected = tuple(_local(p).shape) if layout.mask is None else layout.state_shape
+            layout = BlockLayout.for_param(local_tensor(p), group["block_size"], state.get("block_mask"),
+                                           row_offset(p, self._describe(p)))
+            expected = tuple(local_tensor(p).shape) if layout.mask is None else layout.state_shape
             for key in ("exp_avg", "exp_avg_sq"):
                 if tuple(state[key].shape) != expected:
                     raise ValueError(f"loaded {key} of shape {tuple(state[key].shape)} does not fit "
@@ -407,7 +410,7 @@ class SparseAdamW(torch.optim.Optimizer):
             rank0_only: return the dict on rank 0 only ({} elsewhere); every rank still takes part in the gathers.
         """
         local = self.state_dict()
-        keep = not rank0_only or not _distributed() or torch.distributed.get_rank() == 0
+        keep = not rank0_only or not distributed() or torch.distributed.get_rank() == 0
         out_state = {}
         for group, saved_group in zip(self.param_groups, local["param_groups"]):
             for p, index in zip(group["params"], saved_group["params"]):
@@ -415,7 +418,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     continue
                 state = {}
                 for key, value in local["state"][index].items():
-                    if key in ("exp_avg", "exp_avg_sq") and _is_dtensor(p):
+                    if key in ("exp_avg", "exp_avg_sq") and is_dtensor(p):
                         value = self._gather_moment(p, group, value)
                     if isinstance(value, torch.Tensor):
                         value = value.to("cpu", copy=True) if to_cpu else value.clone()
@@ -431,7 +434,7 @@ class SparseAdamW(torch.optim.Optimizer):
         from torch.distributed.tensor import DTensor
 
         layout = self._layout(p, group)
-        local = _local(p)
+        local = local_tensor(p)
         dense = value if layout.mask is None else compact_to_dense(value, layout.mask, local.shape, layout.block,
                                                                    layout.row_shift)
         whole = DTensor.from_local(dense.reshape(local.shape).contiguous(), p.device_mesh, p.placements,
@@ -454,7 +457,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 if index not in state_dict["state"]:
                     continue
                 state = dict(state_dict["state"][index])
-                if _is_dtensor(p):
+                if is_dtensor(p):
                     for key in ("exp_avg", "exp_avg_sq"):
                         if key in state:
                             state[key] = self._shard_moment(p, group, state[key], state.get("block_mask"), key)
@@ -463,8 +466,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _shard_moment(self, p: torch.Tensor, group, whole: torch.Tensor, mask, key: str) -> torch.Tensor:
         """This rank's part of one whole-parameter moment, in the compact format of its row shard."""
-        local = _local(p)
-        offset, rows = _row_offset(p, self._describe(p)), local.shape[0] if local.dim() else 0
+        local = local_tensor(p)
+        offset, rows = row_offset(p, self._describe(p)), local.shape[0] if local.dim() else 0
         if mask is None:
             if tuple(whole.shape) != tuple(p.shape):
                 raise ValueError(f"loaded {key} of shape {tuple(whole.shape)} does not fit {self._describe(p)}")
@@ -495,7 +498,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if "exp_avg" not in state:
             return {}
         layout = self._layout(p, self._group_of(p))
-        shape = _local(p).shape
+        shape = local_tensor(p).shape
         return {"step": state["step"],
                 **{k: compact_to_dense(state[k], layout.mask, shape, layout.block, layout.row_shift)
                    for k in ("exp_avg", "exp_avg_sq")}}
@@ -515,39 +518,6 @@ class _FastPlan:
         self.rows = rows  # per hyper row: (group number, step count)
         self.prepared = prepared  # per launch: (backend's PreparedStep, its gradients' places, or None for all)
         self.done = 0  # steps taken on this plan: every step count above has grown by this much
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or `t` itself."""
-    return t._local_tensor if _is_dtensor(t) else t
-
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
-
-
-def _row_offset(p: torch.Tensor, what: str) -> int:
-    """First row of this rank's shard of `p` in the whole parameter (0 for plain tensors)."""
-    if not _is_dtensor(p):
-        return 0
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    for placement in p.placements:
-        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
-            raise NotImplementedError(f"{what} is sharded as {p.placements}; SparseAdamW handles row shards "
-                                      "(Shard(0), as FSDP2 makes) and replicas")
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return int(offset[0]) if len(offset) else 0
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """The whole parameter (gathers a DTensor: every rank must call this in the same order)."""
-    return p.full_tensor() if _is_dtensor(p) else p
 
 
 def _state_dtype(state_dtype) -> torch.dtype:

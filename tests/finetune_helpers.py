@@ -42,7 +42,8 @@ def pruned_tiny_model(directory, tiny_llama, sparsity=0.25, **sizes):
     """A tiny random LLaMA (`sizes` go to the tiny_llama factory) with `sparsity` of its decoder Linear weights'
     16x16 blocks zeroed, saved with its tokenizer and block_masks.pt in `directory`; returns (directory,
     {name: mask})."""
-    from sparse_adamw.prune import MASKS_FILE, prune_magnitude, save_masks
+    from sparse_adamw.masks import MASKS_FILE, save_masks
+    from sparse_adamw.pipeline.prune import prune_magnitude
 
     model = tiny_llama(**sizes)
     masks = prune_magnitude(model, sparsity, progress=False)

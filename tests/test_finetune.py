@@ -1,4 +1,4 @@
-"""python -m sparse_adamw.finetune: defaults, a short run on a tiny model, resume, Ctrl+C, DDP through torchrun."""
+"""python -m sparse_adamw.pipeline.finetune: defaults, a short run on a tiny model, resume, Ctrl+C, DDP through torchrun."""
 import json
 import re
 import shlex
@@ -16,8 +16,8 @@ from finetune_helpers import (
     subprocess_env,
     tiny_run_args,
 )
-from sparse_adamw.finetune import (
-    CPU_BLOCK_SIZE,
+from sparse_adamw.pipeline.cli import CPU_BLOCK_SIZE
+from sparse_adamw.pipeline.finetune import (
     build_parser,
     format_lr,
     gradient_accumulation_for,
@@ -27,7 +27,7 @@ from sparse_adamw.finetune import (
     _split,
 )
 from sparse_adamw.masks import expand_block_mask
-from sparse_adamw.prune import MASKS_FILE, load_masks
+from sparse_adamw.masks import MASKS_FILE, load_masks
 
 STEP_LINE = re.compile(r"^Step (\d+): loss=(\d+\.\d{4})\b", re.M)
 
@@ -215,7 +215,7 @@ def test_clear_errors(tiny, tmp_path, tiny_llama, capsys):
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny, tmp_path):
     model_dir, _, corpus = tiny
     out = tmp_path / "finetuned"
-    command = [sys.executable, "-m", "sparse_adamw.finetune",
+    command = [sys.executable, "-m", "sparse_adamw.pipeline.finetune",
                *tiny_run_args(model_dir, corpus, out, "--max_steps", 100000, "--skip_eval", "--logging_steps", 1)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
     lines = []
@@ -249,13 +249,13 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path):
     model_dir, masks, corpus = tiny
     common = ["--max_steps", 6, "--skip_eval", "--logging_steps", 1, "--max_train_samples", 64]
     single = subprocess.run(
-        [sys.executable, "-m", "sparse_adamw.finetune",
+        [sys.executable, "-m", "sparse_adamw.pipeline.finetune",
          *tiny_run_args(model_dir, corpus, tmp_path / "one", *common, "--gradient_accumulation_steps", 4)],
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert single.returncode == 0, single.stdout + single.stderr
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "sparse_adamw.finetune",
+         "-m", "sparse_adamw.pipeline.finetune",
          *tiny_run_args(model_dir, corpus, tmp_path / "two", *common, "--gradient_accumulation_steps", 2)],
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr

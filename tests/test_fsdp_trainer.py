@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from transformers import TrainingArguments
 
 from finetune_helpers import ArithmeticTokens, LossLog, pruned_blocks_are_zero, pruned_tiny_model
-from sparse_adamw.trainer import SparseTrainer
+from sparse_adamw.pipeline.trainer import SparseTrainer
 
 STEPS, SAVE_AT = 6, 3
 # hidden 48, intermediate 80: rank 1's shard of every Linear weight starts mid-block (row 24, 12 or 40).
@@ -61,9 +61,9 @@ def _load(model_dir):
 
 
 def _whole_params(model):
-    from sparse_adamw.optimizer import _full
+    from sparse_adamw.dtensor import full_tensor
 
-    return {name: _full(p).detach().clone() for name, p in model.named_parameters()}  # every rank gathers
+    return {name: full_tensor(p).detach().clone() for name, p in model.named_parameters()}  # every rank gathers
 
 
 def _worker(rank, world, port, model_dir, out_dir):
@@ -171,7 +171,7 @@ def test_fsdp1_is_refused(tiny_llama, tmp_path):
 
 
 def test_fsdp_on_the_cpu_is_refused_by_finetune():
-    from sparse_adamw.finetune import _split, build_parser, resolve_arguments
+    from sparse_adamw.pipeline.finetune import _split, build_parser, resolve_arguments
 
     args, training = _split(build_parser().parse_args(["--model", "m", "--fsdp"]))
     with pytest.raises(ValueError, match="--fsdp needs GPUs"):
@@ -186,7 +186,7 @@ def test_fsdp_on_the_cpu_is_refused_by_finetune():
 
 
 def test_print_config_says_fsdp(capsys):
-    from sparse_adamw.finetune import _split, build_parser, print_config, resolve_arguments
+    from sparse_adamw.pipeline.finetune import _split, build_parser, print_config, resolve_arguments
 
     for argv, expected in ((["--model", "m"], "FSDP=0"), (["--model", "m", "--fsdp"], "FSDP=1")):
         args, training = _split(build_parser().parse_args(argv))

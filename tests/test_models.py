@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline_helpers import tiny_tokenizer
-from sparse_adamw.models import (
+from sparse_adamw.pipeline.models import (
     DEFAULT_MODEL,
     default_model_path,
     load_model,

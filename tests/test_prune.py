@@ -7,20 +7,9 @@ import torch
 
 from pipeline_helpers import save_tiny_model, tiny_tokenizer, write_text_file
 from sparse_adamw import check_sparsity
-from sparse_adamw.masks import block_mask_from_zeros, expand_block_mask
-from sparse_adamw.prune import (
-    MASKS_FILE,
-    REPORT_FILE,
-    block_scores,
-    blocks_per_row,
-    decoder_layers,
-    load_masks,
-    main,
-    parse_prune_block,
-    prune_model,
-    save_masks,
-    select_block_mask,
-)
+from sparse_adamw.masks import MASKS_FILE, block_mask_from_zeros, expand_block_mask, load_masks
+from sparse_adamw.pipeline.prune import REPORT_FILE, block_scores, blocks_per_row, main, prune_model, select_block_mask
+from sparse_adamw.sparsity import decoder_layers
 
 
 def _calibration(n=4, seq=32, vocab=256, seed=1):
@@ -32,16 +21,6 @@ def _prunable(model):
         name: p for name, p in model.named_parameters()
         if name.startswith("model.layers.") and name.endswith("proj.weight")
     }
-
-
-def test_parse_prune_block():
-    assert parse_prune_block("16") == (16, 16)
-    assert parse_prune_block("16x8") == (16, 8)
-    assert parse_prune_block("32X32") == (32, 32)
-    assert parse_prune_block(8) == (8, 8)
-    for bad in ("16x", "axb", "16x16x16", "0x16"):
-        with pytest.raises(ValueError):
-            parse_prune_block(bad)
 
 
 def test_blocks_per_row_rounds_half_up():
@@ -126,7 +105,7 @@ def test_wanda_keeps_a_block_that_magnitude_prunes(tiny_llama):
 
 
 def test_wanda_calibrates_each_layer_on_the_pruned_outputs_of_the_previous_one(tiny_llama, monkeypatch):
-    import sparse_adamw.prune as prune
+    import sparse_adamw.pipeline.prune as prune
 
     norms_seen = {}
 
@@ -150,23 +129,9 @@ def test_wanda_calibrates_each_layer_on_the_pruned_outputs_of_the_previous_one(t
     assert not torch.allclose(norms_seen[id(decoder_layers(model)[1].self_attn.q_proj.weight)], unpruned)
 
 
-def test_masks_file_round_trips(tmp_path, tiny_llama):
-    model = tiny_llama()
-    masks = prune_model(model, "magnitude", 0.5, (16, 32), progress=False)
-    path = save_masks(tmp_path / "sub" / MASKS_FILE, masks, (16, 32))
-    loaded, block = load_masks(path)
-    assert block == (16, 32)
-    assert loaded.keys() == masks.keys()
-    for name in masks:
-        assert loaded[name].dtype == torch.bool and torch.equal(loaded[name], masks[name])
-    torch.save({"something": "else"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a block masks file"):
-        load_masks(tmp_path / "other.pt")
-
-
 def test_prune_cli_help():
     result = subprocess.run(
-        [sys.executable, "-m", "sparse_adamw.prune", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sparse_adamw.pipeline.prune", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     for flag in ("--model", "--output_dir", "--sparsity", "--method", "--nsamples", "--prune_block", "--block_size",

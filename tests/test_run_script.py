@@ -76,7 +76,7 @@ def test_gradient_accumulation_keeps_the_effective_batch_at_8(fake_gpus, num_gpu
     for section in ("\nGPU Configuration:\n", "\nTraining Parameters:\n", "🚀 Starting dense fine-tuning with SparseTrainer"):
         assert section in out
     command = _line(out, "Command")
-    entry = f"-m sparse_adamw.finetune --gradient_accumulation_steps {accumulation} --model m/pruned_model --max_steps 5"
+    entry = f"-m sparse_adamw.pipeline.finetune --gradient_accumulation_steps {accumulation} --model m/pruned_model --max_steps 5"
     assert entry in command
     if num_gpus == 1:
         assert _line(out, "Training mode") == "Single-GPU" and "torch.distributed.run" not in command

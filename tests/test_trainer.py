@@ -9,8 +9,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from finetune_helpers import ArithmeticTokens as _Tokens, LossLog, pruned_blocks_are_zero
 from sparse_adamw import SparseAdamW
 from sparse_adamw.masks import block_mask_from_zeros
-from sparse_adamw.prune import prune_magnitude, save_masks
-from sparse_adamw.trainer import (
+from sparse_adamw.masks import save_masks
+from sparse_adamw.pipeline.prune import prune_magnitude
+from sparse_adamw.pipeline.trainer import (
     SigintCheckpointCallback,
     SparseTrainer,
     SparsityViolation,
@@ -190,7 +191,7 @@ def test_sigint_callback_only_stops_after_a_signal(tiny_llama, tmp_path):
 
 
 def test_plain_trainer_and_plain_loop_snippets(tiny_llama, tmp_path):
-    # The README's Trainer snippet (sparse_adamw.trainer's docstring).
+    # The README's Trainer snippet (sparse_adamw.pipeline.trainer's docstring).
     model, masks = _pruned(tiny_llama)
     params = [
         {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.01},

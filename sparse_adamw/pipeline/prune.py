@@ -1,4 +1,4 @@
-"""Block pruning of a causal LM's decoder layers; `python -m sparse_adamw.prune --help`.
+"""Block pruning of a causal LM's decoder layers; `python -m sparse_adamw.pipeline.prune --help`.
 
 What is pruned: the weight of every nn.Linear inside `model.model.layers` (for LLaMA: q, k, v, o, gate, up and
 down projections), in blocks of `--prune_block` (default 16x16; edge blocks may be partial). Embeddings, norms
@@ -10,7 +10,7 @@ Scores (a low score is pruned):
   the train split run through the model one decoder layer at a time; hooks on the layer's Linear inputs
   accumulate the column norms, the layer is pruned, and its outputs are recomputed with the pruned weights to
   become the next layer's inputs. Memory stays at one layer's activations for the calibration set.
-- `magnitude`: the sum of |W_ij| over the block. No data. A poor choice for small models (DESIGN.md §6).
+- `magnitude`: the sum of |W_ij| over the block. No data. A poor choice for small models (docs/design.md).
 
 Comparison group: each block-row of a weight (the 16 output rows that share a block) prunes its
 round(sparsity * n_block_columns) lowest-scoring blocks, rounded half up, as Wanda compares weights within an
@@ -36,50 +36,22 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .masks import block_grid, expand_block_mask, normalize_block_size
+from ..masks import MASKS_FILE, apply_block_mask_, block_grid, check_sparsity_fraction, normalize_block_size, save_masks
+from ..sparsity import check_sparsity, decoder_layers, find_linears, sparsity_report
+from .cli import (DEFAULT_METHOD, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, METHODS, add_eval_arguments,
+                  resolve_eval_arguments, versions)
+from .data import DEFAULT_DATASET, train_blocks
+from .evaluate import load_eval_windows, perplexity
+from .models import DEFAULT_MODEL, load_model, pruned_model_dir, save_model
 
-METHODS = ("wanda", "magnitude")
-DEFAULT_METHOD = "wanda"
-DEFAULT_SPARSITY = 0.2
-DEFAULT_PRUNE_BLOCK = (16, 16)
 DEFAULT_NSAMPLES = 128
 # Calibration on CPU: two layer passes per sample and layer, about 1 s per 256-token sample for SmolLM2-135M.
 CPU_NSAMPLES = 32
-MASKS_FILE = "block_masks.pt"
 REPORT_FILE = "prune_report.json"
-_MASKS_FORMAT = 1
 
 
 class _StopForward(Exception):
     """Raised by the hook that captures the first decoder layer's inputs, so the rest of the model never runs."""
-
-
-def parse_prune_block(text: Union[str, int, Sequence[int]]) -> Tuple[int, int]:
-    """"16" or "16x16" (or an int or a pair) -> (bh, bw)."""
-    if isinstance(text, str):
-        parts = text.lower().split("x")
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"block shape must look like 16 or 16x16, got {text!r}") from None
-        if len(values) not in (1, 2):
-            raise ValueError(f"block shape must look like 16 or 16x16, got {text!r}")
-        text = values[0] if len(values) == 1 else values
-    return normalize_block_size(text)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"expected a decoder-only model with `model.model.layers` (LLaMA-style); got {type(model).__name__}"
-        )
-    return layers
-
-
-def find_linears(layer: torch.nn.Module) -> Dict[str, torch.nn.Linear]:
-    """Every nn.Linear inside a decoder layer, by its name within the layer (e.g. `self_attn.q_proj`)."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def blocks_per_row(n_block_cols: int, sparsity: float) -> int:
@@ -103,20 +75,12 @@ def block_scores(
 
 def select_block_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool block mask (True = live) that prunes the blocks_per_row lowest scores of every block-row."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    check_sparsity_fraction(sparsity)
     k = blocks_per_row(scores.shape[1], sparsity)
     mask = torch.ones_like(scores, dtype=torch.bool)
     # stable: equal scores are broken by column index, so the result does not depend on the sort algorithm.
     lowest = torch.sort(scores, dim=1, stable=True).indices[:, :k]
     return mask.scatter_(1, lowest, False)
-
-
-@torch.no_grad()
-def zero_pruned_blocks_(weight: torch.Tensor, mask: torch.Tensor, prune_block=DEFAULT_PRUNE_BLOCK) -> torch.Tensor:
-    """Set pruned blocks to +0.0 (masked_fill: no -0.0, no inf * 0 = NaN) and leave live entries untouched."""
-    dense = expand_block_mask(mask.to(weight.device), weight.shape, prune_block)
-    return weight.masked_fill_(~dense, 0)
 
 
 def _param_names(model: torch.nn.Module) -> Dict[int, str]:
@@ -125,7 +89,7 @@ def _param_names(model: torch.nn.Module) -> Dict[int, str]:
 
 def _prune_linear(linear, name, scores, sparsity, prune_block, masks) -> None:
     mask = select_block_mask(scores, sparsity)
-    zero_pruned_blocks_(linear.weight, mask, prune_block)
+    apply_block_mask_(linear.weight, mask, prune_block)
     masks[name] = mask.cpu()
 
 
@@ -233,8 +197,7 @@ def prune_model(
     progress: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Prune in place with `method`; `calibration` token blocks are required for wanda."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    check_sparsity_fraction(sparsity)
     prune_block = normalize_block_size(prune_block)
     if method == "magnitude":
         return prune_magnitude(model, sparsity, prune_block, progress)
@@ -243,27 +206,6 @@ def prune_model(
             raise ValueError("wanda needs calibration token blocks")
         return prune_wanda(model, calibration, sparsity, prune_block, batch_size, progress)
     raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
-
-
-def save_masks(path: Union[str, Path], masks: Dict[str, torch.Tensor], prune_block=DEFAULT_PRUNE_BLOCK) -> Path:
-    """Save {parameter name: bool block mask} with the block shape, loadable with load_masks."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": _MASKS_FORMAT,
-        "block_size": list(normalize_block_size(prune_block)),
-        "masks": {name: mask.detach().to("cpu", torch.bool).contiguous() for name, mask in masks.items()},
-    }
-    torch.save(payload, path)
-    return path
-
-
-def load_masks(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Tuple[int, int]]:
-    """({parameter name: bool block mask}, (bh, bw)) from a file written by save_masks."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != _MASKS_FORMAT:
-        raise ValueError(f"{path} is not a block masks file written by sparse_adamw.prune.save_masks")
-    return dict(payload["masks"]), normalize_block_size(payload["block_size"])
 
 
 def rounding_notes(model: torch.nn.Module, masks: Dict[str, torch.Tensor], sparsity: float) -> List[str]:
@@ -291,12 +233,8 @@ def calibration_blocks(train: torch.Tensor, nsamples: int, seed: int) -> torch.T
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DEFAULT_DATASET
-    from .evaluate import add_eval_arguments
-    from .models import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(
-        prog="python -m sparse_adamw.prune",
+        prog="python -m sparse_adamw.pipeline.prune",
         description=(
             "Prune the Linear weights of every decoder layer (q, k, v, o, gate, up, down; not embeddings or "
             "lm_head) in blocks, and save the pruned model, its block masks and a JSON report. Each block-row "
@@ -337,29 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _versions() -> Dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {"sparse_adamw": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .data import DEFAULT_DATASET, train_blocks
-    from .evaluate import load_eval_windows, perplexity, resolve_eval_arguments
-    from .models import load_model, pruned_model_dir, save_model
-    from .sparsity import check_sparsity, sparsity_report
-
     parser = build_parser()
     args = parser.parse_args(argv)
     resolve_eval_arguments(args)
     try:
-        prune_block = parse_prune_block(args.prune_block)
+        prune_block = normalize_block_size(args.prune_block)
+        check_sparsity_fraction(args.sparsity, "--sparsity")
     except ValueError as err:
         parser.error(str(err))
-    if not 0.0 <= args.sparsity <= 1.0:
-        parser.error(f"--sparsity must be in [0, 1], got {args.sparsity}")
     if args.nsamples is None:
         args.nsamples = CPU_NSAMPLES if torch.device(args.device).type == "cpu" else DEFAULT_NSAMPLES
     if args.nsamples < 1:
@@ -436,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "timings_s": timings,
         "device": str(args.device),
         "dtype": args.dtype,
-        "versions": _versions(),
+        "versions": versions(),
     }
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved the pruned model, {MASKS_FILE} and {REPORT_FILE} to {output_dir}")

