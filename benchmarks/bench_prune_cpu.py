@@ -1,4 +1,6 @@
-"""Perplexity and wall time of dense, block-Wanda and block-magnitude SmolLM2-135M (DESIGN.md §6 setup).
+"""Perplexity and wall time of dense, block-Wanda and block-magnitude SmolLM2-135M.
+
+The setup of docs/design.md, "The offline default".
 
     python benchmarks/bench_prune_cpu.py [--nsamples 32 128] [--sparsity 0.2]
 

@@ -22,6 +22,7 @@ from bench_step import BYTES_PER_LIVE_ELEMENT, DTYPES, make_params  # noqa: E402
 from common import copy_bandwidth_gbs, environment, l2_fetch_granularity, median_ms  # noqa: E402
 
 from sparse_adamw import SparseAdamW, apply_block_mask_  # noqa: E402
+from sparse_adamw.backends import LaunchConfig, triton_impl  # noqa: E402
 from sparse_adamw.triton_kernels import sparse_adamw as kernels  # noqa: E402
 
 # name: (blocks per program (0 = the default, about 4096 elements), warps). Measured and dropped (RESULTS.md):
@@ -35,8 +36,9 @@ VARIANTS = {
 }
 
 
-def use(variant):
-    kernels.BLOCKS_PER_PROGRAM, kernels.NUM_WARPS = VARIANTS[variant]
+def use(opt, variant):
+    blocks_per_program, num_warps = VARIANTS[variant]
+    opt.launch = LaunchConfig(blocks_per_program=blocks_per_program, num_warps=num_warps)
 
 
 def kernel_ms(step, steps=5):
@@ -80,7 +82,7 @@ def paired_masks(masks):
 def host_breakdown(opt) -> None:
     """Split a step's host time (host_ms, printed by the caller): the optimizer's loop, the backend's tables and
     upload, Triton's launch."""
-    kernel, step, run = kernels._sparse_adamw_kernel, kernels.step, kernels.PreparedStep.run
+    kernel, step, run = kernels._sparse_adamw_kernel, triton_impl.step, triton_impl.PreparedStep.run
 
     class NoLaunch:
         def __getitem__(self, grid):
@@ -89,11 +91,11 @@ def host_breakdown(opt) -> None:
     try:
         kernels._sparse_adamw_kernel = NoLaunch()
         print(f"  host, without the launch: {host_ms(opt.step):.3f} ms", flush=True)
-        kernels.step = lambda updates, cache: None
-        kernels.PreparedStep.run = lambda self, grad_ptrs, hyper, seed_mixes: None
+        triton_impl.step = lambda updates, cache, launch=None: None
+        triton_impl.PreparedStep.run = lambda self, grad_ptrs, rows: None
         print(f"  host, the optimizer's loop alone: {host_ms(opt.step):.3f} ms", flush=True)
     finally:
-        kernels._sparse_adamw_kernel, kernels.step, kernels.PreparedStep.run = kernel, step, run
+        kernels._sparse_adamw_kernel, triton_impl.step, triton_impl.PreparedStep.run = kernel, step, run
 
 
 def main():
@@ -143,10 +145,10 @@ def main():
                 times = {v: [] for v in args.variants}
                 for _ in range(args.rounds):
                     for v in args.variants:
-                        use(v)
+                        use(opt, v)
                         times[v].append(median_ms(opt.step, warmup=2, reps=10))
                 print(f"{dtype_name} s={sparsity} {kind} masks: floor {floor:.3f} ms", flush=True)
-                use("default")
+                use(opt, "default")
                 print(f"  default: kernel {kernel_ms(opt.step):.3f} ms (profiler), host {host_ms(opt.step):.3f} ms "
                       "per step", flush=True)
                 if args.host:
@@ -159,7 +161,6 @@ def main():
                 del opt
             del params, masks
             torch.cuda.empty_cache()
-    use("default")
 
 
 if __name__ == "__main__":

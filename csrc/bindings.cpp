@@ -27,30 +27,29 @@ void check_tensor(const at::Tensor& t, const char* name, size_t i, const at::Dev
   TORCH_CHECK(t.is_contiguous(), "sparse_adamw: ", name, "[", i, "] must be contiguous");
 }
 
+// One row of sparse_adamw.reference.step_constants, computed in double by Python and rounded to fp32 once here.
 Hyper hyper_row(const double* row, size_t i) {
-  const double lr = row[0], beta1 = row[1], beta2 = row[2], eps = row[3], weight_decay = row[4], step = row[5];
-  TORCH_CHECK(step >= 1 && step == std::floor(step), "sparse_adamw: step of tensor ", i, " must be a positive "
-              "integer, got ", step);
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "sparse_adamw: betas of tensor ", i,
-              " must be in [0, 1), got ", beta1, ", ", beta2);
-  // Each constant is computed in double and rounded once, as the reference's Python scalars are.
+  for (int k = 0; k < 8; ++k) {
+    TORCH_CHECK(std::isfinite(row[k]), "sparse_adamw: step constant ", k, " of tensor ", i, " is ", row[k]);
+  }
   Hyper h;
-  h.decay = static_cast<float>(1.0 - lr * weight_decay);
-  h.beta1 = static_cast<float>(beta1);
-  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  h.beta2 = static_cast<float>(beta2);
-  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  h.eps = static_cast<float>(eps);
-  h.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, step)));
-  h.bc2_sqrt = static_cast<float>(std::pow(1.0 - std::pow(beta2, step), 0.5));
+  h.decay = static_cast<float>(row[0]);
+  h.beta1 = static_cast<float>(row[1]);
+  h.one_minus_beta1 = static_cast<float>(row[2]);
+  h.beta2 = static_cast<float>(row[3]);
+  h.one_minus_beta2 = static_cast<float>(row[4]);
+  h.eps = static_cast<float>(row[5]);
+  h.step_size = static_cast<float>(row[6]);
+  h.bc2_sqrt = static_cast<float>(row[7]);
   return h;
 }
 
 }  // namespace
 
 // One step for params[i] with grads[i] and the compact states exp_avgs[i], exp_avg_sqs[i] (sparse_adamw/layout.py).
-//   shapes       int64 CPU (T, 6): rows, cols, numel, live blocks, row shift, index base of each BlockLayout
-//   hyper        float64 CPU (T, 6): lr, beta1, beta2, eps, weight_decay, step
+//   shapes       int64 CPU (T, 8): rows, cols, numel, block columns, live blocks, first program, row shift, index
+//                base of each tensor (sparse_adamw.backends.LaunchPlan, the table the Triton kernel reads too)
+//   hyper        float64 CPU (T, 8): each tensor's sparse_adamw.reference.StepConstants
 //   seeds        int64 CPU (T,): stochastic rounding seeds of bf16 params; empty: round to nearest
 //   prog_tensor  int32 (n_prog,) on the params' device: the tensor of each program, in tensor order
 //   block_ids    int32 (n_prog * blocks_per_program,): each program's live block ids (row-major), zero-padded
@@ -64,8 +63,8 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
               " params but ", grads.size(), " grads, ", exp_avgs.size(), " exp_avgs, ", exp_avg_sqs.size(),
               " exp_avg_sqs");
   const int64_t t_count = static_cast<int64_t>(n);
-  check_table(shapes, "shapes", at::kLong, t_count, 6);
-  check_table(hyper, "hyper", at::kDouble, t_count, 6);
+  check_table(shapes, "shapes", at::kLong, t_count, 8);
+  check_table(hyper, "hyper", at::kDouble, t_count, 8);
   TORCH_CHECK(seeds.device().is_cpu() && seeds.scalar_type() == at::kLong && seeds.dim() == 1 &&
                   (seeds.numel() == 0 || seeds.numel() == t_count) && seeds.is_contiguous(),
               "sparse_adamw: seeds must be an int64 CPU tensor of ", t_count, " seeds or empty");
@@ -105,12 +104,15 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
     check_tensor(g, "grads", i, device, launch.grad_dtype);
     check_tensor(m, "exp_avgs", i, device, launch.state_dtype);
     check_tensor(v, "exp_avg_sqs", i, device, launch.state_dtype);
-    const int64_t* row = shape + 6 * i;
-    const int64_t rows = row[0], cols = row[1], numel = row[2], n_live = row[3], row_shift = row[4];
-    const int64_t index_base = row[5];
+    const int64_t* row = shape + 8 * i;
+    const int64_t rows = row[0], cols = row[1], numel = row[2], n_live = row[4], row_shift = row[6];
+    const int64_t index_base = row[7];
     TORCH_CHECK(row_shift >= 0 && row_shift < block_h && index_base >= 0, "sparse_adamw: tensor ", i,
                 " has row shift ", row_shift, " (0 to ", block_h - 1, ") and index base ", index_base);
     const int64_t n_block_cols = (cols + block_w - 1) / block_w;
+    TORCH_CHECK(row[3] == n_block_cols && row[5] == first_program, "sparse_adamw: tensor ", i, " has ", row[3],
+                " block columns and first program ", row[5], "; its shape and the tensors before it say ",
+                n_block_cols, " and ", first_program);
     const int64_t n_blocks = (row_shift + rows + block_h - 1) / block_h * n_block_cols;
     TORCH_CHECK(rows >= 0 && cols >= 0 && n_live >= 0 && n_live <= n_blocks, "sparse_adamw: tensor ", i, " has ",
                 n_live, " live blocks of ", n_blocks, " (rows ", rows, ", cols ", cols, ")");
@@ -139,7 +141,7 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
     needs_64 = needs_64 || (row_shift + rows + block_h) * (cols + block_w) >= kInt32Limit ||
                (n_live + blocks_per_program) * block_h * block_w >= kInt32Limit;
     tensors[i] = TensorArgs{p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), rows, cols, numel, n_block_cols,
-                            n_live, row_shift, index_base, first_program, hyper_row(hyper_rows + 6 * i, i),
+                            n_live, row_shift, index_base, first_program, hyper_row(hyper_rows + 8 * i, i),
                             launch.stochastic ? static_cast<uint32_t>(seed[i]) : 0u};
     first_program += (n_live + blocks_per_program - 1) / blocks_per_program;
   }

@@ -16,8 +16,8 @@
 
 namespace sparse_adamw {
 
-// fp32 constants of one tensor's step, rounded from double exactly as sparse_adamw.reference rounds its Python
-// scalars, so that the arithmetic below is the reference's, operation for operation.
+// fp32 constants of one tensor's step: sparse_adamw.reference.StepConstants (computed in double by Python, in that
+// order), each rounded once, as the reference's scalars are, so that the arithmetic below is the reference's.
 struct Hyper {
   float decay;  // 1 - lr * weight_decay
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
@@ -50,7 +50,7 @@ struct Launch {
   int64_t threads;  // CUDA threads per program
 };
 
-// DESIGN.md section 1 in fp32, in torch.optim.AdamW's order. The reference's operations one by one (the build turns
+// sparse_adamw.reference.adamw_math in fp32, in torch.optim.AdamW's order: its operations one by one (the build turns
 // off contraction into FMA), so stochastic rounding sees the reference's fp32 bits.
 C10_HOST_DEVICE inline void adamw_update(float& p, float& m, float& v, float g, const Hyper& h) {
   p = p * h.decay;

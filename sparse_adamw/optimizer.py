@@ -6,9 +6,11 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from .dtensor import distributed, full_tensor, is_dtensor, local_tensor, row_offset
-from .backends import ParamUpdate, hyper_row, requested_impl, seed_mix, select_backend
-from .layout import BlockLayout, compact_to_dense, dense_to_compact, new_state
+from . import full_state
+from .dtensor import full_tensor, is_dtensor, local_tensor, row_offset
+from .backends import LaunchConfig, ParamUpdate, requested_impl, select_backend
+from .fast_path import FastPlan, Planned
+from .layout import BlockLayout, compact_to_dense, new_state
 from .masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, normalize_block_size
 
 logger = logging.getLogger("sparse_adamw")
@@ -33,6 +35,8 @@ class SparseAdamW(torch.optim.Optimizer):
             updates smaller than half a bf16 ulp are kept in expectation. None (default) = on for bf16 params.
             float16 params always round to nearest.
         seed: seeds the rounding's counter-based random bits (per parameter and step): runs are reproducible.
+        launch: how the fused kernels split the work (`sparse_adamw.backends.LaunchConfig`); the default is the
+            measured best, so this is for tuning and tests.
 
     Pruned blocks are never read or written: they stay bitwise as they are whatever their gradient holds, and
     they have no optimizer state (see `sparse_adamw.layout` for the compact state format).
@@ -52,18 +56,20 @@ class SparseAdamW(torch.optim.Optimizer):
         state_dtype: Union[None, str, torch.dtype] = None,
         stochastic_rounding: Optional[bool] = None,
         seed: int = 0,
+        launch: Optional[LaunchConfig] = None,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         block_size=normalize_block_size(block_size), stochastic_rounding=stochastic_rounding,
                         seed=int(seed))
         requested_impl(impl)  # validate early
         self.impl = impl
+        self._launch = launch or LaunchConfig()
         self.state_dtype = _state_dtype(state_dtype)
         self._layouts: Dict[torch.Tensor, BlockLayout] = {}
         self._entries: Dict[int, tuple] = {}  # id(p) -> (p, layout, state, is DTensor): step()'s per-tensor facts
         self._kernel_cache: Dict = {}
         self._backends: Dict = {}
-        self._fast: Optional[_FastPlan] = None  # step()'s fast path, see _prepare_fast
+        self._fast: Optional[FastPlan] = None  # step()'s fast path (sparse_adamw.fast_path)
         super().__init__(params, defaults)
         if masks is not None:
             self._set_masks(masks)
@@ -236,21 +242,20 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._fast is not None and self._fast_step():
+        if self._fast_step():
             return loss
         self._fast = None
-        # The general path: every check and every fact per tensor, in Python (about 3.5 us per tensor on a fast
-        # CPU, 10 on the GPU machine's). When this step qualifies, _prepare_fast makes the next ones cheap.
-        batches: Dict[tuple, list] = {}
-        where: Dict[tuple, list] = {}  # batch -> (group number, param position) of each update
+        # The general path: every check and every fact per tensor, in Python. When every update of this step
+        # qualifies, FastPlan makes the next ones cheap (sparse_adamw.fast_path).
+        batches: Dict[tuple, List[Planned]] = {}
         entries = self._entries
-        index = -1
+        position = -1
         for group_number, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, eps, weight_decay, seed = float(group["lr"]), group["eps"], group["weight_decay"], group["seed"]
             stochastic = group["stochastic_rounding"] is not False
             for p in group["params"]:
-                index += 1
+                position += 1
                 grad = p.grad
                 if grad is None:
                     continue
@@ -264,94 +269,39 @@ class SparseAdamW(torch.optim.Optimizer):
                 _, layout, state, sharded = entry
                 if sharded:  # FSDP2: this rank's rows
                     p, grad = local_tensor(p), local_tensor(grad)
+                qualifies = not sharded and grad.is_contiguous()
                 grad = grad.contiguous()
                 step = state["step"] = state["step"] + 1
                 exp_avg = state["exp_avg"]
                 update = ParamUpdate(p, grad, exp_avg, state["exp_avg_sq"], layout, step, lr, beta1, beta2, eps,
-                                     weight_decay, seed if stochastic else None, index)
+                                     weight_decay, seed if stochastic else None, position)
                 key = (p.device, p.dtype, grad.dtype, exp_avg.dtype, layout.block, stochastic)
-                batches.setdefault(key, []).append(update)
-                where.setdefault(key, []).append((group_number, index))
-        for (device, *dtypes, _, _), updates in batches.items():
-            self._backend(device, tuple(dtypes)).step(updates, self._kernel_cache)
-        self._fast = self._prepare_fast(batches, where)
+                batches.setdefault(key, []).append(Planned(update, group_number, position, qualifies))
+        for key, planned in batches.items():
+            self._batch_backend(key).step([item.update for item in planned], self._kernel_cache, self.launch)
+        self._fast = self._prepare_fast(batches)
         return loss
 
-    # The fast path. After a step in which every gradient was contiguous, no parameter was sharded and every backend
-    # could prepare its launch (Triton), the next steps check each tensor in a few attribute reads and hand the
-    # backends only the new gradient addresses and, per group and step count, one hyper row and one rounding-seed
-    # mix. Parameters without a gradient (frozen ones) must stay without one. Anything else falls back to the
-    # loop above.
-    def _prepare_fast(self, batches, where) -> Optional["_FastPlan"]:
-        rows: Dict[tuple, int] = {}  # (group number, step count) -> hyper row
-        facts = {}  # position -> what the next steps check
-        for key, updates in batches.items():
-            if not hasattr(self._backend(key[0], tuple(key[1:4])), "PreparedStep"):
-                return None
-            for u, (group_number, index) in zip(updates, where[key]):
-                if u.grad is not u.param.grad:
-                    return None  # sharded (the update holds the local shard), or a gradient made contiguous
-                rows.setdefault((group_number, u.step), len(rows))
-                facts[index] = (u.param, self.state[u.param], u.exp_avg, u.exp_avg_sq, u.param.data_ptr(),
-                                u.grad.dtype, u.param.shape, u.step)
-        slot = {index: i for i, index in enumerate(sorted(facts))}  # position -> place among the gradients
-        prepared = []
-        for key, updates in batches.items():
-            row_ids = [rows[(group_number, u.step)] for u, (group_number, _) in zip(updates, where[key])]
-            slots = [slot[index] for _, index in where[key]]
-            launch = self._backend(key[0], tuple(key[1:4])).PreparedStep(updates, row_ids, self._kernel_cache)
-            prepared.append((launch, None if slots == list(range(len(slot))) else slots))
-        groups, position = [], 0
-        for group in self.param_groups:
-            groups.append([facts.get(position + i) for i in range(len(group["params"]))])
-            position += len(group["params"])
-        flags = [(group["block_size"], group["stochastic_rounding"] is not False) for group in self.param_groups]
-        return _FastPlan(groups, flags, list(rows), prepared)
+    @property
+    def launch(self) -> LaunchConfig:
+        """How the fused kernels split the work; a new one takes effect at the next step."""
+        return self._launch
+
+    @launch.setter
+    def launch(self, launch: LaunchConfig) -> None:
+        self._launch = launch
+        self._fast = None  # its launches were prepared with the old one
 
     def _fast_step(self) -> bool:
-        """One step on the prepared plan; False (nothing changed) where this step differs from the plan's."""
-        plan = self._fast
-        groups = self.param_groups
-        if len(groups) != len(plan.groups):
-            return False
-        done = plan.done
-        grad_ptrs: List[int] = []
-        append = grad_ptrs.append
-        try:
-            for group, group_facts, flags in zip(groups, plan.groups, plan.flags):
-                params = group["params"]
-                if (len(params) != len(group_facts)
-                        or (group["block_size"], group["stochastic_rounding"] is not False) != flags):
-                    return False
-                for p, fact in zip(params, group_facts):
-                    grad = p.grad
-                    if fact is None:  # had no gradient
-                        if grad is not None:
-                            return False
-                        continue
-                    q, state, exp_avg, exp_avg_sq, p_ptr, grad_dtype, shape, step = fact
-                    if (p is not q or grad is None or grad.dtype != grad_dtype or grad.shape != shape
-                            or not grad.is_contiguous() or p.data_ptr() != p_ptr or state["step"] != step + done
-                            or state["exp_avg"] is not exp_avg or state["exp_avg_sq"] is not exp_avg_sq):
-                        return False
-                    append(grad.data_ptr())
-        except (RuntimeError, KeyError):  # a sparse gradient has no is_contiguous; a state was emptied
-            return False
-        plan.done = done = done + 1
-        for group_facts in plan.groups:
-            for fact in group_facts:
-                if fact is not None:
-                    fact[1]["step"] = fact[7] + done
-        hyper, mixes = [], []
-        for group_number, step in plan.rows:
-            group = groups[group_number]
-            beta1, beta2 = group["betas"]
-            step += done
-            hyper.append(hyper_row(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step))
-            mixes.append(seed_mix(group["seed"], step))
-        for launch, slots in plan.prepared:
-            launch.run(grad_ptrs if slots is None else [grad_ptrs[i] for i in slots], hyper, mixes)
-        return True
+        return self._fast is not None and self._fast.step(self.param_groups)
+
+    def _prepare_fast(self, batches) -> Optional[FastPlan]:
+        return FastPlan.prepare(self.param_groups, self.state, batches, self._batch_backend, self._kernel_cache,
+                                self.launch)
+
+    def _batch_backend(self, key: tuple):
+        """The backend of a batch of step(), keyed (device, param, grad and state dtypes, block, rounding)."""
+        return self._backend(key[0], tuple(key[1:4]))
 
     # ----------------------------------------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict) -> None:
@@ -379,115 +329,15 @@ class SparseAdamW(torch.optim.Optimizer):
                                      f"{self._describe(p)}: expected {expected}")
 
     # ------------------------------------------------------------------------------- whole-parameter state I/O
-    @torch.no_grad()
     def full_state_dict(self, *, to_cpu: bool = True, rank0_only: bool = False) -> Dict[str, object]:
-        """The state dict a single-process SparseAdamW over the whole parameters would have.
+        """The state dict a single-process SparseAdamW over the whole parameters would have (FSDP2: every rank
+        calls it). `sparse_adamw.full_state.full_state_dict` documents the format and the arguments."""
+        return full_state.full_state_dict(self, to_cpu=to_cpu, rank0_only=rank0_only)
 
-        Under FSDP2 every rank must call this, in the same order relative to other collectives: each sharded
-        parameter's moments are gathered (one parameter at a time). For plain parameters (one process, DDP) it is
-        `state_dict()` with its tensors copied.
-
-        Format: exactly `state_dict()`'s, `{"state": {index: {...}}, "param_groups": [...]}` with parameters
-        numbered in param-group order, and for each parameter that has state:
-
-        * "block_mask": the whole parameter's bool block mask, shape (ceil(R/bh), ceil(C/bw)), True = live;
-        * "step": the number of steps taken (an int);
-        * "exp_avg", "exp_avg_sq": for a masked parameter the compact state of the whole parameter, shape
-          (n_live, bh, bw), slot s holding the s-th live block of the whole mask in row-major order
-          (`sparse_adamw.layout`); for a parameter without a mask, the whole parameter's shape.
-
-        A block that straddles two row shards has a slot on both ranks, each holding its own rows; here the two
-        halves are joined into one slot. So this dict loads into a single-process SparseAdamW with
-        `load_state_dict`, and into any sharding of the same parameters with `load_full_state_dict`.
-
-        torch.distributed.checkpoint's `get_optimizer_state_dict` / `set_optimizer_state_dict` (what accelerate's
-        FSDP2 checkpointing calls) assume that every state tensor is shaped and sharded like its parameter. Compact
-        states are not, so use this method (or the per-rank `state_dict()`) instead.
-
-        Args:
-            to_cpu: move the tensors to the CPU as they are gathered (default), so that only one parameter's
-                moments are on the device at a time.
-            rank0_only: return the dict on rank 0 only ({} elsewhere); every rank still takes part in the gathers.
-        """
-        local = self.state_dict()
-        keep = not rank0_only or not distributed() or torch.distributed.get_rank() == 0
-        out_state = {}
-        for group, saved_group in zip(self.param_groups, local["param_groups"]):
-            for p, index in zip(group["params"], saved_group["params"]):
-                if index not in local["state"]:
-                    continue
-                state = {}
-                for key, value in local["state"][index].items():
-                    if key in ("exp_avg", "exp_avg_sq") and is_dtensor(p):
-                        value = self._gather_moment(p, group, value)
-                    if isinstance(value, torch.Tensor):
-                        value = value.to("cpu", copy=True) if to_cpu else value.clone()
-                    state[key] = value
-                if keep:
-                    out_state[index] = state
-        if not keep:
-            return {}
-        return {"state": out_state, "param_groups": local["param_groups"]}
-
-    def _gather_moment(self, p: torch.Tensor, group, value: torch.Tensor) -> torch.Tensor:
-        """One moment of an FSDP2 parameter, whole: compact (whole mask) for a masked parameter, else param-shaped."""
-        from torch.distributed.tensor import DTensor
-
-        layout = self._layout(p, group)
-        local = local_tensor(p)
-        dense = value if layout.mask is None else compact_to_dense(value, layout.mask, local.shape, layout.block,
-                                                                   layout.row_shift)
-        whole = DTensor.from_local(dense.reshape(local.shape).contiguous(), p.device_mesh, p.placements,
-                                   run_check=False, shape=p.shape, stride=p.stride()).full_tensor()
-        mask = self.state[p].get("block_mask")
-        return whole if mask is None else dense_to_compact(whole, mask, layout.block)
-
-    @torch.no_grad()
     def load_full_state_dict(self, state_dict) -> None:
-        """Load a whole-parameter state dict (`full_state_dict()`'s format, which is also what a single-process
-        SparseAdamW's `state_dict()` holds) into this optimizer, whose parameters may be FSDP2 row shards.
-
-        Every rank passes the same dict; each keeps the rows of its own shard. No collectives: a dict opened
-        with `torch.load(..., mmap=True)` is read only where this rank's rows lie. Resuming on a different
-        number of ranks, or moving between one process and FSDP2, works both ways.
-        """
-        local_state = {}
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
-            for p, index in zip(group["params"], saved_group["params"]):
-                if index not in state_dict["state"]:
-                    continue
-                state = dict(state_dict["state"][index])
-                if is_dtensor(p):
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        if key in state:
-                            state[key] = self._shard_moment(p, group, state[key], state.get("block_mask"), key)
-                local_state[index] = state
-        self.load_state_dict({"state": local_state, "param_groups": state_dict["param_groups"]})
-
-    def _shard_moment(self, p: torch.Tensor, group, whole: torch.Tensor, mask, key: str) -> torch.Tensor:
-        """This rank's part of one whole-parameter moment, in the compact format of its row shard."""
-        local = local_tensor(p)
-        offset, rows = row_offset(p, self._describe(p)), local.shape[0] if local.dim() else 0
-        if mask is None:
-            if tuple(whole.shape) != tuple(p.shape):
-                raise ValueError(f"loaded {key} of shape {tuple(whole.shape)} does not fit {self._describe(p)}")
-            return whole[offset:offset + rows].clone()
-        bh = group["block_size"][0]
-        self._check_mask(p, mask.to(p.device), group["block_size"])
-        per_row = mask.sum(dim=1).tolist()
-        if tuple(whole.shape) != (sum(per_row), *group["block_size"]):
-            raise ValueError(f"loaded {key} of shape {tuple(whole.shape)} does not fit {self._describe(p)}: "
-                             f"expected {(sum(per_row), *group['block_size'])}")
-        first = offset // bh
-        end = -(-(offset + rows) // bh) if rows else first
-        start, n = sum(per_row[:first]), sum(per_row[first:end])
-        shard = whole[start:start + n].clone()
-        if n:
-            # Rows of a straddling block that belong to the neighbouring shard are never read or written here:
-            # zero them, as in a state that was never loaded.
-            shard[:per_row[first], :offset - first * bh] = 0
-            shard[n - per_row[end - 1]:, offset + rows - (end - 1) * bh:] = 0
-        return shard
+        """Load `full_state_dict()`'s format (also a single-process `state_dict()`) into these parameters, which
+        may be FSDP2 row shards: each rank keeps its own rows (`sparse_adamw.full_state.load_full_state_dict`)."""
+        full_state.load_full_state_dict(self, state_dict)
 
     def dense_state(self, p: torch.Tensor) -> Dict[str, object]:
         """Param-shaped copies of p's state ({"step", "exp_avg", "exp_avg_sq"}; pruned blocks read as 0).
@@ -507,17 +357,6 @@ class SparseAdamW(torch.optim.Optimizer):
         """Bytes held in exp_avg and exp_avg_sq over all parameters."""
         return sum(s[k].numel() * s[k].element_size() for s in self.state.values()
                    for k in ("exp_avg", "exp_avg_sq") if k in s)
-
-
-class _FastPlan:
-    def __init__(self, groups: List[list], flags: List[tuple], rows: List[tuple], prepared: List[tuple]):
-        # Per group, per param: (param, state, exp_avg, exp_avg_sq, param address, grad dtype, shape, step count),
-        # or None for a parameter that had no gradient.
-        self.groups = groups
-        self.flags = flags  # per group: (block size, stochastic rounding), which the launches were prepared for
-        self.rows = rows  # per hyper row: (group number, step count)
-        self.prepared = prepared  # per launch: (backend's PreparedStep, its gradients' places, or None for all)
-        self.done = 0  # steps taken on this plan: every step count above has grown by this much
 
 
 def _state_dtype(state_dtype) -> torch.dtype:

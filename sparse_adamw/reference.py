@@ -1,12 +1,19 @@
 """The specification: one AdamW step on the live blocks of one parameter, in plain PyTorch.
 
-Every backend matches this function. It is written for clarity, not speed: it computes the update everywhere
-and then keeps the old values in pruned blocks, so pruned entries come out bitwise unchanged whatever the
-gradient holds there (NaN and inf included).
+Every backend matches this module. It is written for clarity, not speed: `sparse_adamw_reference` computes the
+update everywhere and then keeps the old values in pruned blocks, so pruned entries come out bitwise unchanged
+whatever the gradient holds there (NaN and inf included). docs/design.md, "The update rule", explains it.
+
+Three parts every backend shares, so that they all compute the same bits:
+- `step_constants`: a step's scalars (bias corrections folded in), computed once in double precision; each
+  backend rounds them to fp32 and applies them in `adamw_math`'s order;
+- `rounding_seed` and its parts: which random bits a parameter's stochastic rounding uses at a step;
+- `hash32`: the random bits of one element.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -44,16 +51,58 @@ def round_to_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed: int) ->
     return upper.to(torch.int16).view(torch.bfloat16)
 
 
-def adamw_math(p, g, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
-    """The AdamW update on already-upcast tensors (DESIGN.md section 1); returns new (p, m, v)."""
-    # Decoupled weight decay first, then the moments, then the bias-corrected step: torch.optim.AdamW's order.
-    p = p * (1 - lr * weight_decay)
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * g * g
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    denom = v.sqrt() / (bias_correction2**0.5) + eps
-    return p - (lr / bias_correction1) * (m / denom), m, v
+class StepConstants(NamedTuple):
+    """The scalars of one step of the update, in the one order every backend reads them (a "hyper row")."""
+
+    decay: float  # 1 - lr * weight_decay
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    step_size: float  # lr / (1 - beta1**step)
+    bc2_sqrt: float  # sqrt(1 - beta2**step)
+
+
+def step_constants(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   step: int) -> StepConstants:
+    """Step number `step` (counted from 1)'s constants, each computed in double and rounded once by its user."""
+    return StepConstants(1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1**step),
+                         math.sqrt(1 - beta2**step))
+
+
+def adamw_math(p, g, m, v, c: StepConstants):
+    """The AdamW update on already-upcast tensors with step constants `c`; returns new (p, m, v).
+
+    Decoupled weight decay first, then the moments, then the bias-corrected step: torch.optim.AdamW's order
+    (docs/design.md, "The update rule"). The compiled kernels repeat these operations one by one.
+    """
+    p = p * c.decay
+    m = c.beta1 * m + c.one_minus_beta1 * g
+    v = c.beta2 * v + c.one_minus_beta2 * g * g
+    denom = v.sqrt() / c.bc2_sqrt + c.eps
+    return p - c.step_size * (m / denom), m, v
+
+
+# The rounding seed of a parameter at a step: murmur3's finaliser of a mix of (optimizer seed, step, the parameter's
+# position in the optimizer). In two parts, so that a launch can combine a per-step part with a per-parameter one.
+def rounding_seed(seed: int, step: int, index: int) -> int:
+    return fmix32(seed_mix(seed, step) ^ index_mix(index))
+
+
+def seed_mix(seed: int, step: int) -> int:
+    return (seed * 0x9E3779B1 ^ step * 0x85EBCA6B) & 0xFFFFFFFF
+
+
+def index_mix(index: int) -> int:
+    return (index * 0xC2B2AE35) & 0xFFFFFFFF
+
+
+def fmix32(h: int) -> int:
+    """murmur3's 32-bit finaliser (`hash32` applies it to tensors)."""
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 
 
 def sparse_adamw_reference(
@@ -81,7 +130,7 @@ def sparse_adamw_reference(
     """
     p, m, v = adamw_math(
         param.to(compute_dtype), grad.to(compute_dtype), exp_avg.to(compute_dtype), exp_avg_sq.to(compute_dtype),
-        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        step_constants(lr, beta1, beta2, eps, weight_decay, step),
     )
     if rounding_seed is not None and param.dtype == torch.bfloat16:
         new_p = round_to_bf16_stochastic(p, torch.arange(p.numel()).reshape(p.shape), rounding_seed)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 
 import pytest
 import setuptools
@@ -15,9 +16,11 @@ import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask
 from sparse_adamw import backends
-from sparse_adamw.backends import BackendUnavailable, ParamUpdate, build, ext_impl, select_backend, torch_impl
+from sparse_adamw.backends import (BackendUnavailable, LaunchConfig, ParamUpdate, build, ext_impl, select_backend,
+                                   torch_impl)
 from sparse_adamw.layout import BlockLayout, compact_to_dense, new_state
 from sparse_adamw.masks import expand_block_mask
+from sparse_adamw.reference import step_constants
 from tests.test_kernels import DEVICES, HYPER, _check_step, _poison_grad, _skip_unrunnable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +112,32 @@ def test_auto_takes_the_built_extension(fresh_caches):
     build.extension(cuda=False)  # what impl="cpp" or `python -m sparse_adamw.backends.build` leaves behind
     assert build.is_built(cuda=False)
     assert select_backend("auto", torch.device("cpu")) is ext_impl
+
+
+def test_each_version_of_the_sources_builds_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Two checkouts of different versions share the build cache: neither may take the other's binary."""
+    copy = tmp_path / "checkout"
+    shutil.copytree(os.path.join(build.ROOT, "csrc"), copy / "csrc")
+    monkeypatch.setenv("SPARSE_ADAMW_BUILD_DIR", str(tmp_path / "cache"))
+    here = build.jit_build_dir(cuda=False)
+    monkeypatch.setattr(build, "ROOT", str(copy))
+    assert build.jit_build_dir(cuda=False) == here  # the same sources elsewhere: the same build
+    with open(copy / "csrc" / "sparse_adamw.h", "a") as header:
+        header.write("// another version\n")
+    other = build.jit_build_dir(cuda=False)
+    assert other != here and os.path.dirname(other) == os.path.dirname(here)
+    assert build.jit_build_dir(cuda=True) not in (here, other)
+
+
+def test_a_killed_build_leaves_no_lock_that_blocks_later_builds(tmp_path, caplog):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    build.clear_stale_lock(str(tmp_path))  # fresh: another process may be building right now
+    assert lock.exists() and "waiting for another process's build" in caplog.text
+    old = time.time() - build.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    build.clear_stale_lock(str(tmp_path))
+    assert not lock.exists() and f"removing the stale build lock {lock}" in caplog.text
 
 
 def test_auto_falls_back_to_torch_for_float64():
@@ -293,11 +322,9 @@ def test_cuda_and_cpp_agree_bitwise(dtype, state_dtype):
 @pytest.mark.parametrize("impl,device", COMPILED)
 @pytest.mark.parametrize("blocks_per_program,threads,index_64,misaligned", [
     (1, 32, False, False), (3, 128, True, False), (8, 256, False, True), (64, 1024, True, True)])
-def test_launch_variants(impl, device, blocks_per_program, threads, index_64, misaligned, monkeypatch):
+def test_launch_variants(impl, device, blocks_per_program, threads, index_64, misaligned):
     """Blocks per program, threads, 64-bit offsets and unaligned storage (the CUDA kernel's scalar path)."""
-    monkeypatch.setattr(ext_impl, "BLOCKS_PER_PROGRAM", blocks_per_program)
-    monkeypatch.setattr(ext_impl, "THREADS", threads)
-    monkeypatch.setattr(ext_impl, "INDEX_64", index_64)
+    launch = LaunchConfig(blocks_per_program=blocks_per_program, threads=threads, index_64=index_64)
     shape, block = (70, 96), (16, 16)
     mask = random_block_mask(shape, 0.3, block)
     numel = shape[0] * shape[1]
@@ -305,7 +332,7 @@ def test_launch_variants(impl, device, blocks_per_program, threads, index_64, mi
     param = storage[int(misaligned):int(misaligned) + numel].view(shape)  # one element in: not 16-byte aligned
     param.copy_(apply_block_mask_(torch.randn(shape), mask))
     dense = torch.randn(150, device=device)
-    opt = _optimizer([param, dense], {param: mask.to(device)}, impl=impl)
+    opt = _optimizer([param, dense], {param: mask.to(device)}, impl=impl, launch=launch)
     live = expand_block_mask(mask, shape, block)
     before = (param.cpu().clone(), torch.zeros(shape), torch.zeros(shape))
     before_dense = (dense.cpu().clone(), torch.zeros(150), torch.zeros(150))
@@ -343,8 +370,9 @@ def _call_args(device="cpu"):
         return [torch.zeros(shape, device=device) for _ in range(2)]
 
     return dict(params=zeros(40, 48), grads=zeros(40, 48), exp_avgs=zeros(3, 16, 16), exp_avg_sqs=zeros(3, 16, 16),
-                shapes=torch.tensor([[40, 48, 40 * 48, 3, 0, 0]] * 2),
-                hyper=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0]] * 2, dtype=torch.float64),
+                # rows, cols, numel, block columns, live blocks, first program, row shift, index base
+                shapes=torch.tensor([[40, 48, 40 * 48, 3, 3, 0, 0, 0], [40, 48, 40 * 48, 3, 3, 2, 0, 0]]),
+                hyper=torch.tensor([step_constants(1e-3, 0.9, 0.999, 1e-8, 0.01, 1)] * 2, dtype=torch.float64),
                 seeds=torch.zeros(0, dtype=torch.int64),
                 prog_tensor=torch.tensor([0, 0, 1, 1], dtype=torch.int32, device=device),
                 block_ids=torch.tensor([0, 4, 8, 0, 1, 2, 3, 0], dtype=torch.int32, device=device),
@@ -375,10 +403,11 @@ BAD_CALLS = {
     "hyper must be a contiguous Double": lambda a: a.update(hyper=a["hyper"].float()),
     "shapes must be a contiguous Long": lambda a: a.update(shapes=a["shapes"].int()),
     "params\\[0\\] has 1920 elements, its layout 1968": lambda a: a["shapes"].__setitem__((0, 2), 41 * 48),
-    "13 live blocks of 9": lambda a: a["shapes"].__setitem__((1, 3), 13),
-    "row shift 16 \\(0 to 15\\)": lambda a: a["shapes"].__setitem__((1, 4), 16),
-    "step of tensor 1": lambda a: a["hyper"].__setitem__((1, 5), 0.0),
-    "betas of tensor 0": lambda a: a["hyper"].__setitem__((0, 2), 1.0),
+    "13 live blocks of 9": lambda a: a["shapes"].__setitem__((1, 4), 13),
+    "row shift 16 \\(0 to 15\\)": lambda a: a["shapes"].__setitem__((1, 6), 16),
+    "tensor 1 has 3 block columns and first program 1": lambda a: a["shapes"].__setitem__((1, 5), 1),
+    "tensor 0 has 4 block columns": lambda a: a["shapes"].__setitem__((0, 3), 4),
+    "step constant 6 of tensor 1 is inf": lambda a: a["hyper"].__setitem__((1, 6), float("inf")),
     "stochastic rounding is for bfloat16": lambda a: a.update(seeds=torch.tensor([5, 6])),
     "seeds must be": lambda a: a.update(seeds=torch.tensor([5])),
     "need 8 block ids": lambda a: a.update(block_ids=a["block_ids"][:7]),

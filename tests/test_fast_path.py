@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask
-from sparse_adamw.backends import rounding_seed
+from sparse_adamw.reference import rounding_seed
 from sparse_adamw.masks import expand_block_mask
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask, sparse_adamw_reference
+from sparse_adamw.backends import LaunchConfig
 from sparse_adamw.masks import expand_block_mask
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -184,20 +185,16 @@ def test_triton_does_not_recompile_when_lr_and_step_change():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_64", [False, True])
 @pytest.mark.parametrize("blocks_per_program", [1, 8])
-def test_triton_launch_variants(device, index_64, blocks_per_program, monkeypatch):
+def test_triton_launch_variants(device, index_64, blocks_per_program):
     """Launch variants (64-bit offsets for huge tensors, tile sizes) compute the same update."""
     _skip_unrunnable("triton", device)
-    from sparse_adamw.triton_kernels import sparse_adamw as kernels
-
-    monkeypatch.setattr(kernels, "BLOCKS_PER_PROGRAM", blocks_per_program)
-    if index_64:
-        monkeypatch.setattr(kernels, "_INT32_LIMIT", 1000)
+    launch = LaunchConfig(blocks_per_program=blocks_per_program, index_64=index_64)
     shape, block = (70, 90), (16, 16)
     mask = random_block_mask(shape, 0.3, device=device)
     param = apply_block_mask_(torch.randn(shape, device=device), mask)
     dense = torch.randn(150, device=device)
     opt = SparseAdamW([param, dense], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
-                      weight_decay=HYPER["weight_decay"], masks={param: mask}, impl="triton")
+                      weight_decay=HYPER["weight_decay"], masks={param: mask}, impl="triton", launch=launch)
     live = expand_block_mask(mask.cpu(), shape, block)
     before = (param.detach().cpu().clone(), torch.zeros(shape), torch.zeros(shape))
     before_dense = (dense.cpu().clone(), torch.zeros(150), torch.zeros(150))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask, sparse_adamw_reference
-from sparse_adamw.backends import rounding_seed
+from sparse_adamw.reference import rounding_seed
 from sparse_adamw.reference import round_to_bf16_stochastic
 from tests.test_kernels import BACKENDS, CPU_BACKENDS, DEVICES, _skip_unrunnable
 
@@ -66,7 +66,8 @@ def test_backends_round_exactly_like_the_reference(device, impl):
 def test_bf16_training_stalls_without_stochastic_rounding(impl):
     """Negative control: at lr 5e-5 on weights in [0.02, 0.05], round-to-nearest bf16 throws every update away.
 
-    There a bf16 ulp is 1.2e-4 or 2.4e-4, so an Adam step of about lr = 5e-5 is under half an ulp (DESIGN.md 3).
+    There a bf16 ulp is 1.2e-4 or 2.4e-4, so an Adam step of about lr = 5e-5 is under half an ulp
+    (docs/design.md, "Stochastic rounding of bf16 weights").
     """
     torch.manual_seed(0)
     start = torch.empty(32, 64).uniform_(0.02, 0.05).bfloat16().float()

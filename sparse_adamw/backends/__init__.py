@@ -1,4 +1,8 @@
-"""Backend selection. Every backend takes the same list of `ParamUpdate`s and updates them in place.
+"""Backend selection. Every backend takes a list of `ParamUpdate`s (`common`) and updates them in place.
+
+A backend module has `step(updates, cache, launch)`, a `DTYPES` tuple, optionally `load(name)` (run when it is
+selected) and `PreparedStep` (the optimizer's fast path, where the backend can keep a launch from one step to the
+next).
 
 Backends: "torch" (vectorised PyTorch, any device), "triton" (CUDA; CPU tensors only under TRITON_INTERPRET=1),
 "cuda" (the compiled CUDA kernel) and "cpp" (the compiled CPU kernel); the last two share the extension
@@ -20,13 +24,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from ..layout import BlockLayout
+from .common import LaunchConfig, ParamUpdate  # noqa: F401 (what callers of the backends use)
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -36,60 +39,13 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _COMPILED = ("cuda", "cpp")
 
 
-class ParamUpdate(NamedTuple):
-    param: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    layout: BlockLayout
-    step: int
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    seed: Optional[int]  # None: round to nearest; else stochastic rounding of bf16 params, the optimizer's seed
-    index: int = 0  # the parameter's position in the optimizer: with seed and step, it makes the rounding seed
-
-    @property
-    def rounding_seed(self) -> Optional[int]:
-        return None if self.seed is None else rounding_seed(self.seed, self.step, self.index)
-
-
-# The rounding seed of a parameter at a step: murmur3's finaliser of a mix of (optimizer seed, step, position), in
-# parts that the Triton kernel combines itself (seed_mix per step, index_mix per parameter).
-def rounding_seed(seed: int, step: int, index: int) -> int:
-    return fmix32(seed_mix(seed, step) ^ index_mix(index))
-
-
-def seed_mix(seed: int, step: int) -> int:
-    return (seed * 0x9E3779B1 ^ step * 0x85EBCA6B) & 0xFFFFFFFF
-
-
-def index_mix(index: int) -> int:
-    return (index * 0xC2B2AE35) & 0xFFFFFFFF
-
-
-def fmix32(h: int) -> int:
-    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
-    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
-def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> List[float]:
-    """A step's scalars as the GPU kernels read them, bias corrections folded in: decay, b1, 1-b1, b2, 1-b2, eps,
-    lr / bc1, 1 / sqrt(bc2)."""
-    return [1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / (1 - beta1**step),
-            1 / math.sqrt(1 - beta2**step)]
-
-
 class BackendUnavailable(RuntimeError):
     pass
 
 
 _MODULES = {
     "torch": "sparse_adamw.backends.torch_impl",
-    "triton": "sparse_adamw.triton_kernels.sparse_adamw",
+    "triton": "sparse_adamw.backends.triton_impl",
     "cuda": "sparse_adamw.backends.ext_impl",
     "cpp": "sparse_adamw.backends.ext_impl",
 }

@@ -14,11 +14,13 @@ Environment:
     SPARSE_ADAMW_CUDA_ARCHS         CUDA architectures, e.g. "80;90" (setup.py's default) or "90a"; the JIT build's
                                     default is torch's (TORCH_CUDA_ARCH_LIST, else the visible GPUs)
     SPARSE_ADAMW_BUILD_DIR          root of the JIT build cache (default: torch's extensions directory,
-                                    TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)
+                                    TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions); one folder per Python,
+                                    torch and digest of the sources
     MAX_JOBS                        parallel compile jobs (torch.utils.cpp_extension)
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -33,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/sparse_adamw_cpu.cpp"]
 CUDA_SOURCES = ["csrc/sparse_adamw_cuda.cu"]
 SETUP_CUDA_ARCHS = "80;90"
+STALE_LOCK_S = 900  # a build lock older than this was left by a killed build (a CUDA build takes minutes)
 _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
@@ -77,15 +80,28 @@ def _jit_name(cuda: bool) -> str:
     return "sparse_adamw_C_cuda" if cuda else "sparse_adamw_C_cpu"
 
 
+def _sources_digest(cuda: bool) -> str:
+    """A digest of what the binary is built from: the sources, the headers and the flags."""
+    csrc = os.path.join(ROOT, "csrc")
+    files = sorted(set(sources(cuda) + [os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith(".h")]))
+    digest = hashlib.sha1(repr((cxx_flags(cuda), ld_flags(), nvcc_flags(os.environ.get("SPARSE_ADAMW_CUDA_ARCHS"))
+                                if cuda else None)).encode())
+    for name in files:
+        with open(os.path.join(ROOT, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:12]
+
+
 def jit_build_dir(cuda: bool) -> str:
-    """Where the JIT build of the extension lives; per Python and torch version, as the binary depends on both."""
+    """Where the JIT build of the extension lives: per Python and torch version, as the binary depends on both, and
+    per digest of its sources, so that checkouts of different versions never build over each other."""
     import torch
     from torch.utils import cpp_extension
 
     root = (os.environ.get("SPARSE_ADAMW_BUILD_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
             or cpp_extension.get_default_build_root())
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-    return os.path.join(root, tag, _jit_name(cuda))
+    return os.path.join(root, tag, f"{_jit_name(cuda)}_{_sources_digest(cuda)}")
 
 
 def _jit_library(cuda: bool) -> str:
@@ -93,14 +109,27 @@ def _jit_library(cuda: bool) -> str:
 
 
 def _jit_is_fresh(cuda: bool) -> bool:
-    """A JIT build exists and is newer than every source and header."""
-    library = _jit_library(cuda)
-    if not os.path.exists(library):
-        return False
-    csrc = os.path.join(ROOT, "csrc")
-    inputs = [os.path.join(ROOT, s) for s in sources(cuda)]
-    inputs += [os.path.join(csrc, f) for f in os.listdir(csrc) if f.endswith(".h")]
-    return os.path.getmtime(library) >= max(os.path.getmtime(f) for f in inputs)
+    """A JIT build of these very sources exists (its folder is named by their digest)."""
+    return os.path.exists(_jit_library(cuda))
+
+
+def clear_stale_lock(build_dir: str, stale_after_s: float = STALE_LOCK_S) -> None:
+    """torch's build lock is a file that a killed build leaves behind, and every later build waits for it forever.
+    Remove it when it is older than any build takes; otherwise say what is being waited for."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return  # no lock
+    if age > stale_after_s:
+        logger.warning("sparse_adamw: removing the stale build lock %s (%.0f s old: its build was killed)", lock, age)
+        try:
+            os.remove(lock)
+        except FileNotFoundError:
+            pass
+    else:
+        logger.warning("sparse_adamw: waiting for another process's build of the extension (lock %s, %.0f s old; "
+                       "delete it if no build is running)", lock, age)
 
 
 def _installed(cuda: bool):
@@ -145,6 +174,7 @@ def _jit_build(cuda: bool):
             pass  # cpp_extension then says that ninja is needed
     build_dir = jit_build_dir(cuda)
     os.makedirs(build_dir, exist_ok=True)
+    clear_stale_lock(build_dir)
     fresh = _jit_is_fresh(cuda)
     if not fresh:
         logger.warning("sparse_adamw: compiling the C++%s extension into %s (once; about %s; "

@@ -75,10 +75,7 @@ def _round_param(u, p: torch.Tensor, index) -> torch.Tensor:
 
 
 def _math(u, p, g, m, v):
-    return adamw_math(
-        p.float(), g.float(), m.float(), v.float(),
-        step=u.step, lr=u.lr, beta1=u.beta1, beta2=u.beta2, eps=u.eps, weight_decay=u.weight_decay,
-    )
+    return adamw_math(p.float(), g.float(), m.float(), v.float(), u.constants)
 
 
 def _element_index(reg: _Region, layout: BlockLayout, device) -> torch.Tensor:
@@ -90,7 +87,7 @@ def _element_index(reg: _Region, layout: BlockLayout, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def step(updates, cache: Dict) -> None:
+def step(updates, cache: Dict, launch=None) -> None:
     for u in updates:
         if u.layout.mask is None:
             p, m, v = _math(u, u.param, u.grad, u.exp_avg, u.exp_avg_sq)

@@ -1,1 +1,1 @@
-"""Triton kernels of sparse_adamw (leaves: they import only torch and triton)."""
+"""Triton kernels of sparse_adamw. Leaves: they import only torch and triton (tests/test_architecture.py checks)."""
