@@ -111,6 +111,8 @@ def main():
             live = sum(int(m.sum()) * 256 for m in masks)  # every shape is a multiple of 16
             floor_ms = live * per_elem / copy_gbs / 1e6
             for label in args.contenders:
+                for p, m in zip(params, masks):  # a dense contender before this one filled the pruned blocks
+                    apply_block_mask_(p, m)
                 ms, device_ms, micro, state, peak = run_contender(label, params, masks, dtype)
                 row = dict(env, params=n, dtype=dtype_name, sparsity=sparsity, contender=label,
                            ms=round(ms, 3), micro_step_ms=round(micro, 3) if micro else "",

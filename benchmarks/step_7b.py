@@ -64,7 +64,7 @@ def light_kernel():
     math = """    p = p * decay
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
-    denom = tl.sqrt(v) / bc2_sqrt + eps
+    denom = tl.sqrt(v) * inv_bc2_sqrt + eps
     p = p - step_size * (m / denom)
 """
     if math not in source:

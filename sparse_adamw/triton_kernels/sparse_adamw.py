@@ -109,7 +109,9 @@ def _sparse_adamw_kernel(
     one_minus_beta2 = tl.load(hyper + 4)
     eps = tl.load(hyper + 5)
     step_size = tl.load(hyper + 6)
-    bc2_sqrt = tl.load(hyper + 7)
+    # Once per program: a multiply per element instead of a second division (measured 3.5% faster in fp32 on an
+    # H200, benchmarks/RESULTS.md); within an ulp of dividing, as the fast sqrt and division below are.
+    inv_bc2_sqrt = 1.0 / tl.load(hyper + 7)
 
     # Ordinals of this program's blocks among the parameter's live blocks = their compact-state slots.
     slot = (pid.to(idx) - prog0) * K + tl.arange(0, K).to(idx)
@@ -141,7 +143,7 @@ def _sparse_adamw_kernel(
     p = p * decay
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
-    denom = tl.sqrt(v) / bc2_sqrt + eps
+    denom = tl.sqrt(v) * inv_bc2_sqrt + eps
     p = p - step_size * (m / denom)
 
     if STOCHASTIC:
