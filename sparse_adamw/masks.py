@@ -11,6 +11,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .dtensor import is_dtensor, local_tensor, row_offset
+
 BlockSize = Union[int, str, Sequence[int]]
 
 
@@ -68,9 +70,26 @@ def block_mask_from_zeros(weight: torch.Tensor, block_size: BlockSize = 16) -> t
     return _padded_blocks(weight.detach().ne(0), bh, bw).any(dim=3).any(dim=1)
 
 
+def nonzero_blocks(weight: torch.Tensor, block_size: BlockSize = 16) -> torch.Tensor:
+    """`block_mask_from_zeros` of the whole weight. For an FSDP2 (DTensor) row shard: the whole weight's grid as far
+    as this rank's rows show (the other ranks' rows read as zero), with no collective."""
+    if not is_dtensor(weight):
+        return block_mask_from_zeros(weight, block_size)
+    bh, bw = normalize_block_size(block_size)
+    local, offset = local_tensor(weight).detach(), row_offset(weight)
+    first = offset // bh
+    grid = torch.zeros(block_grid(weight.shape, (bh, bw)), dtype=torch.bool, device=local.device)
+    if local.shape[0]:
+        part = block_mask_from_zeros(torch.nn.functional.pad(local, (0, 0, offset - first * bh, 0)), (bh, bw))
+        grid[first:first + part.shape[0]] = part
+    return grid
+
+
 def leaked_blocks(weight: torch.Tensor, mask: torch.Tensor, block_size: BlockSize = 16) -> torch.Tensor:
-    """Bool grid of the blocks that `mask` marks pruned but that hold a nonzero in `weight` (all False is good)."""
-    return block_mask_from_zeros(weight, block_size) & ~mask.to(weight.device)
+    """Bool grid of the blocks that `mask` marks pruned but that hold a nonzero in `weight` (all False is good); for
+    a DTensor, in this rank's rows."""
+    nonzero = nonzero_blocks(weight, block_size)
+    return nonzero & ~mask.to(nonzero.device)
 
 
 def expand_block_mask(mask: torch.Tensor, shape: Sequence[int], block_size: BlockSize = 16) -> torch.Tensor:

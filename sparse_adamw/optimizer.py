@@ -138,7 +138,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 what = f"tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p)
                 raise ValueError(f"masks has a key that is not among the optimizer's parameters: {what}")
             self._check_mask(p, mask, group["block_size"])
-            leaked = int(leaked_blocks(full_tensor(p), mask, group["block_size"]).sum()) if check else 0
+            leaked = int(leaked_blocks(p, mask, group["block_size"]).sum()) if check else 0
             if leaked:
                 logger.warning("%s has nonzeros in %d blocks its mask marks pruned; SparseAdamW leaves them as they "
                                "are (sparse_adamw.masks.apply_block_mask_ zeros them)", self._describe(p), leaked)
@@ -150,8 +150,7 @@ class SparseAdamW(torch.optim.Optimizer):
         Only before a parameter's first step (its moments are laid out by its mask). Meant for wrappers that swap
         the optimizer's parameters after it is built, as accelerate's FSDP2 preparation does: set the masks on
         the parameters that are there now. A DTensor (FSDP2) parameter takes the mask of the whole parameter;
-        every rank must call this with the same masks, in the same order (each parameter is gathered once to
-        check its zeros).
+        every rank must call this with the same masks (each rank compares them with the zeros of its own rows).
 
         `check=False` skips that comparison of each given mask with its parameter's zeros (a pass over the
         weights), for callers that derived the masks from these weights or verified them already.
@@ -305,6 +304,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict) -> None:
+        self._check_loaded_masks(state_dict)
         # torch casts every floating state tensor to the param's dtype (and masks too); ours keep their dtype.
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
@@ -314,6 +314,23 @@ class SparseAdamW(torch.optim.Optimizer):
                         self.state[p][key] = value.to(device=p.device, copy=True)
                 self._check_loaded_state(p, group)
         self._forget_layouts()
+
+    def _check_loaded_masks(self, state_dict) -> None:
+        """Before anything is replaced: each loaded mask fits its parameter, whose pruned blocks must be zero. Masks
+        saved for other weights (another model, another prune) would let those blocks train."""
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved_group["params"], group["params"]):
+                mask = state_dict["state"].get(index, {}).get("block_mask")
+                if mask is None:
+                    continue
+                mask = mask.to(p.device)
+                self._check_mask(p, mask, group["block_size"])
+                leaked = int(leaked_blocks(p, mask, group["block_size"]).sum())
+                if leaked:
+                    raise ValueError(
+                        f"the loaded block mask of {self._describe(p)} marks {leaked} blocks pruned that hold "
+                        "nonzeros in the parameter: that state was saved for other weights (another model or another "
+                        "prune). Load the weights it belongs to first, or start the optimizer afresh")
 
     def _check_loaded_state(self, p: torch.Tensor, group) -> None:
         state = self.state.get(p, {})  # not self.state[p]: that would add an entry for a parameter without state

@@ -124,6 +124,28 @@ def test_load_state_dict_keeps_state_and_mask_dtypes():
     assert torch.equal(opt2.state[p]["block_mask"], mask)
 
 
+def test_load_state_dict_refuses_masks_of_other_weights():
+    """A state saved for another prune of the same shapes would let this model's pruned blocks train."""
+    gen = torch.Generator().manual_seed(5)
+    kept = torch.nn.Parameter(torch.randn(48, 40, generator=gen))
+    p = torch.nn.Parameter(torch.randn(48, 40, generator=gen))
+    mask, other = random_block_mask(p.shape, 0.5, generator=gen), random_block_mask(p.shape, 0.5, generator=gen)
+    apply_block_mask_(p.data, mask)
+    opt = SparseAdamW([kept, p], masks={p: mask})
+    kept.grad, p.grad = torch.randn_like(kept), torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    before = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    q = torch.nn.Parameter(apply_block_mask_(torch.randn(48, 40, generator=gen), other))
+    target = SparseAdamW([kept, q], masks={q: other})
+    with pytest.raises(ValueError, match=r"parameter #1 of group 0 .* marks \d+ blocks pruned that hold nonzeros"):
+        target.load_state_dict(saved)
+    assert torch.equal(target.state[q]["block_mask"], other) and "exp_avg" not in target.state[q]  # untouched
+    opt.load_state_dict(saved)  # its own weights: accepted
+    for key, value in before.items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
 def test_hf_scheduler_and_lr_changes_follow():
     transformers = pytest.importorskip("transformers")
     model, masks = _model()
