@@ -65,13 +65,13 @@ def light_kernel():
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     denom = tl.sqrt(v) * inv_bc2_sqrt + eps
-    p = p - step_size * (m / denom)
+    return p - step_size * (m / denom), m, v
 """
     if math not in source:
-        raise RuntimeError(f"the math block of {path} has changed: update light_kernel()")
+        raise RuntimeError(f"the math of {path} (_adamw) has changed: update light_kernel()")
     light = os.path.join(tempfile.mkdtemp(), "light_sparse_adamw.py")  # Triton reads a kernel's source file
     with open(light, "w") as f:
-        f.write(source.replace(math, "    p = p * decay + g\n    m = m + g\n    v = v + g\n"))
+        f.write(source.replace(math, "    return p * decay + g, m + g, v + g\n"))
     spec = importlib.util.spec_from_file_location("light_sparse_adamw", light)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

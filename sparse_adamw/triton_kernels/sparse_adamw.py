@@ -51,27 +51,22 @@ def _store(ptr, x, mask, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _sparse_adamw_kernel(
-    shape_ptr,
-    dyn_ptr,
-    seed_mix_ptr,
-    hyper_ptr,
-    prog_tensor_ptr,
-    block_ids_ptr,
-    P_DTYPE: tl.constexpr,
-    G_DTYPE: tl.constexpr,
-    S_DTYPE: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-    TILE_H: tl.constexpr,
-    TILE_W: tl.constexpr,
-    K: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    CHECK_EDGES: tl.constexpr,
-    EXACT_BF16: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-):
+def _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_bc2_sqrt):
+    """sparse_adamw.reference.adamw_math in fp32, in torch.optim.AdamW's order. Fast sqrt and division: their
+    few-ulp error in the update is far below the rounding of p itself."""
+    p = p * decay
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    denom = tl.sqrt(v) * inv_bc2_sqrt + eps
+    return p - step_size * (m / denom), m, v
+
+
+@triton.jit
+def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tensor_ptr, block_ids_ptr,
+                         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                         BH: tl.constexpr, BW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                         K: tl.constexpr, INDEX_64: tl.constexpr, CHECK_EDGES: tl.constexpr,
+                         EXACT_BF16: tl.constexpr, ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr):
     # The tables are described in `launch`. block_ids holds K block ids per program, so that load does not wait for
     # the tables.
     pid = tl.program_id(0)
@@ -138,14 +133,7 @@ def _sparse_adamw_kernel(
     m = tl.load(m_ptr + state_offs, mask=ok).to(tl.float32)
     v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
 
-    # sparse_adamw.reference.adamw_math, in torch.optim.AdamW's order. Fast sqrt and division: their few-ulp error
-    # in the update is far below the rounding of p itself.
-    p = p * decay
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * g * g
-    denom = tl.sqrt(v) * inv_bc2_sqrt + eps
-    p = p - step_size * (m / denom)
-
+    p, m, v = _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_bc2_sqrt)
     if STOCHASTIC:
         seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # reference.rounding_seed
         index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
