@@ -25,9 +25,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import append_csv, environment, markdown_table, median_ms  # noqa: E402
+from common import append_csv, environment, markdown_table, median_ms, prune_randomly  # noqa: E402
 
-from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask  # noqa: E402
+from sparse_adamw import SparseAdamW  # noqa: E402
 
 CONTENDERS = ("torch_fused", "wanda_gradmask", "sparse_adamw", "sparse_adamw_bf16_state")
 
@@ -45,15 +45,7 @@ def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
     if grad_ckpt:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for module in layer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    mask = random_block_mask(module.weight.shape, sparsity, generator=gen, device="cuda")
-                    apply_block_mask_(module.weight, mask)
-                    masks[module.weight] = mask
+    masks = prune_randomly(model, sparsity, seed)
     return model, masks
 
 

@@ -115,3 +115,19 @@ def markdown_table(rows: List[Dict], columns: List[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def prune_randomly(model, sparsity: float, seed: int = 0) -> Dict[torch.Tensor, torch.Tensor]:
+    """Zero a random `sparsity` of the 16x16 blocks of every decoder Linear weight; {weight: its block mask}."""
+    from sparse_adamw import apply_block_mask_, random_block_mask
+    from sparse_adamw.sparsity import decoder_layers, find_linears
+
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for layer in decoder_layers(model):
+        for module in find_linears(layer).values():
+            mask = random_block_mask(module.weight.shape, sparsity, generator=gen, device=module.weight.device)
+            apply_block_mask_(module.weight, mask)
+            masks[module.weight] = mask
+    return masks

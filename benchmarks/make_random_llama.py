@@ -9,7 +9,7 @@ import argparse
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sparse_adamw import apply_block_mask_, random_block_mask
+from common import prune_randomly
 
 
 def main():
@@ -30,13 +30,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, args.dtype))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for module in layer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    mask = random_block_mask(module.weight.shape, args.sparsity, generator=gen, device=device)
-                    apply_block_mask_(module.weight, mask)
+    prune_randomly(model, args.sparsity)
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved {sum(p.numel() for p in model.parameters()):,} params to {args.output_dir}")
