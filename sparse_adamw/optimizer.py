@@ -325,6 +325,9 @@ class SparseAdamW(torch.optim.Optimizer):
                     continue
                 mask = mask.to(p.device)
                 self._check_mask(p, mask, group["block_size"])
+                held = self.state.get(p, {}).get("block_mask")
+                if held is not None and torch.equal(held, mask):
+                    continue  # the mask it holds already (accelerate round-trips the state to place it)
                 leaked = int(leaked_blocks(p, mask, group["block_size"]).sum())
                 if leaked:
                     raise ValueError(

@@ -38,17 +38,17 @@ def learnable_corpus(path, n=400, seed=0):
     return path
 
 
-def pruned_tiny_model(directory, tiny_llama, sparsity=0.25, **sizes):
+def pruned_tiny_model(directory, tiny_llama, sparsity=0.25, block=(16, 16), **sizes):
     """A tiny random LLaMA (`sizes` go to the tiny_llama factory) with `sparsity` of its decoder Linear weights'
-    16x16 blocks zeroed, saved with its tokenizer and block_masks.pt in `directory`; returns (directory,
+    `block` blocks zeroed, saved with its tokenizer and block_masks.pt in `directory`; returns (directory,
     {name: mask})."""
     from sparse_adamw.masks import MASKS_FILE, save_masks
     from sparse_adamw.pipeline.prune import prune_magnitude
 
     model = tiny_llama(**sizes)
-    masks = prune_magnitude(model, sparsity, progress=False)
+    masks = prune_magnitude(model, sparsity, block, progress=False)
     save_tiny_model(directory, model, tiny_tokenizer())
-    save_masks(Path(directory) / MASKS_FILE, masks)
+    save_masks(Path(directory) / MASKS_FILE, masks, block)
     return Path(directory), masks
 
 

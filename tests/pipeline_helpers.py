@@ -1,5 +1,7 @@
-"""Local stand-ins for the pipeline tests: a word-level tokenizer and a synthetic corpus, no hub."""
+"""Local stand-ins for the pipeline tests: a word-level tokenizer and a synthetic corpus, no hub; a command's help."""
 import random
+import subprocess
+import sys
 
 WORDS = [f"w{i}" for i in range(240)]
 SPECIALS = ["[UNK]", "<s>", "</s>"]
@@ -33,3 +35,10 @@ def save_tiny_model(directory, model, tokenizer):
     from sparse_adamw.pipeline.models import save_model
 
     return save_model(model, tokenizer, directory)
+
+
+def command_help(module):
+    """The stdout of `python -m <module> --help`, run in a subprocess, which must succeed."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

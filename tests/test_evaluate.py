@@ -1,13 +1,12 @@
 import json
 import math
-import subprocess
 import sys
 import types
 
 import pytest
 import torch
 
-from pipeline_helpers import paragraphs, save_tiny_model, tiny_tokenizer, write_text_file
+from pipeline_helpers import command_help, paragraphs, save_tiny_model, tiny_tokenizer, write_text_file
 from sparse_adamw.pipeline import data
 from sparse_adamw.pipeline.evaluate import eval_zero_shot, main, perplexity
 
@@ -85,12 +84,9 @@ def test_evaluate_cli_on_wikitext_saved_to_disk(tmp_path, tiny_llama):
 
 
 def test_evaluate_cli_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "sparse_adamw.pipeline.evaluate", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    out = command_help("sparse_adamw.pipeline.evaluate")
     for flag in ("--model", "--dataset", "--dataset_path", "--block_size", "--max_eval_windows", "--eval_zero_shot"):
-        assert flag in result.stdout
+        assert flag in out
 
 
 def test_evaluate_without_a_pruned_model_says_to_prune_first(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,5 @@
-"""python -m sparse_adamw.pipeline.finetune: defaults, a short run on a tiny model, resume, Ctrl+C, DDP through torchrun."""
+"""python -m sparse_adamw.pipeline.finetune: defaults, a short run on a tiny model, another block shape, resume,
+Ctrl+C, DDP through torchrun."""
 import json
 import re
 import shlex
@@ -26,8 +27,7 @@ from sparse_adamw.pipeline.finetune import (
     resolve_arguments,
     _split,
 )
-from sparse_adamw.masks import expand_block_mask
-from sparse_adamw.masks import MASKS_FILE, load_masks
+from sparse_adamw.masks import MASKS_FILE, expand_block_mask, load_masks
 
 STEP_LINE = re.compile(r"^Step (\d+): loss=(\d+\.\d{4})\b", re.M)
 
@@ -120,8 +120,9 @@ def test_help_lists_our_flags_and_the_trainers(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--masks_file", "--dataset", "--block_size", "--max_train_samples", "--overwrite_output_dir",
-                 "--gradient_accumulation_steps", "--gradient_checkpointing", "--print_config"):
+    for flag in ("--model", "--masks_file", "--dataset", "--block_size", "--max_train_samples",
+                 "--overwrite_output_dir", "--gradient_accumulation_steps", "--gradient_checkpointing",
+                 "--print_config"):
         assert flag in out, flag
 
 
@@ -183,6 +184,28 @@ def test_live_weights_that_are_exactly_zero_still_train(tiny, tmp_path, capsys):
     assert "every pruned block is still exactly zero" in text
     trained = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())[name]
     assert bool((trained[live[:, 0], live[:, 1]] != 0).all()), "live weights that started at zero were frozen"
+
+
+def test_a_masks_file_in_8x8_blocks_reports_its_own_pruned_fraction(tmp_path, tiny_llama, capsys):
+    """--masks_file brings 8x8 blocks while --prune_block keeps its default 16x16: the pruned fraction before and
+    after training is measured in the file's blocks."""
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, block=(8, 8))
+    corpus = learnable_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "out"
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--skip_eval",
+                              "--masks_file", model_dir / MASKS_FILE)) == 0
+    # By hand: the elements inside the 8x8 blocks the masks prune, over all decoder Linear weights.
+    weights = {name: p for name, p in tiny_llama().named_parameters()
+               if name.startswith("model.layers.") and p.dim() == 2}
+    assert set(weights) == set(masks)
+    pruned = sum(int((~masks[name].repeat_interleave(8, 0).repeat_interleave(8, 1)[:w.shape[0], :w.shape[1]]).sum())
+                 for name, w in weights.items())
+    expected = pruned / sum(w.numel() for w in weights.values())
+    assert expected > 0
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["pruned_block_fraction"]["before"] == report["pruned_block_fraction"]["after"] == expected
+    assert re.search(rf"^Pruned 8x8 blocks\s+{expected:.4f}\s+{expected:.4f}$", capsys.readouterr().out, re.M)
+    assert load_masks(out / MASKS_FILE)[1] == (8, 8)
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny, tmp_path, capsys):

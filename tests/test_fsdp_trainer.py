@@ -78,7 +78,7 @@ def _worker(rank, world, port, model_dir, out_dir):
     optimizer = trainer.sparse_optimizer
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     result["sharded"] = all(type(p).__name__ == "DTensor" for g in optimizer.param_groups for p in g["params"])
-    result["masks"] = {names[id(p)]: s["block_mask"].cpu() for p, s in optimizer.state.items() if "block_mask" in s}
+    result["masks"] = trainer.optimizer_masks()
     result["stray_state"] = [p for p in optimizer.state if id(p) not in names]
     result["local_rows"] = {names[id(p)]: p._local_tensor.shape[0] for p in optimizer.state}
     result["losses"] = losses.losses

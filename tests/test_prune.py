@@ -1,11 +1,9 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from pipeline_helpers import save_tiny_model, tiny_tokenizer, write_text_file
+from pipeline_helpers import command_help, save_tiny_model, tiny_tokenizer, write_text_file
 from sparse_adamw import check_sparsity
 from sparse_adamw.masks import MASKS_FILE, block_mask_from_zeros, expand_block_mask, load_masks
 from sparse_adamw.pipeline.prune import REPORT_FILE, block_scores, blocks_per_row, main, prune_model, select_block_mask
@@ -130,13 +128,10 @@ def test_wanda_calibrates_each_layer_on_the_pruned_outputs_of_the_previous_one(t
 
 
 def test_prune_cli_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "sparse_adamw.pipeline.prune", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    out = command_help("sparse_adamw.pipeline.prune")
     for flag in ("--model", "--output_dir", "--sparsity", "--method", "--nsamples", "--prune_block", "--block_size",
                  "--dataset", "--dataset_path", "--eval", "--device", "--seed", "block-row"):
-        assert flag in result.stdout
+        assert flag in out
 
 
 def test_prune_cli_rejects_a_bad_block_shape(capsys):

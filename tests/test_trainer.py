@@ -1,6 +1,8 @@
 """SparseTrainer: optimizer groups and masks, sparsity kept and checked, Ctrl+C checkpoint and exact resume."""
+import collections
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -8,8 +10,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from finetune_helpers import ArithmeticTokens as _Tokens, LossLog, pruned_blocks_are_zero
 from sparse_adamw import SparseAdamW
-from sparse_adamw.masks import block_mask_from_zeros
-from sparse_adamw.masks import save_masks
+from sparse_adamw import masks as masks_module
+from sparse_adamw.masks import block_mask_from_zeros, save_masks
 from sparse_adamw.pipeline.prune import prune_magnitude
 from sparse_adamw.pipeline.trainer import (
     SigintCheckpointCallback,
@@ -103,6 +105,74 @@ def test_masks_file_is_used_and_checked_against_the_model(tiny_llama, tmp_path):
     name = next(iter(masks))
     with pytest.raises(ValueError, match="shape"):
         SparseTrainer(model=model, args=_args(tmp_path), train_dataset=_Tokens(), masks={name: masks[name][:1]})
+
+
+@pytest.fixture
+def zero_scans(monkeypatch):
+    """Counts the passes over each tensor's zeros, keyed by data_ptr: every call of block_mask_from_zeros, in
+    sparse_adamw.masks (leaked_blocks calls it there) and wherever a module of the package imported it."""
+    original = masks_module.block_mask_from_zeros
+    counts = collections.Counter()
+
+    def counting(weight, *args, **kwargs):
+        counts[weight.data_ptr()] += 1
+        return original(weight, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "sparse_adamw" and getattr(module, "block_mask_from_zeros", None) is original:
+            monkeypatch.setattr(module, "block_mask_from_zeros", counting)
+    return counts
+
+
+class _ScansAtFirstStep(TrainerCallback):
+    """A copy of the scan counts when the first optimizer step begins."""
+
+    def __init__(self, counts):
+        self.counts, self.at_first_step = counts, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.at_first_step is None:
+            self.at_first_step = dict(self.counts)
+
+
+def _scans_before_the_first_step(trainer, at_start, resume_from=None):
+    """{Linear weight name: how many times its zeros were read from the trainer's construction to the first step}."""
+    trainer.train(resume_from_checkpoint=resume_from)
+    return {f"{name}.weight": at_start.at_first_step.get(module.weight.data_ptr(), 0)
+            for name, module in trainer.model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("source", ["derived", "masks_file"])
+def test_a_fresh_start_reads_each_weight_once(tiny_llama, tmp_path, zero_scans, source):
+    """The masks are derived (or the file checked) once, when the trainer is made; the optimizer takes them as they
+    are and the start of training does not check them again."""
+    model, masks = _pruned(tiny_llama)
+    given = {"masks_file": save_masks(tmp_path / "block_masks.pt", masks)} if source == "masks_file" else {}
+    zero_scans.clear()
+    at_start = _ScansAtFirstStep(zero_scans)
+    trainer = SparseTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_Tokens(),
+                            callbacks=[at_start], **given)
+    scans = _scans_before_the_first_step(trainer, at_start)
+    assert set(masks) < set(scans)
+    # Derived: every Linear weight once (lm_head has no zero block, so no mask); given: the masked ones once.
+    assert scans == {name: 1 if name in masks or source == "derived" else 0 for name in scans}
+    assert trainer.masks.keys() == masks.keys()
+    assert all(torch.equal(trainer.masks[name], mask) for name, mask in masks.items())
+
+
+def test_a_resumed_start_reads_each_weight_at_most_twice(tiny_llama, tmp_path, zero_scans):
+    """Derived when the trainer is made, then checked once more against the checkpoint's weights and masks."""
+    first = SparseTrainer(model=_pruned(tiny_llama)[0], train_dataset=_Tokens(),
+                          args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2))
+    first.train()
+    model, masks = _pruned(tiny_llama)
+    zero_scans.clear()
+    at_start = _ScansAtFirstStep(zero_scans)
+    trainer = SparseTrainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_Tokens(),
+                            callbacks=[at_start])
+    scans = _scans_before_the_first_step(trainer, at_start, str(tmp_path / "checkpoint-2"))
+    assert trainer.state.global_step == 3
+    assert scans == {name: 2 if name in masks else 1 for name in scans}
 
 
 def test_a_nonzero_pruned_block_stops_a_save(tiny_llama, tmp_path):

@@ -1,22 +1,26 @@
-"""What the pipeline's commands share: defaults, the data and device flags, and the run's versions."""
+"""What the pipeline's commands share: defaults, the data and device flags, loading a model and its eval windows,
+timings, and the run's versions."""
 from __future__ import annotations
 
 import argparse
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
-from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
-from .models import DEFAULT_MODEL, pruned_model_dir
+from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET, load_eval_windows
+from .models import DEFAULT_MODEL, load_model, pruned_model_dir
 
 # Pruning: Wanda scores, 20% of the 16x16 blocks of every decoder Linear weight (the user's setting).
 METHODS = ("wanda", "magnitude")
 DEFAULT_METHOD = "wanda"
 DEFAULT_SPARSITY = 0.2
 DEFAULT_PRUNE_BLOCK = (16, 16)
-# On a CPU the defaults follow docs/design.md, "The offline default" (16 windows of 256 tokens, about 10 s for SmolLM2-135M); on a
-# GPU, 1024-token windows over the whole split.
+# On a CPU the defaults follow docs/design.md, "The offline default" (16 windows of 256 tokens, about 10 s for
+# SmolLM2-135M); on a GPU, 1024-token windows over the whole split.
 CPU_BLOCK_SIZE = 256
 CPU_MAX_EVAL_WINDOWS = 16
 
@@ -81,6 +85,56 @@ def resolve_eval_arguments(args: argparse.Namespace) -> None:
         args.max_eval_windows = None
     elif args.max_eval_windows < 0:
         raise SystemExit(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
+
+
+def parse_eval_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse `argv` with a parser that has add_eval_arguments' flags, and fill their device-dependent defaults."""
+    args = parser.parse_args(argv)
+    resolve_eval_arguments(args)
+    return args
+
+
+# What a wrong path, a missing package or a bad corpus raises while loading: the user's to fix, not a traceback.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, ImportError)
+
+
+@dataclass
+class Loaded:
+    """What load_for_eval loaded."""
+
+    model: Any
+    tokenizer: Any
+    windows: Optional[torch.Tensor] = None  # the eval windows, when asked for
+    evaluated: Optional[str] = None  # one line on what the windows are
+    extra: Any = None  # what load_for_eval's `more` returned
+
+
+def load_for_eval(parser: argparse.ArgumentParser, args: argparse.Namespace, timings: Dict[str, float], *,
+                  windows: bool = True, more: Optional[Callable[[Any], Any]] = None) -> Loaded:
+    """Load --model on --device (timings["load_s"]), the eval windows when `windows`, then `more(tokenizer)` (the
+    command's own data) into Loaded.extra. A LOAD_ERRORS error ends the command through parser.error (status 2).
+    Prints the model line."""
+    try:
+        with timed(timings, "load_s"):
+            model, tokenizer = load_model(args.model, args.device, args.dtype)
+        loaded = Loaded(model, tokenizer)
+        if windows:
+            loaded.windows, loaded.evaluated = load_eval_windows(
+                tokenizer, args.dataset, args.dataset_path, args.block_size, args.max_eval_windows)
+        if more is not None:
+            loaded.extra = more(tokenizer)
+    except LOAD_ERRORS as err:
+        parser.error(str(err))
+    print(f"model: {args.model} ({args.dtype} on {args.device}, loaded in {timings['load_s']:.1f} s)")
+    return loaded
+
+
+@contextmanager
+def timed(timings: Dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block took as timings[key] (when it ends without an exception)."""
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
 
 
 def versions() -> Dict[str, str]:

@@ -223,3 +223,17 @@ def eval_blocks(
     splits = load_text_splits(dataset, dataset_path)
     split = eval_split_name(splits, dataset)
     return tokenize_and_chunk(splits[split], tokenizer, block_size, max_windows), split
+
+
+def load_eval_windows(
+    tokenizer, dataset: Optional[str], dataset_path: Optional[str], block_size: int, max_windows: Optional[int]
+) -> Tuple[torch.Tensor, str]:
+    """The evaluation windows (the first `max_windows` when given) and a one-line description of them."""
+    name = dataset or (DEFAULT_DATASET if dataset_path is None else "local data")
+    blocks, split = eval_blocks(tokenizer, dataset or DEFAULT_DATASET, dataset_path, block_size)
+    total = blocks.shape[0]
+    blocks = blocks[:max_windows]
+    source = name if dataset_path is None else f"{name} at {dataset_path}"
+    n = blocks.shape[0]
+    what = f"{source}, {split} split: the first {n} of {total} windows x {block_size} tokens ({n * block_size} tokens)"
+    return blocks, what

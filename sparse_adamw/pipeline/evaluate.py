@@ -12,17 +12,16 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..sparsity import check_sparsity
-from .cli import add_eval_arguments, default_pruned_model, resolve_eval_arguments
-from .data import DEFAULT_DATASET, eval_blocks
-from .models import DEFAULT_MODEL, load_model
+from .cli import add_eval_arguments, default_pruned_model, load_for_eval, parse_eval_command, timed
+from .data import load_eval_windows  # noqa: F401  (its home before data.py; benchmarks import it from here)
+from .models import DEFAULT_MODEL
 
 # Wanda's zero-shot suite.
 ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "arc_easy", "openbookqa")
@@ -82,20 +81,6 @@ def eval_zero_shot(model, tokenizer, tasks: Sequence[str] = ZERO_SHOT_TASKS, bat
     return results["results"]
 
 
-def load_eval_windows(
-    tokenizer, dataset: Optional[str], dataset_path: Optional[str], block_size: int, max_windows: Optional[int]
-) -> Tuple[torch.Tensor, str]:
-    """The evaluation windows (the first `max_windows` when given) and a one-line description of them."""
-    name = dataset or (DEFAULT_DATASET if dataset_path is None else "local data")
-    blocks, split = eval_blocks(tokenizer, dataset or DEFAULT_DATASET, dataset_path, block_size)
-    total = blocks.shape[0]
-    blocks = blocks[:max_windows]
-    source = name if dataset_path is None else f"{name} at {dataset_path}"
-    n = blocks.shape[0]
-    what = f"{source}, {split} split: the first {n} of {total} windows x {block_size} tokens ({n * block_size} tokens)"
-    return blocks, what
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sparse_adamw.pipeline.evaluate",
@@ -121,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    resolve_eval_arguments(args)
+    args = parse_eval_command(parser, argv)
     if args.eval_zero_shot:
         try:
             require_lm_eval()
@@ -134,31 +118,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"no pruned model at {args.model}: run `python -m sparse_adamw.pipeline.prune` first, or pass "
             f"--model {DEFAULT_MODEL} for the dense packaged model, or --model DIR"
         )
-
-    start = time.perf_counter()
-    try:
-        model, tokenizer = load_model(args.model, args.device, args.dtype)
-        load_s = time.perf_counter() - start
-        blocks, what = load_eval_windows(
-            tokenizer, args.dataset, args.dataset_path, args.block_size, args.max_eval_windows
-        )
-    except (OSError, ValueError, RuntimeError, ImportError) as err:
-        parser.error(str(err))
-    print(f"model: {args.model} ({args.dtype} on {args.device}, loaded in {load_s:.1f} s)")
-    print(f"evaluating: {what}")
-    start = time.perf_counter()
-    ppl = perplexity(model, blocks, args.batch_size, args.device)
-    ppl_s = time.perf_counter() - start
-    print(f"perplexity: {ppl:.4f} ({ppl_s:.1f} s)")
-    sparsity = check_sparsity(model, verbose=True)
+    timings: Dict[str, float] = {}
+    loaded = load_for_eval(parser, args, timings)
+    print(f"evaluating: {loaded.evaluated}")
+    with timed(timings, "perplexity_s"):
+        ppl = perplexity(loaded.model, loaded.windows, args.batch_size, args.device)
+    print(f"perplexity: {ppl:.4f} ({timings['perplexity_s']:.1f} s)")
+    sparsity = check_sparsity(loaded.model, verbose=True)
     print(f"sparsity (exact zeros in the decoder layers' Linear weights): {sparsity:.6f}")
     results = {
-        "model": args.model, "evaluated": what, "perplexity": ppl, "perplexity_s": ppl_s,
+        "model": args.model, "evaluated": loaded.evaluated, "perplexity": ppl, "perplexity_s": timings["perplexity_s"],
         "sparsity": sparsity, "device": str(args.device), "dtype": args.dtype,
     }
     if args.eval_zero_shot:
         tasks = [t for t in args.tasks.split(",") if t]
-        results["zero_shot"] = eval_zero_shot(model, tokenizer, tasks, args.batch_size)
+        results["zero_shot"] = eval_zero_shot(loaded.model, loaded.tokenizer, tasks, args.batch_size)
         print(json.dumps(results["zero_shot"], indent=2, default=str))
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)

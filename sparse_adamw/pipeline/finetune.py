@@ -1,15 +1,15 @@
 """Full fine-tuning of a block-pruned causal LM with SparseAdamW; `python -m sparse_adamw.pipeline.finetune --help`.
 
 Every Linear weight's pruned 16x16 blocks stay exactly zero: SparseTrainer derives the block masks from the
-model (or reads the prune step's block_masks.pt), SparseAdamW never touches those blocks, and the masks are
-checked at the start, at every checkpoint and at the end.
+model once (or reads the prune step's block_masks.pt and checks it against the model), SparseAdamW never touches
+those blocks, and they are checked again after a resume, at every checkpoint and at the end.
 
-Defaults follow the user's guide: sequence length 1024, 30000 training sequences at most, 3 epochs, learning
-rate 5e-5, batch 1 per device, effective batch 8 (gradient accumulation 8 / number of processes), logs every 10
-steps (`Step 10: loss=2.5432`). On GPUs that support bf16: bf16 weights (SparseAdamW rounds them stochastically,
-so small updates are not lost) and bf16 autocast; fp32 on the CPU. With no --model, the model is the
-offline default: SmolLM2-135M pruned by `python -m sparse_adamw.pipeline.prune` (run first when its output is missing).
-On a CPU that default job is resized to finish in minutes (docs/design.md, "The offline default"): 40 steps of 4 sequences of 256
+Defaults follow the user's guide: sequence length 1024, 30000 training sequences at most, 3 epochs, learning rate
+5e-5, batch 1 per device, effective batch 8 (gradient accumulation 8 / number of processes), logs every 10 steps
+(`Step 10: loss=2.5432`). On GPUs that support bf16: bf16 weights (SparseAdamW rounds them stochastically, so small
+updates are not lost) and bf16 autocast; fp32 on the CPU. With no --model, the model is the offline default:
+SmolLM2-135M pruned by `python -m sparse_adamw.pipeline.prune` (run first when its output is missing). On a CPU that
+default job is resized to finish in minutes (docs/design.md, "The offline default"): 40 steps of 4 sequences of 256
 tokens at learning rate 1e-4, perplexity on 16 windows of 256 tokens.
 
 Under torchrun the ranks train with DDP; --fsdp shards the weights, gradients and SparseAdamW's state over the
@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
@@ -42,7 +42,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..backends import IMPLS
 from ..masks import MASKS_FILE, normalize_block_size, save_masks
 from ..sparsity import check_sparsity, pruned_fraction
-from .cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, default_pruned_model, versions
+from .cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, LOAD_ERRORS, default_pruned_model, timed, versions
 from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
 from .models import model_slug
 
@@ -227,59 +227,14 @@ class Plan:
 def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, cuda_available: bool,
                       bf16_supported: bool, world_size: int) -> Plan:
     """Fill every None default in place (see the module docstring); raise ValueError on inconsistent flags."""
-    if args.num_processes is not None and args.num_processes != world_size:
-        if world_size != 1:
-            raise ValueError(f"--num_processes {args.num_processes} but this run has WORLD_SIZE={world_size}")
-        world_size = args.num_processes
-    if world_size < 1:
-        raise ValueError(f"the number of processes must be positive, got {world_size}")
+    world_size = _resolve_world_size(args, world_size)
     on_cpu = bool(training.get("use_cpu")) or not cuda_available
     cpu_default = on_cpu and args.model is None
-    if args.model is None:
-        args.model = str(default_pruned_model())
-    if args.block_size is None:
-        args.block_size = CPU_BLOCK_SIZE if cpu_default else DEFAULT_BLOCK_SIZE
-    if args.block_size < 2:
-        raise ValueError(f"--block_size must be at least 2 tokens, got {args.block_size}")
-    if args.max_train_samples < 0:
-        raise ValueError(f"--max_train_samples must be >= 0, got {args.max_train_samples}")
-    if args.max_eval_windows is None:
-        args.max_eval_windows = CPU_MAX_EVAL_WINDOWS if on_cpu else 0
-    if args.max_eval_windows < 0:
-        raise ValueError(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
-    if training["learning_rate"] is None:
-        training["learning_rate"] = CPU_LEARNING_RATE if cpu_default else DEFAULT_LEARNING_RATE
-    if training["max_steps"] is None:
-        training["max_steps"] = CPU_MAX_STEPS if cpu_default else -1
-    if training["save_steps"] is None:
-        training["save_steps"] = CPU_SAVE_STEPS if cpu_default else DEFAULT_SAVE_STEPS
-    if training["gradient_accumulation_steps"] is None:
-        training["gradient_accumulation_steps"] = gradient_accumulation_for(
-            world_size, training["per_device_train_batch_size"],
-            CPU_EFFECTIVE_BATCH_SIZE if cpu_default else EFFECTIVE_BATCH_SIZE)
-    if training["gradient_accumulation_steps"] < 1:
-        raise ValueError(f"--gradient_accumulation_steps must be positive, got {training['gradient_accumulation_steps']}")
-    if training["bf16"] is None:
-        training["bf16"] = not on_cpu and bf16_supported
-    if training["bf16"] and on_cpu:
-        raise ValueError("--bf16 is for GPUs; this run is on the CPU (fp32)")
-    if args.dtype is None:
-        args.dtype = "bfloat16" if not on_cpu and bf16_supported else "float32"
+    _resolve_data(args, on_cpu, cpu_default)
+    _resolve_schedule(training, world_size, cpu_default)
+    _resolve_precision(args, training, on_cpu, bf16_supported)
     if training.get("fsdp"):
-        if on_cpu:
-            raise ValueError("--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on the CPU it would "
-                             "quietly train with DDP instead)")
-        if world_size < 2:
-            raise ValueError("--fsdp shards over several processes: launch it with torchrun "
-                             "(run_dense_finetune.sh --num_gpus 2 or more)")
-        config = training.get("fsdp_config") or {}
-        if isinstance(config, dict):
-            version = int(config.get("version", config.get("fsdp_version", 2)))
-            if version != 2:
-                raise ValueError(f"--fsdp_config asks for FSDP{version}: SparseAdamW needs FSDP2 (version 2), which "
-                                 "keeps each parameter's rows together")
-            training["fsdp_config"] = {**config, "version": 2}
-        training["fsdp"] = True
+        _resolve_fsdp(training, on_cpu, world_size)
     if on_cpu:
         # use_cpu also makes accelerate set up DDP over gloo under torchrun; without it, it would not.
         training["use_cpu"] = True
@@ -293,6 +248,77 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     if not args.overwrite_output_dir and output_dir.is_dir():
         resume_from = last_checkpoint(output_dir)
     return Plan(args, training, world_size, on_cpu, cpu_default, Path(args.model).exists(), resume_from)
+
+
+def _resolve_world_size(args: FinetuneArguments, world_size: int) -> int:
+    if args.num_processes is not None and args.num_processes != world_size:
+        if world_size != 1:
+            raise ValueError(f"--num_processes {args.num_processes} but this run has WORLD_SIZE={world_size}")
+        world_size = args.num_processes
+    if world_size < 1:
+        raise ValueError(f"the number of processes must be positive, got {world_size}")
+    return world_size
+
+
+def _resolve_data(args: FinetuneArguments, on_cpu: bool, cpu_default: bool) -> None:
+    """The model, the sequence length and how much data to train and evaluate on."""
+    if args.model is None:
+        args.model = str(default_pruned_model())
+    if args.block_size is None:
+        args.block_size = CPU_BLOCK_SIZE if cpu_default else DEFAULT_BLOCK_SIZE
+    if args.block_size < 2:
+        raise ValueError(f"--block_size must be at least 2 tokens, got {args.block_size}")
+    if args.max_train_samples < 0:
+        raise ValueError(f"--max_train_samples must be >= 0, got {args.max_train_samples}")
+    if args.max_eval_windows is None:
+        args.max_eval_windows = CPU_MAX_EVAL_WINDOWS if on_cpu else 0
+    if args.max_eval_windows < 0:
+        raise ValueError(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
+
+
+def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default: bool) -> None:
+    """Learning rate, steps, checkpoints and the gradient accumulation that keeps the effective batch."""
+    if training["learning_rate"] is None:
+        training["learning_rate"] = CPU_LEARNING_RATE if cpu_default else DEFAULT_LEARNING_RATE
+    if training["max_steps"] is None:
+        training["max_steps"] = CPU_MAX_STEPS if cpu_default else -1
+    if training["save_steps"] is None:
+        training["save_steps"] = CPU_SAVE_STEPS if cpu_default else DEFAULT_SAVE_STEPS
+    if training["gradient_accumulation_steps"] is None:
+        training["gradient_accumulation_steps"] = gradient_accumulation_for(
+            world_size, training["per_device_train_batch_size"],
+            CPU_EFFECTIVE_BATCH_SIZE if cpu_default else EFFECTIVE_BATCH_SIZE)
+    if training["gradient_accumulation_steps"] < 1:
+        raise ValueError("--gradient_accumulation_steps must be positive, got "
+                         f"{training['gradient_accumulation_steps']}")
+
+
+def _resolve_precision(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool,
+                       bf16_supported: bool) -> None:
+    """bf16 autocast and the weights' dtype: bf16 where the GPU supports it, fp32 on the CPU."""
+    if training["bf16"] is None:
+        training["bf16"] = not on_cpu and bf16_supported
+    if training["bf16"] and on_cpu:
+        raise ValueError("--bf16 is for GPUs; this run is on the CPU (fp32)")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if not on_cpu and bf16_supported else "float32"
+
+
+def _resolve_fsdp(training: Dict[str, object], on_cpu: bool, world_size: int) -> None:
+    if on_cpu:
+        raise ValueError("--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on the CPU it would "
+                         "quietly train with DDP instead)")
+    if world_size < 2:
+        raise ValueError("--fsdp shards over several processes: launch it with torchrun "
+                         "(run_dense_finetune.sh --num_gpus 2 or more)")
+    config = training.get("fsdp_config") or {}
+    if isinstance(config, dict):
+        version = int(config.get("version", config.get("fsdp_version", 2)))
+        if version != 2:
+            raise ValueError(f"--fsdp_config asks for FSDP{version}: SparseAdamW needs FSDP2 (version 2), which "
+                             "keeps each parameter's rows together")
+        training["fsdp_config"] = {**config, "version": 2}
+    training["fsdp"] = True
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> Plan:
@@ -356,15 +382,10 @@ def _ensure_pruned_model(plan: Plan, training_args) -> None:
 
     with training_args.main_process_first(desc="prune"):
         if training_args.process_index == 0 and not Path(plan.args.model).exists():
-            print(f"No pruned model at {plan.args.model}: running `python -m sparse_adamw.pipeline.prune` first", flush=True)
+            print(f"No pruned model at {plan.args.model}: running `python -m sparse_adamw.pipeline.prune` first",
+                  flush=True)
             argv = ["--output_dir", plan.args.model] + (["--device", "cpu"] if plan.on_cpu else [])
             prune.main(argv)
-
-
-def _masks_by_name(trainer) -> Dict[str, torch.Tensor]:
-    optimizer = trainer.sparse_optimizer
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    return {names[id(p)]: s["block_mask"].cpu() for p, s in optimizer.state.items() if "block_mask" in s}
 
 
 def _barrier(training_args) -> None:
@@ -377,172 +398,271 @@ def _table(rows: List[Tuple[str, str, str]]) -> str:
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows)
 
 
-def run(plan: Plan) -> int:
-    from transformers import PrinterCallback, default_data_collator, set_seed
+@dataclass
+class _Job:
+    """What the steps of run() hand on to each other."""
+
+    plan: Plan
+    training_args: FinetuneTrainingArguments
+    timings: Dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    prune_block: Optional[Tuple[int, int]] = None  # --prune_block, checked by _load
+    model: Any = None  # before training; the Trainer may wrap or shard it
+    tokenizer: Any = None
+    train: Optional[torch.Tensor] = None
+    windows: Optional[torch.Tensor] = None  # on the main process, unless --skip_eval
+    evaluated: Optional[str] = None
+    trainer: Any = None
+    result: Any = None  # the Trainer's TrainOutput
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # after training: the optimizer's
+    # "before" and "after" training, as the report keeps them
+    perplexity: Dict[str, Optional[float]] = field(default_factory=lambda: {"before": None, "after": None})
+    sparsity: Dict[str, float] = field(default_factory=dict)
+    pruned_blocks: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def args(self) -> FinetuneArguments:
+        return self.plan.args
+
+    @property
+    def main(self) -> bool:
+        return self.training_args.process_index == 0
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training_args.output_dir)
+
+    def say(self, *args, **kwargs) -> None:
+        """print, on the main process only."""
+        if self.main:
+            print(*args, **kwargs)
+
+
+def _start(plan: Plan) -> Optional[_Job]:
+    """Training arguments, seed, the offline default's pruned model, and no old checkpoints with
+    --overwrite_output_dir. None when torchrun's processes did not come up as one distributed run."""
+    from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
-    from .data import train_blocks
-    from .evaluate import load_eval_windows, perplexity
-    from .models import load_model
-    from .trainer import SparseTrainer, SparsityViolation, StepLogCallback
-
-    args = plan.args
     training_args = FinetuneTrainingArguments(**plan.training)
     if plan.world_size > 1 and training_args.parallel_mode.value != "distributed":
         print(f"error: WORLD_SIZE={plan.world_size} but the Trainer did not set up distributed training "
               f"(parallel mode {training_args.parallel_mode.value})", file=sys.stderr)
-        return 2
-    main = training_args.process_index == 0
-    say = print if main else (lambda *a, **k: None)
+        return None
     set_seed(training_args.seed)
     if training_args.disable_tqdm:
         hf_logging.disable_progress_bar()  # the "Loading weights" / "Writing model shards" bars
-    output_dir = Path(training_args.output_dir)
-    timings: Dict[str, float] = {}
-    start_all = time.perf_counter()
-
+    job = _Job(plan, training_args)
     if plan.cpu_default:
-        say(f"On the CPU with no --model: the CPU-sized offline default, {training_args.max_steps} steps of "
-            f"{plan.effective_batch_size} x {args.block_size} tokens at learning rate "
-            f"{format_lr(training_args.learning_rate)}")
-    if args.model == str(default_pruned_model()):
-        start = time.perf_counter()
-        _ensure_pruned_model(plan, training_args)
-        timings["prune_s"] = time.perf_counter() - start
-    if args.overwrite_output_dir and main and output_dir.is_dir():
+        job.say(f"On the CPU with no --model: the CPU-sized offline default, {training_args.max_steps} steps of "
+                f"{plan.effective_batch_size} x {job.args.block_size} tokens at learning rate "
+                f"{format_lr(training_args.learning_rate)}")
+    if job.args.model == str(default_pruned_model()):
+        with timed(job.timings, "prune_s"):
+            _ensure_pruned_model(plan, training_args)
+    if job.args.overwrite_output_dir and job.main and job.output_dir.is_dir():
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        for old in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        for old in job.output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
             shutil.rmtree(old)
     _barrier(training_args)
+    return job
 
-    start = time.perf_counter()
-    try:
-        prune_block = normalize_block_size(args.prune_block)
-        model, tokenizer = load_model(args.model, "cpu", args.dtype)
-        timings["load_s"] = time.perf_counter() - start
-        train = train_blocks(tokenizer, args.dataset or DEFAULT_DATASET, args.dataset_path, args.block_size,
+
+def _load(job: _Job) -> None:
+    """The model (on the CPU: the Trainer places it), the train sequences and, on the main process, the eval
+    windows."""
+    from .data import load_eval_windows, train_blocks
+    from .models import load_model
+
+    args = job.args
+    job.prune_block = normalize_block_size(args.prune_block)  # a typo fails before the slow loads
+    with timed(job.timings, "load_s"):
+        job.model, job.tokenizer = load_model(args.model, "cpu", args.dtype)
+    job.train = train_blocks(job.tokenizer, args.dataset or DEFAULT_DATASET, args.dataset_path, args.block_size,
                              args.max_train_samples or None)
-        windows, evaluated = None, None
-        if main and not args.skip_eval:
-            windows, evaluated = load_eval_windows(tokenizer, args.dataset, args.dataset_path, args.block_size,
-                                                   args.max_eval_windows or None)
-    except (OSError, ValueError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    model.config.use_cache = False
-    model.train()
+    if job.main and not args.skip_eval:
+        job.windows, job.evaluated = load_eval_windows(job.tokenizer, args.dataset, args.dataset_path,
+                                                       args.block_size, args.max_eval_windows or None)
+    job.model.config.use_cache = False
+    job.model.train()
 
-    try:
-        trainer = SparseTrainer(
-            model=model, args=training_args, train_dataset=TokenBlocks(train), data_collator=default_data_collator,
-            processing_class=tokenizer, masks_file=args.masks_file, block_size=prune_block,
-            optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
-        )
-    except (OSError, ValueError, SparsityViolation) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(StepLogCallback())
 
-    sparsity_before = check_sparsity(model, verbose=False)
-    blocks_before = pruned_fraction(model, trainer.block_masks(), trainer.block_size)
+def _make_trainer(job: _Job) -> None:
+    """SparseTrainer, which derives the block masks (or checks --masks_file) here, once."""
+    from transformers import PrinterCallback, default_data_collator
+
+    from .trainer import SparseTrainer, StepLogCallback
+
+    args = job.args
+    job.trainer = SparseTrainer(
+        model=job.model, args=job.training_args, train_dataset=TokenBlocks(job.train),
+        data_collator=default_data_collator, processing_class=job.tokenizer, masks_file=args.masks_file,
+        block_size=job.prune_block, optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
+    )
+    job.trainer.remove_callback(PrinterCallback)
+    job.trainer.add_callback(StepLogCallback())
+
+
+def _announce(job: _Job) -> None:
+    """The sparsity before training (exact zeros; pruned blocks from the trainer's masks) and the run's setup."""
+    args, t, model = job.args, job.training_args, job.model
+    job.sparsity["before"] = check_sparsity(model, verbose=False)
+    job.pruned_blocks["before"] = pruned_fraction(model, job.trainer.masks, job.trainer.block_size)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say("*** Starting sparse full fine-tuning ***")
-    say(f"Initial model sparsity: {sparsity_before:.4f}")
-    say(f"Trainable params: {n_trainable:,} || All params: {n_params:,} || "
-        f"Trainable%: {100.0 * n_trainable / n_params:.2f}")
-    say(f"Model: {args.model} | data: {describe_dataset(args.dataset, args.dataset_path)}, {len(train):,} "
-        f"sequences x {args.block_size} tokens | effective batch {plan.effective_batch_size} "
-        f"({training_args.per_device_train_batch_size} x {plan.world_size} process(es) x "
-        f"{training_args.gradient_accumulation_steps}) | {args.dtype} weights"
-        f"{', bf16 autocast' if training_args.bf16 else ''} on {training_args.device}")
-    if sparsity_before == 0.0 and args.masks_file is None:
-        say("warning: the model has no zero blocks: SparseAdamW acts as plain AdamW")
+    job.say("*** Starting sparse full fine-tuning ***")
+    job.say(f"Initial model sparsity: {job.sparsity['before']:.4f}")
+    job.say(f"Trainable params: {n_trainable:,} || All params: {n_params:,} || "
+            f"Trainable%: {100.0 * n_trainable / n_params:.2f}")
+    job.say(f"Model: {args.model} | data: {describe_dataset(args.dataset, args.dataset_path)}, {len(job.train):,} "
+            f"sequences x {args.block_size} tokens | effective batch {job.plan.effective_batch_size} "
+            f"({t.per_device_train_batch_size} x {job.plan.world_size} process(es) x "
+            f"{t.gradient_accumulation_steps}) | {args.dtype} weights"
+            f"{', bf16 autocast' if t.bf16 else ''} on {t.device}")
+    if job.sparsity["before"] == 0.0 and args.masks_file is None:
+        job.say("warning: the model has no zero blocks: SparseAdamW acts as plain AdamW")
 
-    ppl_before = None
-    if windows is not None:
-        if trainer.fsdp_version:
-            model.to(training_args.device)  # the Trainer leaves placement to FSDP, which shards it later
-        say(f"Perplexity of the pruned model on {evaluated}...", flush=True)
-        start = time.perf_counter()
-        ppl_before = perplexity(model, windows, training_args.per_device_eval_batch_size, training_args.device,
-                                progress=False)
-        timings["eval_before_s"] = time.perf_counter() - start
-        say(f"Perplexity before fine-tuning: {ppl_before:.4f} ({timings['eval_before_s']:.1f} s)")
-    if plan.resume_from:
-        say(f"Resuming from {plan.resume_from}")
-    say("", flush=True)
 
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=plan.resume_from)
-    timings["train_s"] = time.perf_counter() - start
+def _perplexity(job: _Job, model, when: str) -> None:
+    """Perplexity `when` ("before" or "after") training, timed as eval_<when>_s."""
+    from .evaluate import perplexity
+
+    t = job.training_args
+    with timed(job.timings, f"eval_{when}_s"):
+        job.perplexity[when] = perplexity(model, job.windows, t.per_device_eval_batch_size, t.device,
+                                          progress=False)
+
+
+def _evaluate_before(job: _Job) -> None:
+    if job.trainer.fsdp_version:
+        job.model.to(job.training_args.device)  # the Trainer leaves placement to FSDP, which shards it later
+    job.say(f"Perplexity of the pruned model on {job.evaluated}...", flush=True)
+    _perplexity(job, job.model, "before")
+    job.say(f"Perplexity before fine-tuning: {job.perplexity['before']:.4f} ({job.timings['eval_before_s']:.1f} s)")
+
+
+def _train(job: _Job) -> bool:
+    """Train (resuming from the last checkpoint); False when Ctrl+C stopped it (after a checkpoint)."""
+    trainer, resume_from = job.trainer, job.plan.resume_from
+    if resume_from:
+        job.say(f"Resuming from {resume_from}")
+    job.say("", flush=True)
+    with timed(job.timings, "train_s"):
+        job.result = trainer.train(resume_from_checkpoint=resume_from)
     if trainer.interrupted:
-        say(f"\nInterrupted at step {trainer.state.global_step}: checkpoint saved in "
-            f"{output_dir / f'checkpoint-{trainer.state.global_step}'}. Rerun the same command to resume.")
-        return EXIT_INTERRUPTED
-    say(f"Masks checked: {len(_masks_by_name(trainer))} weights still have exactly zero pruned blocks")
+        step = trainer.state.global_step
+        job.say(f"\nInterrupted at step {step}: checkpoint saved in {job.output_dir / f'checkpoint-{step}'}. "
+                "Rerun the same command to resume.")
+        return False
+    job.masks = trainer.optimizer_masks()  # after a resume, the checkpoint's
+    job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
+    return True
 
-    start = time.perf_counter()
-    trainer.save_model(str(output_dir))
-    trainer.save_state()
-    if main:
-        save_masks(output_dir / MASKS_FILE, _masks_by_name(trainer), trainer.block_size)
-    timings["save_s"] = time.perf_counter() - start
-    if not main:
-        return 0
 
-    final_model = trainer.model
+def _save(job: _Job) -> None:
+    with timed(job.timings, "save_s"):
+        job.trainer.save_model(str(job.output_dir))
+        job.trainer.save_state()
+        if job.main:
+            save_masks(job.output_dir / MASKS_FILE, job.masks, job.trainer.block_size)
+
+
+def _evaluate_after(job: _Job) -> None:
+    """Sparsity and perplexity of the trained model (main process)."""
+    from .models import load_model
+
+    trainer = job.trainer
+    model = trainer.model
     if trainer.fsdp_version:
         # The trained model is sharded over the ranks: evaluate the whole model that save_model wrote.
-        final_model, _ = load_model(str(output_dir), training_args.device, args.dtype)
-    sparsity_after = check_sparsity(final_model, verbose=False)
-    blocks_after = pruned_fraction(final_model, _masks_by_name(trainer), trainer.block_size)
-    ppl_after = None
-    if windows is not None:
-        start = time.perf_counter()
-        ppl_after = perplexity(final_model, windows, training_args.per_device_eval_batch_size,
-                               training_args.device, progress=False)
-        timings["eval_after_s"] = time.perf_counter() - start
-    timings["total_s"] = time.perf_counter() - start_all
+        model, _ = load_model(str(job.output_dir), job.training_args.device, job.args.dtype)
+    job.sparsity["after"] = check_sparsity(model, verbose=False)
+    job.pruned_blocks["after"] = pruned_fraction(model, job.masks, trainer.block_size)
+    if job.windows is not None:
+        _perplexity(job, model, "after")
+    job.timings["total_s"] = time.perf_counter() - job.started
 
+
+def _throughput(job: _Job) -> Tuple[float, Optional[float]]:
+    """(training seconds, tokens per second) of this run's own steps (not those before a resume)."""
     first_step = 0
-    if plan.resume_from:
-        first_step = json.loads((Path(plan.resume_from) / "trainer_state.json").read_text())["global_step"]
-    train_runtime = result.metrics.get("train_runtime", timings["train_s"])
-    tokens = (trainer.state.global_step - first_step) * plan.effective_batch_size * args.block_size
-    tokens_per_s = tokens / train_runtime if tokens and train_runtime > 0 else None
+    if job.plan.resume_from:
+        first_step = json.loads((Path(job.plan.resume_from) / "trainer_state.json").read_text())["global_step"]
+    runtime = job.result.metrics.get("train_runtime", job.timings["train_s"])
+    tokens = (job.trainer.state.global_step - first_step) * job.plan.effective_batch_size * job.args.block_size
+    return runtime, (tokens / runtime if tokens and runtime > 0 else None)
+
+
+def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
-    bh, bw = trainer.block_size
+    (bh, bw), ppl, zeros, blocks = job.trainer.block_size, job.perplexity, job.sparsity, job.pruned_blocks
     print("\n" + "=" * 42)
-    print("Results" + (f" ({evaluated})" if evaluated else " (perplexity skipped)"))
+    print("Results" + (f" ({job.evaluated})" if job.evaluated else " (perplexity skipped)"))
     print(_table([("", "pruned (before)", "fine-tuned (after)"),
-                  ("Perplexity", fmt(ppl_before), fmt(ppl_after)),
-                  ("Sparsity (exact zeros)", f"{sparsity_before:.4f}", f"{sparsity_after:.4f}"),
-                  (f"Pruned {bh}x{bw} blocks", f"{blocks_before:.4f}", f"{blocks_after:.4f}")]))
-    if sparsity_after < sparsity_before:
-        print(f"(every pruned block is still exactly zero; the {sparsity_before - sparsity_after:.6f} fewer exact "
+                  ("Perplexity", fmt(ppl["before"]), fmt(ppl["after"])),
+                  ("Sparsity (exact zeros)", f"{zeros['before']:.4f}", f"{zeros['after']:.4f}"),
+                  (f"Pruned {bh}x{bw} blocks", f"{blocks['before']:.4f}", f"{blocks['after']:.4f}")]))
+    if zeros["after"] < zeros["before"]:
+        print(f"(every pruned block is still exactly zero; the {zeros['before'] - zeros['after']:.6f} fewer exact "
               "zeros were live weights that happened to be zero before and have trained)")
-    print(f"Training: {trainer.state.global_step} steps, {train_runtime:.1f} s"
-          + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else "") + f"; total {timings['total_s']:.1f} s")
-    print(f"Saved to {output_dir}")
+    print(f"Training: {job.trainer.state.global_step} steps, {runtime:.1f} s"
+          + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else "") + f"; total {job.timings['total_s']:.1f} s")
+    print(f"Saved to {job.output_dir}")
     print("=" * 42)
+
+
+def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
+    args, t, plan = job.args, job.training_args, job.plan
     report = {
-        "model": args.model, "output_dir": str(output_dir), "dataset": describe_dataset(args.dataset, args.dataset_path),
-        "evaluated": evaluated, "perplexity": {"before": ppl_before, "after": ppl_after},
-        "sparsity": {"before": sparsity_before, "after": sparsity_after},
-        "pruned_block_fraction": {"before": blocks_before, "after": blocks_after},
-        "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "model": args.model, "output_dir": str(job.output_dir),
+        "dataset": describe_dataset(args.dataset, args.dataset_path),
+        "evaluated": job.evaluated, "perplexity": job.perplexity,
+        "sparsity": job.sparsity,
+        "pruned_block_fraction": job.pruned_blocks,
+        "steps": job.trainer.state.global_step, "train_loss": job.result.training_loss,
         "effective_batch_size": plan.effective_batch_size, "block_size": args.block_size,
-        "learning_rate": training_args.learning_rate, "world_size": plan.world_size,
-        "device": str(training_args.device), "dtype": args.dtype, "bf16_autocast": bool(training_args.bf16),
-        "fsdp": bool(trainer.fsdp_version),
-        "resumed_from": plan.resume_from, "timings_s": timings,
+        "learning_rate": t.learning_rate, "world_size": plan.world_size,
+        "device": str(t.device), "dtype": args.dtype, "bf16_autocast": bool(t.bf16),
+        "fsdp": bool(job.trainer.fsdp_version),
+        "resumed_from": plan.resume_from, "timings_s": job.timings,
         "tokens_per_s": tokens_per_s,
         "versions": versions(),
     }
-    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (job.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _error(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def run(plan: Plan) -> int:
+    from .trainer import SparsityViolation
+
+    job = _start(plan)
+    if job is None:
+        return 2
+    try:
+        _load(job)
+    except LOAD_ERRORS as err:
+        return _error(err)
+    try:
+        _make_trainer(job)
+    except (OSError, ValueError, SparsityViolation) as err:
+        return _error(err)
+    _announce(job)
+    if job.windows is not None:
+        _evaluate_before(job)
+    if not _train(job):
+        return EXIT_INTERRUPTED
+    _save(job)
+    if not job.main:
+        return 0
+    _evaluate_after(job)
+    runtime, tokens_per_s = _throughput(job)
+    _print_results(job, runtime, tokens_per_s)
+    _write_report(job, tokens_per_s)
     return 0
 
 

@@ -30,19 +30,19 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..masks import MASKS_FILE, apply_block_mask_, block_grid, check_sparsity_fraction, normalize_block_size, save_masks
+from ..masks import (MASKS_FILE, apply_block_mask_, block_grid, check_sparsity_fraction, normalize_block_size,
+                     save_masks)
 from ..sparsity import check_sparsity, decoder_layers, find_linears, sparsity_report
-from .cli import (DEFAULT_METHOD, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, METHODS, add_eval_arguments,
-                  resolve_eval_arguments, versions)
+from .cli import (DEFAULT_METHOD, DEFAULT_PRUNE_BLOCK, DEFAULT_SPARSITY, METHODS, Loaded, add_eval_arguments, is_cpu,
+                  load_for_eval, parse_eval_command, timed, versions)
 from .data import DEFAULT_DATASET, train_blocks
-from .evaluate import load_eval_windows, perplexity
-from .models import DEFAULT_MODEL, load_model, pruned_model_dir, save_model
+from .evaluate import perplexity
+from .models import DEFAULT_MODEL, pruned_model_dir, save_model
 
 DEFAULT_NSAMPLES = 128
 # Calibration on CPU: two layer passes per sample and layer, about 1 s per 256-token sample for SmolLM2-135M.
@@ -275,75 +275,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    resolve_eval_arguments(args)
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Tuple[int, int]:
+    """Check the pruning flags and fill --nsamples and --output_dir (a Path); returns the block shape."""
     try:
         prune_block = normalize_block_size(args.prune_block)
         check_sparsity_fraction(args.sparsity, "--sparsity")
     except ValueError as err:
         parser.error(str(err))
     if args.nsamples is None:
-        args.nsamples = CPU_NSAMPLES if torch.device(args.device).type == "cpu" else DEFAULT_NSAMPLES
+        args.nsamples = CPU_NSAMPLES if is_cpu(args.device) else DEFAULT_NSAMPLES
     if args.nsamples < 1:
         parser.error(f"--nsamples must be positive, got {args.nsamples}")
-    output_dir = Path(args.output_dir or pruned_model_dir(args.model, prune_block, args.sparsity, args.method))
+    args.output_dir = Path(args.output_dir or pruned_model_dir(args.model, prune_block, args.sparsity, args.method))
+    return prune_block
 
-    timings, ppl_report, calibration = {}, None, None
-    start = time.perf_counter()
-    try:
-        model, tokenizer = load_model(args.model, args.device, args.dtype)
-        timings["load_s"] = time.perf_counter() - start
-        if args.eval:
-            windows, what = load_eval_windows(
-                tokenizer, args.dataset, args.dataset_path, args.block_size, args.max_eval_windows
-            )
-        if args.method == "wanda":
-            start = time.perf_counter()
-            train = train_blocks(tokenizer, args.dataset or DEFAULT_DATASET, args.dataset_path, args.block_size)
-            calibration = calibration_blocks(train, args.nsamples, args.seed)
-            timings["calibration_data_s"] = time.perf_counter() - start
-    except (OSError, ValueError, RuntimeError, ImportError) as err:
-        parser.error(str(err))
-    print(f"model: {args.model} ({args.dtype} on {args.device}, loaded in {timings['load_s']:.1f} s)")
 
-    if args.eval:
-        print(f"evaluating: {what}")
-        start = time.perf_counter()
-        ppl_before = perplexity(model, windows, args.batch_size, args.device, desc="perplexity before")
-        timings["eval_before_s"] = time.perf_counter() - start
-        print(f"perplexity before pruning: {ppl_before:.4f} ({timings['eval_before_s']:.1f} s)")
+def _load_calibration(args: argparse.Namespace, tokenizer, timings: Dict[str, float]) -> Optional[torch.Tensor]:
+    """Wanda's calibration sequences, drawn from the train split; None for magnitude, which needs no data."""
+    if args.method != "wanda":
+        return None
+    with timed(timings, "calibration_data_s"):
+        train = train_blocks(tokenizer, args.dataset or DEFAULT_DATASET, args.dataset_path, args.block_size)
+        return calibration_blocks(train, args.nsamples, args.seed)
 
+
+def _timed_perplexity(args: argparse.Namespace, loaded: Loaded, timings: Dict[str, float], when: str) -> float:
+    """Perplexity `when` ("before" or "after") pruning, printed and timed as eval_<when>_s."""
+    key = f"eval_{when}_s"
+    with timed(timings, key):
+        ppl = perplexity(loaded.model, loaded.windows, args.batch_size, args.device, desc=f"perplexity {when}")
+    print(f"perplexity {when} pruning: {ppl:.4f} ({timings[key]:.1f} s)")
+    return ppl
+
+
+def _prune(args: argparse.Namespace, model, prune_block, calibration: Optional[torch.Tensor],
+           timings: Dict[str, float]) -> Tuple[Dict[str, torch.Tensor], List[str], float]:
+    """Prune `model` in place; returns (masks, rounding notes, overall sparsity)."""
     if calibration is not None:
         if calibration.shape[0] < args.nsamples:
             print(f"note: the train split has only {calibration.shape[0]} blocks of {args.block_size} tokens; "
                   f"calibrating on all of them instead of {args.nsamples}")
         print(f"calibration: {calibration.shape[0]} sequences x {args.block_size} tokens of the train split")
-
-    start = time.perf_counter()
-    masks = prune_model(model, args.method, args.sparsity, prune_block, calibration, args.batch_size)
-    timings["prune_s"] = time.perf_counter() - start
+    with timed(timings, "prune_s"):
+        masks = prune_model(model, args.method, args.sparsity, prune_block, calibration, args.batch_size)
     notes = rounding_notes(model, masks, args.sparsity)
     for note in notes:
         print(f"note: {note}")
     overall = check_sparsity(model, verbose=False)
     print(f"pruned with {args.method} in {timings['prune_s']:.1f} s; sparsity {overall:.6f} (target {args.sparsity:g})")
+    return masks, notes, overall
 
-    if args.eval:
-        start = time.perf_counter()
-        ppl_after = perplexity(model, windows, args.batch_size, args.device, desc="perplexity after")
-        timings["eval_after_s"] = time.perf_counter() - start
-        print(f"perplexity after pruning: {ppl_after:.4f} ({timings['eval_after_s']:.1f} s)")
-        ppl_report = {"evaluated": what, "before": ppl_before, "after": ppl_after}
 
-    start = time.perf_counter()
-    save_model(model, tokenizer, output_dir)
-    save_masks(output_dir / MASKS_FILE, masks, prune_block)
-    timings["save_s"] = time.perf_counter() - start
-    report = {
+def _report(args: argparse.Namespace, prune_block, model, overall: float, notes: List[str],
+            calibration: Optional[torch.Tensor], ppl_report: Optional[dict], timings: Dict[str, float]) -> dict:
+    return {
         "model": args.model,
-        "output_dir": str(output_dir),
+        "output_dir": str(args.output_dir),
         "method": args.method,
         "target_sparsity": args.sparsity,
         "prune_block": list(prune_block),
@@ -362,8 +349,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "dtype": args.dtype,
         "versions": versions(),
     }
-    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"saved the pruned model, {MASKS_FILE} and {REPORT_FILE} to {output_dir}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parse_eval_command(parser, argv)
+    prune_block = _check_arguments(parser, args)
+    timings: Dict[str, float] = {}
+    loaded = load_for_eval(parser, args, timings, windows=args.eval,
+                           more=lambda tokenizer: _load_calibration(args, tokenizer, timings))
+    ppl_report = None
+    if args.eval:
+        print(f"evaluating: {loaded.evaluated}")
+        ppl_report = {"evaluated": loaded.evaluated, "before": _timed_perplexity(args, loaded, timings, "before")}
+    masks, notes, overall = _prune(args, loaded.model, prune_block, loaded.extra, timings)
+    if args.eval:
+        ppl_report["after"] = _timed_perplexity(args, loaded, timings, "after")
+    with timed(timings, "save_s"):
+        save_model(loaded.model, loaded.tokenizer, args.output_dir)
+        save_masks(args.output_dir / MASKS_FILE, masks, prune_block)
+    report = _report(args, prune_block, loaded.model, overall, notes, loaded.extra, ppl_report, timings)
+    (args.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"saved the pruned model, {MASKS_FILE} and {REPORT_FILE} to {args.output_dir}")
     return 0
 
 

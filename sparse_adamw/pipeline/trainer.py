@@ -1,10 +1,11 @@
 """Full fine-tuning of a block-pruned model with SparseAdamW inside a Hugging Face Trainer.
 
 `SparseTrainer` is a `transformers.Trainer` that
-- creates SparseAdamW with the Trainer's usual param groups (no weight decay on biases and norms) and block masks
-  derived from the pruned model when training starts (or loaded from the prune step's `block_masks.pt`);
-- checks that every pruned block is still exactly zero when training starts (after a resume too), at every save
-  and at the end, and raises `SparsityViolation` otherwise;
+- derives the block masks from the pruned model once, when it is made (or loads the prune step's
+  `block_masks.pt` and checks it against the model then), and keeps them in `trainer.masks` ({name: mask});
+- creates SparseAdamW with the Trainer's usual param groups (no weight decay on biases and norms) and those masks;
+- checks that every pruned block is still exactly zero when training resumes from a checkpoint, at every save and
+  at the end, and raises `SparsityViolation` otherwise;
 - turns the first Ctrl+C (SIGINT) into a checkpoint at the end of the current optimizer step and a clean stop
   (`trainer.interrupted` is then True); a second Ctrl+C aborts at once. Rerunning with
   `trainer.train(resume_from_checkpoint=...)` restores the optimizer state exactly: masks, m, v and step all
@@ -51,18 +52,19 @@ Gradients of pruned blocks are not masked (that would cost a pass over every gra
 clipping norm, which only rescales the whole step. SparseTrainer runs in one process, under DDP (torchrun), or
 under the Trainer's FSDP2 (torchrun on GPUs):
 
-    args = TrainingArguments(..., fsdp=True, fsdp_config={"version": 2})   # `python -m sparse_adamw.pipeline.finetune --fsdp`
+    # what `python -m sparse_adamw.pipeline.finetune --fsdp` sets
+    args = TrainingArguments(..., fsdp=True, fsdp_config={"version": 2})
 
 The Trainer builds the optimizer on the whole parameters, then accelerate shards the model (fully_shard) and swaps
-the optimizer's parameters for the DTensor row shards. SparseTrainer therefore sets the masks after that swap:
-the given ones, or derived from each whole weight gathered in turn, so every rank has the same masks. The pruned
-blocks are checked on every rank's rows (one all-reduce). A checkpoint's optimizer.pt holds
-`SparseAdamW.full_state_dict()`, the format of a one-process run (resumable on any number of ranks, or in one
-process); with fsdp_config `state_dict_type: SHARDED_STATE_DICT` each rank writes its own
+the optimizer's parameters for the DTensor row shards. SparseTrainer therefore sets the masks after that swap, by
+name: the ones it derived or checked when it was made, from the whole weights before sharding, so every rank has the
+same masks and nothing is gathered. The pruned blocks are checked on every rank's rows (one all-reduce). A
+checkpoint's optimizer.pt holds `SparseAdamW.full_state_dict()`, the format of a one-process run (resumable on any
+number of ranks, or in one process); with fsdp_config `state_dict_type: SHARDED_STATE_DICT` each rank writes its own
 `optimizer-rank{r}-of-{n}.pt` instead (no gather; resumable on as many ranks). accelerate's own FSDP optimizer
 checkpointing (torch.distributed.checkpoint) assumes param-shaped states and is not used. FSDP1 and DeepSpeed ZeRO
-hand the optimizer flattened parameters, which destroy the block structure: refused with an error. accelerate
-runs FSDP on accelerators only; on the CPU it trains with DDP instead (SparseTrainer warns).
+hand the optimizer flattened parameters, which destroy the block structure: refused with an error. accelerate runs
+FSDP on accelerators only; on the CPU it trains with DDP instead (SparseTrainer warns).
 """
 from __future__ import annotations
 
@@ -79,8 +81,8 @@ from typing import Dict, Optional, Union
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..masks import BlockSize, block_grid, block_mask_from_zeros, load_masks, normalize_block_size
-from ..dtensor import full_tensor, is_dtensor, local_tensor, row_offset
+from ..dtensor import full_tensor, is_dtensor
+from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
 from ..optimizer import SparseAdamW
 
 logger = logging.getLogger("sparse_adamw")
@@ -125,20 +127,6 @@ def linear_block_masks(model: torch.nn.Module, block_size: BlockSize = 16) -> Di
     return masks
 
 
-def _nonzero_blocks(p: torch.Tensor, block) -> torch.Tensor:
-    """The whole parameter's grid of blocks holding a nonzero; for an FSDP2 (DTensor) parameter, as far as this
-    rank's rows show (the other ranks' rows read as zero)."""
-    if not is_dtensor(p):
-        return block_mask_from_zeros(p, block)
-    local, offset = local_tensor(p).detach(), row_offset(p, "")
-    first = offset // block[0]
-    grid = torch.zeros(block_grid(p.shape, block), dtype=torch.bool, device=local.device)
-    if local.shape[0]:
-        part = block_mask_from_zeros(torch.nn.functional.pad(local, (0, 0, offset - first * block[0], 0)), block)
-        grid[first:first + part.shape[0]] = part
-    return grid
-
-
 @torch.no_grad()
 def verify_block_sparsity(optimizer: SparseAdamW, names: Optional[Dict[int, str]] = None, when: str = "") -> int:
     """Raise SparsityViolation if any block that `optimizer`'s masks mark pruned holds a nonzero.
@@ -154,8 +142,7 @@ def verify_block_sparsity(optimizer: SparseAdamW, names: Optional[Dict[int, str]
             if mask is None:
                 continue
             checked += 1
-            nonzero = _nonzero_blocks(p, group["block_size"])
-            leaks.append((p, mask, nonzero & ~mask.to(nonzero.device)))
+            leaks.append((p, mask, leaked_blocks(p, mask, group["block_size"])))  # this rank's rows
     sharded = [p for p, _, _ in leaks if is_dtensor(p)]
     if sharded and torch.distributed.is_initialized():
         flat = torch.cat([leak.reshape(-1) for _, _, leak in leaks]).to(torch.uint8)
@@ -278,14 +265,19 @@ def _duration(seconds: float) -> str:
 
 
 class _SparsityGuard(TrainerCallback):
-    """Checks the masks once the optimizer (and, on resume, its saved state) is in place."""
+    """Binds the masks under FSDP2 once the optimizer is in place. Checks them only where the weights or the masks
+    were not the ones the trainer was made with: after a resume (both come from the checkpoint's files) or a
+    model_init. On a fresh start the masks were derived from these very weights, or checked against them."""
 
     def __init__(self, trainer: "SparseTrainer"):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._bind_fsdp_masks(required=True)
-        self.trainer.verify_sparsity("at the start of training")
+        trainer = self.trainer
+        trainer._bind_fsdp_masks(required=True)
+        if trainer._resumed or trainer.model_init is not None:
+            trainer.verify_sparsity("at the start of training")
+        trainer._resumed = False
 
 
 class SparseTrainer(Trainer):
@@ -293,9 +285,9 @@ class SparseTrainer(Trainer):
 
     Args (besides the Trainer's own):
         masks: {parameter name: bool block mask (True = live)}; default: `linear_block_masks(model)`, the
-            all-zero blocks of every nn.Linear weight when the optimizer is created.
-        masks_file: a `block_masks.pt` written by `python -m sparse_adamw.pipeline.prune` (or sparse_adamw.masks.save_masks); its
-            block shape wins over `block_size`. Mutually exclusive with `masks`.
+            all-zero blocks of every nn.Linear weight when the trainer is made.
+        masks_file: a `block_masks.pt` written by `python -m sparse_adamw.pipeline.prune` (or
+            sparse_adamw.masks.save_masks); its block shape wins over `block_size`. Mutually exclusive with `masks`.
         block_size: block shape of the masks, int or (bh, bw); default 16.
         optimizer_impl: SparseAdamW's `impl` ("auto", "torch", "triton").
         state_dtype: SparseAdamW's `state_dtype` (None = fp32, or torch.bfloat16).
@@ -304,7 +296,9 @@ class SparseTrainer(Trainer):
     The optimizer uses args.learning_rate, adam_beta1/2, adam_epsilon, weight_decay and seed (for the stochastic
     rounding of bf16 weights); `args.optim` is ignored. Given masks are checked against the model right away
     (ValueError for unknown names or shapes, SparsityViolation for nonzeros in blocks they mark pruned).
-    If `optimizers=(optimizer, scheduler)` is passed, the optimizer must be a SparseAdamW.
+    `trainer.masks` holds the masks, {name: bool mask on the CPU}, derived or checked once; the optimizer gets them
+    without another pass over the weights. If `optimizers=(optimizer, scheduler)` is passed, the optimizer must be
+    a SparseAdamW.
     """
 
     def __init__(
@@ -323,11 +317,11 @@ class SparseTrainer(Trainer):
         self.block_size = normalize_block_size(block_size)
         if masks_file is not None:
             masks, self.block_size = load_masks(masks_file)
-        self._given_masks = masks
         self.masks_file = None if masks_file is None else str(masks_file)
         self.optimizer_impl = optimizer_impl
         self.state_dtype = state_dtype
         self._fsdp_masks_pending = False
+        self._resumed = False  # set when a checkpoint's optimizer state is loaded
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
@@ -350,39 +344,36 @@ class SparseTrainer(Trainer):
         if self.sigint_callback is not None:
             self.add_callback(self.sigint_callback)
         self.add_callback(_SparsityGuard(self))
-        if self._given_masks is not None:
-            self._check_given_masks()
+        # The one pass over the weights before training: the model is not sharded yet, so nothing is gathered.
+        if masks is None:
+            masks = linear_block_masks(self.model, self.block_size)
+        else:
+            self._check_given_masks(masks)
+        self.masks: Dict[str, torch.Tensor] = {name: mask.cpu() for name, mask in masks.items()}
 
     # --------------------------------------------------------------------------------------- the optimizer
-    def _check_given_masks(self) -> None:
+    def _check_given_masks(self, masks: Dict[str, torch.Tensor]) -> None:
         """Given masks must name parameters of the model, fit their shapes, and agree with their zeros."""
         params = dict(self.model.named_parameters())
         source = self.masks_file or "masks"
-        unknown = sorted(set(self._given_masks) - set(params))
+        unknown = sorted(set(masks) - set(params))
         if unknown:
             raise ValueError(f"{source} names {len(unknown)} parameter(s) the model does not have, e.g. "
                              f"{unknown[:3]}; was it made for another model?")
         leaked = []
-        for name, mask in self._given_masks.items():
+        for name, mask in masks.items():
             p = params[name]
             expected = block_grid(p.shape, self.block_size) if p.dim() == 2 else None
             if expected is None or tuple(mask.shape) != expected:
                 raise ValueError(f"{source}: the mask of {name} has shape {tuple(mask.shape)}, but the parameter "
                                  f"{tuple(p.shape)} in {self.block_size[0]}x{self.block_size[1]} blocks needs "
                                  f"{expected}")
-            n = int((block_mask_from_zeros(p, self.block_size) & ~mask.to(p.device)).sum())
+            n = int(leaked_blocks(full_tensor(p), mask, self.block_size).sum())
             if n:
                 leaked.append(f"{name}: {n} blocks")
         if leaked:
             raise SparsityViolation(f"the model has nonzeros in blocks that {source} marks pruned (is it the "
                                     f"model those masks were made for?): " + "; ".join(leaked[:10]))
-
-    def block_masks(self, model: Optional[torch.nn.Module] = None) -> Dict[str, torch.Tensor]:
-        """{name: mask} for `model` (default self.model): the given masks, else derived from its zero blocks."""
-        model = self.model if model is None else model
-        if self._given_masks is not None:
-            return dict(self._given_masks)
-        return linear_block_masks(model, self.block_size)
 
     @property
     def fsdp_version(self) -> Optional[int]:
@@ -400,7 +391,7 @@ class SparseTrainer(Trainer):
             # kept under the old parameters would be lost (and would pin the whole model in memory), so the masks
             # are set after the swap, by name (_bind_fsdp_masks).
             self._fsdp_masks_pending = self.fsdp_version == 2 and not any(is_dtensor(p) for p in params.values())
-            masks = {} if self._fsdp_masks_pending else self.block_masks(opt_model)
+            masks = {} if self._fsdp_masks_pending else self.masks
             decay = set(self.get_decay_parameter_names(opt_model))
             groups = [
                 {"params": [], "param_names": [], "weight_decay": self.args.weight_decay},
@@ -417,19 +408,21 @@ class SparseTrainer(Trainer):
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
                 weight_decay=self.args.weight_decay,
-                masks={params[n]: m.to(params[n].device) for n, m in masks.items() if params[n].requires_grad},
                 block_size=self.block_size,
                 impl=self.optimizer_impl,
                 state_dtype=self.state_dtype,
                 seed=self.args.seed,  # bf16 params: the stochastic rounding follows the run's seed
             )
+            masks = {params[n]: m.to(params[n].device) for n, m in masks.items() if params[n].requires_grad}
+            if masks:
+                self.optimizer.set_masks(masks, check=False)  # derived from these weights, or checked against them
         return self.optimizer
 
     def _bind_fsdp_masks(self, required: bool = False) -> None:
         """FSDP2: give the sharded parameters their masks once accelerate has swapped them into the optimizer.
 
-        The masks are the given ones, or derived from the whole parameters (each gathered in turn), so every rank
-        sets the same masks. A no-op when nothing is pending or the parameters are not sharded yet (then, with
+        The masks are self.masks, taken from the whole parameters before sharding, so every rank sets the same masks
+        without a gather. A no-op when nothing is pending or the parameters are not sharded yet (then, with
         `required`, an error).
         """
         optimizer = self.sparse_optimizer
@@ -447,8 +440,8 @@ class SparseTrainer(Trainer):
             if optimizer.state[old]:
                 raise RuntimeError("FSDP2: the optimizer holds state for a parameter that accelerate swapped out")
             del optimizer.state[old]  # an empty entry would pin the whole unsharded parameter in memory
-        masks = self.block_masks(self.model)
-        optimizer.set_masks({p: masks[name].to(p.device) for name, p, _ in params if name in masks})
+        masks = {p: self.masks[name].to(p.device) for name, p, _ in params if name in self.masks}
+        optimizer.set_masks(masks, check=False)
         self._fsdp_masks_pending = False
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -459,6 +452,14 @@ class SparseTrainer(Trainer):
     @property
     def sparse_optimizer(self) -> Optional[SparseAdamW]:
         return _sparse_optimizer(self.optimizer)
+
+    def optimizer_masks(self) -> Dict[str, torch.Tensor]:
+        """{name: bool mask on the CPU} as the optimizer holds them: self.masks, or after a resume the checkpoint's."""
+        optimizer = self.sparse_optimizer
+        if optimizer is None:
+            return {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: s["block_mask"].cpu() for p, s in optimizer.state.items() if "block_mask" in s}
 
     def verify_sparsity(self, when: str = "") -> int:
         """Raise SparsityViolation if a pruned block holds a nonzero; returns how many parameters were checked."""
@@ -518,6 +519,7 @@ class SparseTrainer(Trainer):
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        self._resumed = checkpoint is not None
         if checkpoint is None or self.fsdp_version != 2:
             return super()._load_optimizer_and_scheduler(checkpoint)
         self._bind_fsdp_masks(required=True)
