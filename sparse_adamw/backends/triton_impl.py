@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Dict, List, Sequence
+from typing import Dict, List, NamedTuple, Sequence
 
 import torch
 
@@ -37,12 +37,18 @@ def _plan(updates, cache: Dict, launch: LaunchConfig):
                        launch.index_64)
 
 
+def _hyper_row(row: StepRow) -> tuple:
+    """The kernel's row: the step constants with the last one inverted (it multiplies; see the kernel's launch)."""
+    c = row.constants
+    return (*c[:-1], 1 / c.bc2_sqrt)
+
+
 def _upload(dyn: array, rows: Sequence[StepRow], device: torch.device):
     """The step's tables in one copy (each copy costs host time): int64 step rows, int64 seed mixes, fp32 step
     constants. Python arrays, not tensor ops: a small torch op costs 10 to 20 us of host time on a slow CPU."""
     mixes = [0 if r.seed is None else seed_mix(r.seed, r.step) for r in rows]
     data = bytearray(dyn.tobytes() + array("q", mixes).tobytes()
-                     + array("f", [x for r in rows for x in r.constants]).tobytes())
+                     + array("f", [x for r in rows for x in _hyper_row(r)]).tobytes())
     tables = torch.frombuffer(data, dtype=torch.int64)
     if device.type == "cuda":
         # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
@@ -51,15 +57,26 @@ def _upload(dyn: array, rows: Sequence[StepRow], device: torch.device):
     return tables[:n_dyn], tables[n_dyn:n_dyn + n_rows], tables[n_dyn + n_rows:].view(torch.float32)
 
 
-def _run(plan, first, tables, aligned: bool, launch: LaunchConfig) -> None:
-    """One launch of the kernel; `first` is any update of the batch (dtypes, rounding)."""
+class _Dtypes(NamedTuple):
+    """What a launch compiles for, besides the plan: taken from an update, without keeping its tensors."""
+
+    param: torch.dtype
+    grad: torch.dtype
+    state: torch.dtype
+    stochastic: bool
+
+    @classmethod
+    def of(cls, u) -> "_Dtypes":
+        return cls(u.param.dtype, u.grad.dtype, u.exp_avg.dtype, u.seed is not None and u.param.dtype == torch.bfloat16)
+
+
+def _run(plan, dtypes: _Dtypes, tables, aligned: bool, launch: LaunchConfig) -> None:
     kernel.launch(
         plan.device_shapes, *tables, plan.prog_tensor, plan.block_ids,
-        param_dtype=first.param.dtype, grad_dtype=first.grad.dtype, state_dtype=first.exp_avg.dtype,
+        param_dtype=dtypes.param, grad_dtype=dtypes.grad, state_dtype=dtypes.state,
         block=plan.layouts[0].block, blocks_per_program=plan.blocks_per_program, index_64=plan.index_64,
         check_edges=not plan.whole_blocks or any(x & (x - 1) for x in plan.layouts[0].block),
-        aligned=aligned and plan.rows_aligned,
-        stochastic=first.seed is not None and first.param.dtype == torch.bfloat16,
+        aligned=aligned and plan.rows_aligned, stochastic=dtypes.stochastic,
         exact_bf16=os.environ.get("TRITON_INTERPRET") == "1", num_warps=launch.num_warps)
 
 
@@ -82,7 +99,7 @@ def step(updates, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH) -> None:
         addresses |= p | g | m | v
         dyn.extend((p, g, m, v, index_mix(u.index), row))
     tables = _upload(dyn, list(rows), updates[0].param.device)
-    _run(plan, updates[0], tables, addresses % 16 == 0, launch)
+    _run(plan, _Dtypes.of(updates[0]), tables, addresses % 16 == 0, launch)
 
 
 class PreparedStep:
@@ -98,7 +115,7 @@ class PreparedStep:
         self.kept = _live(updates)
         kept = [updates[i] for i in self.kept]
         self.launch = launch
-        self.first = kept[0] if kept else None
+        self.dtypes = _Dtypes.of(kept[0]) if kept else None
         self.device = updates[0].param.device
         self.plan = _plan(kept, cache, launch) if kept else None
         template: List[int] = []  # step rows, gradient addresses left 0
@@ -122,4 +139,4 @@ class PreparedStep:
         addresses = self.static_addresses
         for g in grad_ptrs:
             addresses |= g
-        _run(self.plan, self.first, _upload(dyn, rows, self.device), addresses % 16 == 0, self.launch)
+        _run(self.plan, self.dtypes, _upload(dyn, rows, self.device), addresses % 16 == 0, self.launch)
