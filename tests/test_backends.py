@@ -50,8 +50,17 @@ def _optimizer(params, masks=None, impl="auto", **kw):
 
 
 # ------------------------------------------------------------------------------------------------------ selection
-def test_auto_order():
-    assert backends.AUTO_ORDER == {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+@pytest.mark.gpu
+def test_auto_takes_triton_for_cuda_tensors():
+    """On a GPU with Triton, "auto" updates CUDA tensors with the Triton kernel (the fastest; benchmarks/RESULTS.md)."""
+    from sparse_adamw.backends import triton_impl
+
+    assert select_backend("auto", torch.device("cuda")) is triton_impl
+    p = torch.randn(64, 64, device="cuda")
+    p.grad = torch.randn_like(p)
+    opt = _optimizer([p])
+    opt.step()
+    assert list(opt._backends.values()) == [triton_impl]
 
 
 def test_env_var_overrides_auto_only(monkeypatch):

@@ -88,3 +88,42 @@ def test_bf16_training_stalls_without_stochastic_rounding(impl):
     assert moved_fp32 > 0.8 * 100 * 5e-5  # Adam moves about lr per step on a steady gradient
     assert torch.equal(nearest, start)  # stalled: not one update survived rounding
     assert (start - stochastic).mean().item() == pytest.approx(moved_fp32, rel=0.05)
+
+
+def _ulps_moved(device, impl, steps, n_tensors=2, shape=(64, 64), seed=0):
+    """bf16 params at 1.5 under a constant gradient, lr = 0.3 of an ulp there: each element moves up one ulp per step
+    with probability 0.3. Returns each tensor's moves, in ulps, after each step: [step][tensor] (CPU float)."""
+    ulp = 2.0 ** -7  # of bf16 in [1, 2)
+    params = [torch.full(shape, 1.5, dtype=torch.bfloat16, device=device) for _ in range(n_tensors)]
+    # Constant gradient: m / sqrt(v) is 1 after bias correction, so each step adds lr before rounding.
+    opt = SparseAdamW(params, lr=0.3 * ulp, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.0, impl=impl, seed=seed)
+    moves = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.full(shape, -1.0, dtype=torch.bfloat16, device=device)
+        opt.step()
+        moves.append([((p.float().cpu() - 1.5) / ulp) for p in params])
+    return moves
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_stochastic_rounding_statistics(device, impl):
+    """An oracle that shares nothing with the seeds' code: the statistics of the decisions. One step moves 30% of
+    the elements; two tensors with the same values move together for 9% (independent bits per tensor); after 16
+    steps the mean is 4.8 ulp with a spread of sqrt(16 x 0.3 x 0.7) = 1.83 ulp (independent bits per step: a seed
+    that ignored the step would move the same elements every time, a spread of 16 x 0.46 = 7.3 ulp)."""
+    _skip_unrunnable(impl, device)
+    moves = _ulps_moved(device, impl, steps=16)
+    n = moves[0][0].numel()
+    first = [m.flatten() for m in moves[0]]
+    assert all(set(m.unique().tolist()) <= {0.0, 1.0} for m in first)
+    for m in first:  # sd of a fraction of 4096 Bernoulli(0.3) draws: 0.007
+        assert abs(m.mean().item() - 0.3) < 0.035
+    both = (first[0] * first[1]).mean().item()
+    assert abs(both - 0.09) < 0.025, f"two tensors moved together in {both:.3f} of the elements, not 0.09"
+    last = torch.stack([m.flatten() for m in moves[-1]])
+    assert abs(last.mean().item() - 4.8) < 0.15
+    spread = last.std(dim=1)
+    assert ((spread - (16 * 0.3 * 0.7) ** 0.5).abs() < 0.2).all(), f"spread {spread.tolist()} ulp, not 1.83"
+    assert n == 64 * 64
