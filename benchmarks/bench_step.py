@@ -1,7 +1,9 @@
 """Time one optimizer.step() on LLaMA-7B-shaped Linear weights with random 16x16 block masks.
 
-Contenders, side by side in one process on one card: torch AdamW (foreach, fused), fused + dense mask reapply,
-Wanda's gradient masking (per micro-step, and at gradient accumulation 8 with the fused step), SparseAdamW.
+Contenders, side by side in one process on one card: torch AdamW (foreach, fused), fused + mask reapply (a mask in
+the weights' dtype, as usually written, and a bool one), gradient masking (Wanda's trainer as the user's guide has
+it: per micro-step, at gradient accumulation 8, with the fused step; and the strongest version: once per optimizer
+step with a bool mask), SparseAdamW.
 Each step is timed twice: on an idle GPU (its host time counts) and with the GPU kept busy while the host issues
 it, as the backward pass does in training (device time alone). Prints a markdown table last and appends CSV rows
 (card, versions, git SHA, date). tune_triton.py compares the Triton kernel's launch settings.
@@ -28,8 +30,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SparseAdamW's states take the params' dtype (torch keeps bf16 states for bf16 params). Bytes moved per live
 # element: read p g m v, write p m v.
 BYTES_PER_LIVE_ELEMENT = {torch.float32: 28, torch.bfloat16: 14}
-CONTENDERS = ("torch_foreach", "torch_fused", "fused_reapply", "wanda_gradmask_ga8", "sparse_adamw_triton",
-              "sparse_adamw_cuda")
+# fused_reapply and wanda_gradmask_ga8 are what people run (the user's guide: `grad[W == 0] = 0` after every
+# backward, in fp32 masks where reapplied); fused_reapply_bool and gradmask_once_bool are the strongest versions of
+# each alternative: a bool mask, and the gradient masked once per optimizer step (accumulated gradients are linear).
+CONTENDERS = ("torch_foreach", "torch_fused", "fused_reapply", "fused_reapply_bool", "wanda_gradmask_ga8",
+              "gradmask_once_bool", "sparse_adamw_triton", "sparse_adamw_cuda")
 
 
 def make_params(layers, dtype, sparsity, seed=0):
@@ -68,6 +73,17 @@ def run_contender(name, params, masks, dtype):
                 opt.step()
                 for p, d in zip(params, dense):
                     p.mul_(d)
+        elif name in ("fused_reapply_bool", "gradmask_once_bool"):
+            pruned = [~expand_block_mask(m, p.shape) for p, m in zip(params, masks)]  # 1 byte per weight
+
+            def step():
+                if name == "gradmask_once_bool":
+                    for p, d in zip(params, pruned):
+                        p.grad.masked_fill_(d, 0)
+                opt.step()
+                if name == "fused_reapply_bool":
+                    for p, d in zip(params, pruned):
+                        p.masked_fill_(d, 0)
         elif name == "wanda_gradmask_ga8":
             def gradmask():
                 for p in params:
