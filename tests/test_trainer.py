@@ -1,8 +1,15 @@
-"""SparseTrainer: optimizer groups and masks, sparsity kept and checked, Ctrl+C checkpoint and exact resume."""
+"""SparseTrainer: optimizer groups and masks, sparsity kept and checked, clipping by the live blocks' norm, Ctrl+C
+and SIGTERM checkpoints and exact resume, the tied-weights note on resume, the step log and its progress line."""
 import collections
+import io
+import logging
+import math
 import os
+import re
 import signal
+import socket
 import sys
+import types
 
 import pytest
 import torch
@@ -11,13 +18,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from finetune_helpers import ArithmeticTokens as _Tokens, LossLog, pruned_blocks_are_zero
 from sparse_adamw import SparseAdamW
 from sparse_adamw import masks as masks_module
-from sparse_adamw.masks import block_mask_from_zeros, save_masks
+from sparse_adamw.masks import (apply_block_mask_, block_mask_from_zeros, expand_block_mask, random_block_mask,
+                                save_masks)
 from sparse_adamw.pipeline.prune import prune_magnitude
 from sparse_adamw.pipeline.trainer import (
     SigintCheckpointCallback,
+    SignalCheckpointCallback,
     SparseTrainer,
     SparsityViolation,
     StepLogCallback,
+    clip_live_grad_norm_,
     linear_block_masks,
 )
 
@@ -307,3 +317,385 @@ def test_step_log_lines(tiny_llama, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Step ")]
     assert [line.split(":")[0] for line in lines] == ["Step 2", "Step 4"]
     assert all(line.split(": loss=")[1][:6].replace(".", "").isdigit() for line in lines), lines
+
+
+# ----------------------------------------------------------------------------------- clipping: the live blocks' norm
+def _live_norm(model, masks):
+    """The gradient norm over the live blocks (whole parameters where there is no mask), in float64, the plain way."""
+    parts = []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad.detach().double()
+            parts.append(g[expand_block_mask(masks[name], g.shape)] if name in masks else g.reshape(-1))
+    return float(torch.linalg.vector_norm(torch.cat(parts)))
+
+
+class _PoisonPrunedGradients:
+    """Gradient hooks that write NaN, +inf or -inf (by turns) into every pruned block of each masked weight's
+    gradient, and nowhere else."""
+
+    def __init__(self, model, masks):
+        self.calls, self.handles = 0, []
+        params = _params(model)
+        for i, (name, mask) in enumerate(sorted(masks.items())):
+            pruned = ~expand_block_mask(mask, params[name].shape)
+            value = (math.nan, math.inf, -math.inf)[i % 3]
+            self.handles.append(params[name].register_hook(
+                lambda grad, pruned=pruned, value=value: self._fill(grad, pruned, value)))
+
+    def _fill(self, grad, pruned, value):
+        self.calls += 1
+        return grad.masked_fill(pruned, value)
+
+
+class _LiveNormRecorder(SparseTrainer):
+    """Records the test's own live-block norm of the gradients just before the Trainer clips them (or, without
+    clipping, measures them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.live_norms = []
+
+    def _clip_grad_norm(self, model):
+        self.live_norms.append(_live_norm(self.model, self.masks))
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None:
+            self.live_norms.append(_live_norm(self.model, self.masks))
+        return super()._get_grad_norm(model, grad_norm)
+
+
+class _GradNormLog(TrainerCallback):
+    def __init__(self):
+        self.norms = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "grad_norm" in logs:
+            self.norms.append(logs["grad_norm"])
+
+
+def _train_recording(tiny_llama, output_dir, poison, max_grad_norm):
+    model, masks = _pruned(tiny_llama)
+    poisoned = _PoisonPrunedGradients(model, masks) if poison else None
+    log = _GradNormLog()
+    trainer = _LiveNormRecorder(model=model, train_dataset=_Tokens(), callbacks=[log],
+                                args=_args(output_dir, max_steps=4, logging_steps=1, max_grad_norm=max_grad_norm))
+    trainer.train()
+    return trainer, masks, log.norms, poisoned
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.1, 0.0])
+def test_nan_and_inf_in_pruned_gradients_do_not_reach_the_live_weights(tiny_llama, tmp_path, max_grad_norm):
+    """The Trainer clips (max_grad_norm 0.1: every step) or only measures (0) the gradient norm. Over whole
+    gradients either would be NaN, and clipping by it would turn every weight into NaN; over the live blocks the run
+    is the clean twin's, bit for bit, and the logged grad_norm is the live blocks' norm."""
+    clean, masks, clean_norms, _ = _train_recording(tiny_llama, tmp_path / "clean", False, max_grad_norm)
+    poisoned, _, norms, hooks = _train_recording(tiny_llama, tmp_path / "poisoned", True, max_grad_norm)
+    assert hooks.calls == 4 * 2 * len(masks)  # every micro-batch's gradient of every masked weight
+    expected = _params(clean.model)
+    for name, p in poisoned.model.named_parameters():
+        assert torch.isfinite(p).all(), f"{name} has non-finite entries"
+        assert torch.equal(p, expected[name]), f"{name} differs from the run with clean gradients"
+        if name in masks:
+            assert pruned_blocks_are_zero(p, masks[name]), name
+    for trainer, logged in ((clean, clean_norms), (poisoned, norms)):
+        assert len(logged) == len(trainer.live_norms) == 4
+        assert logged == pytest.approx(trainer.live_norms, rel=1e-5)
+        assert all(norm > 0.1 for norm in logged)  # with max_grad_norm 0.1, every step was clipped
+    assert norms == clean_norms
+
+
+def test_clip_live_grad_norm_on_ragged_shapes(tiny_llama):
+    """Weights that are no whole number of 16x16 blocks (70x40, 37x70: padded), an unmasked bias: the norm counts
+    the live blocks and the bias, and every live gradient is scaled as torch.nn.utils.clip_grad_norm_ would."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.GELU(), torch.nn.Linear(70, 37, bias=False))
+    gen = torch.Generator().manual_seed(1)
+    for lin in (model[0], model[2]):
+        apply_block_mask_(lin.weight.data, random_block_mask(lin.weight.shape, 0.4, generator=gen))
+    optimizer = SparseAdamW(model.parameters(), lr=1e-3, masks="auto")
+    masks = {name: optimizer.state[p]["block_mask"] for name, p in model.named_parameters()
+             if "block_mask" in optimizer.state.get(p, {})}
+    assert set(masks) == {"0.weight", "2.weight"} and not all(m.all() for m in masks.values())
+    model(torch.randn(8, 40)).square().sum().backward()
+    clean = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for name, mask in masks.items():
+        _params(model)[name].grad.masked_fill_(~expand_block_mask(mask, clean[name].shape), math.nan)
+    expected = _live_norm(model, masks)
+    norm = clip_live_grad_norm_(model.parameters(), 0.5, optimizer)
+    assert float(norm) == pytest.approx(expected, rel=1e-6) and expected > 0.5
+    coefficient = 0.5 / (float(norm) + 1e-6)
+    for name, p in model.named_parameters():
+        live = expand_block_mask(masks[name], p.shape) if name in masks else torch.ones_like(p, dtype=torch.bool)
+        torch.testing.assert_close(p.grad[live], clean[name][live] * coefficient, rtol=1e-6, atol=0)
+    # max_norm inf: measures, changes nothing.
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert float(clip_live_grad_norm_(model.parameters(), math.inf, optimizer)) == pytest.approx(0.5, rel=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad.nan_to_num(), before[name].nan_to_num()), name
+
+
+def _clip_worker(rank, world, port, out_dir):
+    """Rank `rank` of 2: FSDP2 row shards of 70 rows (rank 1 starts three rows into a block row), NaN in the pruned
+    blocks of its gradient rows, then clip_live_grad_norm_."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from sparse_adamw.dtensor import local_tensor, row_offset
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, batch = _ragged_model_and_batch()
+    for lin in (model[0], model[2]):
+        fully_shard(lin)
+    fully_shard(model)
+    optimizer = SparseAdamW(model.parameters(), lr=1e-3, masks="auto")
+    model(batch).square().sum().backward()
+    for p in model.parameters():
+        mask = optimizer.state[p].get("block_mask")
+        if mask is not None:
+            local, offset = local_tensor(p.grad), row_offset(p.grad)
+            pruned = ~expand_block_mask(mask, p.shape)[offset:offset + local.shape[0]]
+            local.masked_fill_(pruned, math.nan)
+    norm = clip_live_grad_norm_(model.parameters(), 0.5, optimizer)
+    grads = [p.grad.full_tensor() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"norm": norm, "grads": grads}, os.path.join(out_dir, "clip.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # as in test_distributed: no interpreter teardown after the work is saved
+
+
+def _ragged_model_and_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.GELU(), torch.nn.Linear(70, 37))
+    gen = torch.Generator().manual_seed(1)
+    for lin in (model[0], model[2]):
+        apply_block_mask_(lin.weight.data, random_block_mask(lin.weight.shape, 0.4, generator=gen))
+    return model, torch.randn(6, 40, generator=gen)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_clip_live_grad_norm_on_fsdp2_shards(tmp_path):
+    """Each rank sums its rows' live blocks, an all-reduce joins them: the one-process norm and clipped gradients."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_clip_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(tmp_path / "clip.pt", weights_only=True)
+    model, batch = _ragged_model_and_batch()
+    optimizer = SparseAdamW(model.parameters(), lr=1e-3, masks="auto")
+    model(batch).square().sum().backward()
+    expected = clip_live_grad_norm_(model.parameters(), 0.5, optimizer)
+    assert float(expected) > 0.5
+    torch.testing.assert_close(result["norm"], expected, rtol=1e-6, atol=0)
+    for p, grad in zip(model.parameters(), result["grads"]):
+        mask = optimizer.state[p].get("block_mask")
+        live = expand_block_mask(mask, p.shape) if mask is not None else torch.ones_like(p, dtype=torch.bool)
+        torch.testing.assert_close(grad[live], p.grad[live], rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------- SIGTERM
+class _SigtermAt(TrainerCallback):
+    """Sends this process a real SIGTERM at the end of optimizer step `step`, as a batch scheduler does, but only
+    when a handler is installed (without one, SIGTERM would kill the test run)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no SIGTERM handler installed"
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_like_ctrl_c(tiny_llama, tmp_path, capsys):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    trainer = SparseTrainer(model=_pruned(tiny_llama)[0], args=_args(tmp_path), train_dataset=_Tokens(),
+                            callbacks=[_SigtermAt(3)])
+    trainer.train()
+    assert trainer.interrupted and trainer.state.global_step == 3
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers, "handlers not restored"
+    checkpoint = tmp_path / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
+    assert "SIGTERM: saving a checkpoint at the end of this step" in capsys.readouterr().err
+    assert SigintCheckpointCallback is SignalCheckpointCallback  # the old name still works
+
+
+# ----------------------------------------------------------------------------------- resuming with tied weights
+def _tied_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    prune_magnitude(model, 0.25, progress=False)
+    return model
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _resume_warnings(checkpoint, output_dir):
+    records = _Records()
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addHandler(records)
+    try:
+        trainer = SparseTrainer(model=_tied_llama(seed=1), args=_args(output_dir, max_steps=3), train_dataset=_Tokens())
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    finally:
+        trainer_logger.removeHandler(records)
+    return [m for m in records.messages if "missing keys" in m]
+
+
+def test_resume_with_tied_embeddings_warns_only_about_keys_really_missing(tmp_path):
+    """The checkpoint of a model with tie_word_embeddings=True holds model.embed_tokens.weight but not its tied
+    lm_head.weight: no warning for that. A key that is really missing still gets one."""
+    import safetensors.torch
+
+    first = SparseTrainer(model=_tied_llama(), args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+                          train_dataset=_Tokens())
+    first.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    weights = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    assert "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights
+    assert _resume_warnings(checkpoint, tmp_path / "a") == []
+
+    for removed, expected in (("model.norm.weight", ["model.norm.weight"]),
+                              ("model.embed_tokens.weight", ["lm_head.weight", "model.embed_tokens.weight"])):
+        safetensors.torch.save_file({k: v for k, v in weights.items() if k != removed},
+                                    checkpoint / "model.safetensors", metadata={"format": "pt"})
+        warnings = _resume_warnings(checkpoint, tmp_path / removed)
+        assert len(warnings) == 1, warnings
+        assert sorted(re.findall(r"'([\w.]+)'", warnings[0])) == expected, warnings
+
+
+# ------------------------------------------------------------------------------------- the step log, faked time
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Stream(io.StringIO):
+    """A stream that says whether it is a terminal, and notes the clock at every line it is given."""
+
+    def __init__(self, tty, clock):
+        super().__init__()
+        self.tty, self.clock, self.line_times = tty, clock, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.line_times += [self.clock()] * text.count("\n")
+        return super().write(text)
+
+
+def _drive(callback, clock, steps=20, accumulation=4, substep_s=2.0, logging_steps=10, between=None):
+    """Runs `callback` through a fake training of `steps` optimizer steps of `accumulation` micro-batches of
+    `substep_s` seconds each, with a loss logged every `logging_steps` steps; `between(step)` runs after each step."""
+    state = types.SimpleNamespace(global_step=0, max_steps=steps, is_world_process_zero=True)
+    args = control = None
+    callback.on_train_begin(args, state, control)
+    for step in range(1, steps + 1):
+        for micro in range(1, accumulation + 1):
+            clock.now += substep_s
+            if micro < accumulation:
+                callback.on_substep_end(args, state, control)
+        state.global_step = step
+        callback.on_step_end(args, state, control)
+        if step % logging_steps == 0:
+            callback.on_log(args, state, control, logs={"loss": 2.5 - step / 100, "learning_rate": 1e-4})
+        if between is not None:
+            between(step)
+    callback.on_log(args, state, control, logs={"train_runtime": steps * accumulation * substep_s, "train_loss": 2.4})
+    callback.on_train_end(args, state, control)
+
+
+STEP_LINE = re.compile(r"^Step (\d+): loss=(\d+\.\d{4})\b")
+
+
+def test_step_log_in_a_log_file_has_a_heartbeat_between_logging_steps():
+    clock = _Clock()
+    stream = _Stream(tty=False, clock=clock)
+    _drive(StepLogCallback(stream=stream, clock=clock), clock)
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    steps = [line for line in lines if STEP_LINE.match(line)]
+    assert [STEP_LINE.match(line).group(1) for line in steps] == ["10", "20"]
+    assert steps[0] == "Step 10: loss=2.4000  (lr 0.0001, 8.00 s/step, 1 min 20 s left)"
+    heartbeats = [line for line in lines if line.startswith("step ")]
+    assert "step 2/20, 8.00 s/step, 2 min 24 s left" in heartbeats
+    assert len(heartbeats) + len(steps) + 1 == len(lines)  # and the Training: summary
+    assert lines[-1] == "Training: 20 steps in 2 min 40 s, mean loss 2.4000"
+    # Never more than 15 s of silence, give or take one micro-batch (the callback runs between micro-batches).
+    times = [1000.0] + stream.line_times
+    assert max(b - a for a, b in zip(times, times[1:])) <= 15.0 + 2.0
+
+
+def _render(text):
+    """The lines a terminal shows for `text`: '\\r' returns to the start of the line, characters overwrite."""
+    screen, row, col = [[]], 0, 0
+    for char in text:
+        if char == "\r":
+            col = 0
+        elif char == "\n":
+            row, col = row + 1, 0
+            if row == len(screen):
+                screen.append([])
+        else:
+            line = screen[row]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = char
+            col += 1
+    return ["".join(line).rstrip() for line in screen]
+
+
+def test_step_log_on_a_terminal_redraws_one_progress_line_and_never_tears(monkeypatch):
+    clock = _Clock()
+    stream = _Stream(tty=True, clock=clock)
+    monkeypatch.setattr(sys, "stdout", stream)  # the terminal: print() from anyone goes there too
+    handler = logging.StreamHandler(stream)
+    chatty = logging.getLogger("sparse_adamw.test_progress")
+    chatty.addHandler(handler)
+    seen = {}
+
+    def others_write(step):
+        if step == 5:
+            print("a print from elsewhere")
+        if step == 15:
+            chatty.warning("a warning from a logger")
+        if step == 7:
+            seen["drawn"] = _render(stream.getvalue())[-1]
+
+    try:
+        _drive(StepLogCallback(stream=stream, clock=clock), clock, between=others_write)
+    finally:
+        chatty.removeHandler(handler)
+    assert sys.stdout is stream and handler.stream is stream  # given back at the end of training
+    assert seen["drawn"] == "step 7/20, 8.00 s/step, 1 min 44 s left"
+    assert "\rstep 13/20, 8.00 s/step, 56 s left" in stream.getvalue()
+    shown = [line for line in _render(stream.getvalue()) if line.strip()]
+    assert shown == [
+        "a print from elsewhere",
+        "Step 10: loss=2.4000  (lr 0.0001, 8.00 s/step, 1 min 20 s left)",
+        "a warning from a logger",
+        "Step 20: loss=2.3000  (lr 0.0001, 8.00 s/step)",
+        "Training: 20 steps in 2 min 40 s, mean loss 2.4000",
+    ]

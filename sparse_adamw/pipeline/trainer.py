@@ -6,10 +6,13 @@
 - creates SparseAdamW with the Trainer's usual param groups (no weight decay on biases and norms) and those masks;
 - checks that every pruned block is still exactly zero when training resumes from a checkpoint, at every save and
   at the end, and raises `SparsityViolation` otherwise;
-- turns the first Ctrl+C (SIGINT) into a checkpoint at the end of the current optimizer step and a clean stop
-  (`trainer.interrupted` is then True); a second Ctrl+C aborts at once. Rerunning with
-  `trainer.train(resume_from_checkpoint=...)` restores the optimizer state exactly: masks, m, v and step all
-  travel in the checkpoint's optimizer.pt.
+- clips the gradients by the norm of the live blocks only (`clip_live_grad_norm_`), so NaN or inf in a pruned
+  block's gradient, which SparseAdamW never reads, cannot poison the live weights; that norm is the logged grad_norm;
+- turns the first Ctrl+C (SIGINT) or SIGTERM (what batch schedulers send before they kill) into a checkpoint at the
+  end of the current optimizer step and a clean stop (`trainer.interrupted` is then True); a second one raises
+  `TrainingAborted` (a KeyboardInterrupt) at once, even in the middle of the save: that checkpoint stays incomplete
+  (no trainer_state.json, which is written last). Rerunning with `trainer.train(resume_from_checkpoint=...)`
+  restores the optimizer state exactly: masks, m, v and step all travel in the checkpoint's optimizer.pt.
 
     from sparse_adamw.pipeline.trainer import SparseTrainer
 
@@ -48,8 +51,10 @@ And in a plain PyTorch loop, with gradient accumulation and clipping:
             optimizer.zero_grad(set_to_none=True)
     torch.save(optimizer.state_dict(), "optimizer.pt")   # masks, m, v and step; load_state_dict restores them
 
-Gradients of pruned blocks are not masked (that would cost a pass over every gradient); they count in the
-clipping norm, which only rescales the whole step. SparseTrainer runs in one process, under DDP (torchrun), or
+Gradients of pruned blocks are not masked (that would cost a pass over every gradient). torch's clip_grad_norm_
+counts them in the norm, which only rescales the whole step, unless one of them is NaN or inf: then every weight
+becomes NaN. `clip_live_grad_norm_(model.parameters(), 1.0, optimizer)` from this module counts only the live
+blocks, as SparseTrainer does. SparseTrainer runs in one process, under DDP (torchrun), or
 under the Trainer's FSDP2 (torchrun on GPUs):
 
     # what `python -m sparse_adamw.pipeline.finetune --fsdp` sets
@@ -69,7 +74,9 @@ FSDP on accelerators only; on the CPU it trains with DDP instead (SparseTrainer 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -81,7 +88,7 @@ from typing import Dict, Optional, Union
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..dtensor import full_tensor, is_dtensor
+from ..dtensor import full_tensor, is_dtensor, local_tensor, row_offset
 from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
 from ..optimizer import SparseAdamW
 
@@ -97,9 +104,12 @@ def sharded_optimizer_file(rank: int, world_size: int) -> str:
 
 __all__ = [
     "SigintCheckpointCallback",
+    "SignalCheckpointCallback",
     "SparseTrainer",
     "SparsityViolation",
     "StepLogCallback",
+    "TrainingAborted",
+    "clip_live_grad_norm_",
     "linear_block_masks",
     "verify_block_sparsity",
 ]
@@ -168,41 +178,155 @@ def _sparse_optimizer(optimizer) -> Optional[SparseAdamW]:
     return optimizer
 
 
-class SigintCheckpointCallback(TrainerCallback):
-    """First Ctrl+C: save a checkpoint at the end of the current optimizer step and stop; second: abort.
+# ------------------------------------------------------------------------------ clipping by the live blocks' norm
+def _block_square_norms(local: torch.Tensor, top: int, block) -> torch.Tensor:
+    """Squared L2 norms, fp32, of the (bh, bw) blocks of `local`: rows of a gradient whose first row lies `top` rows
+    into its first block row (0 unless it is an FSDP2 shard that starts mid-block)."""
+    bh, bw = block
+    rows, cols = local.shape
+    nbr, nbc = math.ceil((top + rows) / bh), math.ceil(cols / bw)
+    if top or top + rows != nbr * bh or cols != nbc * bw:
+        # A ragged edge or a shard that starts mid-block: one zero-padded copy of this gradient.
+        local = torch.nn.functional.pad(local, (0, nbc * bw - cols, top, nbr * bh - top - rows))
+    # A view of the (contiguous) gradient, reduced in one read pass with no temporary: the output is (nbr, nbc).
+    # Without dtype=: the cast would copy a bf16 gradient (the reduction accumulates in fp32 anyway).
+    norms = torch.linalg.vector_norm(local.reshape(nbr, bh, nbc, bw), dim=(1, 3))
+    return norms.float().square()
+
+
+def _live_square_norm(grad: torch.Tensor, mask: Optional[torch.Tensor], block) -> torch.Tensor:
+    """Sum of squares (fp32) of this rank's part of `grad`: whole without a mask, else its live blocks only."""
+    local = local_tensor(grad)
+    if mask is None:
+        return torch.linalg.vector_norm(local).float().square()
+    if local.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=local.device)
+    offset = row_offset(grad, "a gradient")
+    first = offset // block[0]
+    squares = _block_square_norms(local, offset - first * block[0], block)
+    live = mask[first:first + squares.shape[0]].to(squares.device)
+    # where, not indexing: no host sync, and a pruned block's NaN or inf is dropped, not multiplied by 0.
+    return torch.where(live, squares, 0.0).sum()
+
+
+def _sharded_dims(grad: torch.Tensor):
+    """(mesh, mesh dims the DTensor is sharded over), or None for a plain or replicated tensor."""
+    if not is_dtensor(grad):
+        return None
+    dims = tuple(i for i, placement in enumerate(grad.placements) if placement.is_shard())
+    return (grad.device_mesh, dims) if dims else None
+
+
+@torch.no_grad()
+def clip_live_grad_norm_(parameters, max_norm: float, optimizer) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the live blocks only; returns their total L2 norm (before clipping).
+
+    `optimizer` (a SparseAdamW, or accelerate's wrapper of one) gives each parameter's block mask and block shape;
+    a parameter without a mask counts whole. One read pass per gradient; a gradient whose shape is not a whole number
+    of blocks, or an FSDP2 shard that starts mid-block, is padded first (one copy). The grads are then scaled in
+    place by min(1, max_norm / (norm + 1e-6)), as torch does; `max_norm=inf` only measures. Pruned blocks are
+    scaled too (NaN stays NaN): harmless, SparseAdamW never reads them. DDP: call it after the gradients are reduced.
+    FSDP2 (DTensor grads): each rank sums its rows, one all-reduce per mesh dimension joins them, so every rank must
+    call it, with the parameters in the same order.
+    """
+    sparse = _sparse_optimizer(optimizer)
+    masks = {id(p): (sparse.state[p]["block_mask"], group["block_size"])
+             for group in sparse.param_groups for p in group["params"]
+             if "block_mask" in sparse.state.get(p, {})}
+    grads = [(p.grad, *masks.get(id(p), (None, None))) for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = local_tensor(grads[0][0]).device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    sharded = []  # [[mesh, dims, partial sum]]: one all-reduce per group, not per parameter
+    for grad, mask, block in grads:
+        square = _live_square_norm(grad, mask, block).to(device)
+        key = _sharded_dims(grad)
+        if key is None:
+            total += square
+            continue
+        entry = next((e for e in sharded if e[0] is key[0] and e[1] == key[1]), None)
+        if entry is None:
+            sharded.append([*key, square])
+        else:
+            entry[2] = entry[2] + square
+    for mesh, dims, partial in sharded:
+        for dim in dims:
+            torch.distributed.all_reduce(partial, group=mesh.get_group(dim))
+        total += partial
+    total_norm = total.sqrt()
+    if max_norm != float("inf"):
+        coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        for grad, _, _ in grads:
+            local = local_tensor(grad)
+            local.mul_(coefficient.to(local.device))
+    return total_norm
+
+
+# ------------------------------------------------------------------------------------- Ctrl+C and SIGTERM
+EXIT_ABORTED = 130  # the shell's status for a job stopped by SIGINT
+
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second Ctrl+C or SIGTERM after the first asked for a checkpoint: training stops at once, even in the middle
+    of that checkpoint's save. A command line prints `str(err)` (one line) and exits with `err.exit_status` (130)."""
+
+    exit_status = EXIT_ABORTED
+
+
+class SignalCheckpointCallback(TrainerCallback):
+    """First Ctrl+C (SIGINT) or SIGTERM: save a checkpoint at the end of the current optimizer step and stop; a second
+    one raises TrainingAborted.
 
     The checkpoint goes through the Trainer's normal path (control.should_save), so it holds the model, the
     optimizer and scheduler states, the RNG states and trainer_state.json, and `resume_from_checkpoint` continues
-    from it. Under DDP the ranks agree on the stop step (one all-reduce of a flag per optimizer step), so a signal
-    that reaches them at slightly different times cannot leave one rank waiting for the others. The handler is
-    installed at on_train_begin and removed at on_train_end (SparseTrainer also removes it if training raises).
+    from it. A second signal during that save leaves the folder without trainer_state.json (written last), so a
+    resume that looks for it skips the folder. Under DDP the ranks agree on the stop step (one all-reduce of a flag
+    per optimizer step), so a signal that reaches them at slightly different times cannot leave one rank waiting for
+    the others. The handlers are installed at on_train_begin and removed at on_train_end (SparseTrainer also removes
+    them if training raises). `SigintCheckpointCallback` is the same class.
     """
+
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
         self.stopped_at: Optional[int] = None
-        self._previous = None
+        self.saved = False  # the stop checkpoint is complete
+        self._first: Optional[int] = None
+        self._previous: Dict[int, object] = {}
+        self._pid = os.getpid()
 
     def install(self) -> None:
-        self.requested = False
-        self.stopped_at = None
-        if threading.current_thread() is threading.main_thread() and self._previous is None:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.requested, self.stopped_at, self.saved, self._first = False, None, False, None
+        self._pid = os.getpid()
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            if signal.getsignal(signal.SIGINT) == self._handle:
-                signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
-        # A second Ctrl+C gets whatever was there before (normally KeyboardInterrupt).
-        signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker inherits the handler: the training process decides, the worker waits
+        name = _SIGNAL_NAMES.get(signum, f"signal {signum}")
+        if self.requested and self._first is not None:
+            first = _SIGNAL_NAMES.get(self._first, f"signal {self._first}")
+            what = f"Second {name}" if signum == self._first else f"{name} after {first}"
+            if self.saved:
+                raise TrainingAborted(f"{what}: stopped; the checkpoint of step {self.stopped_at} is complete")
+            raise TrainingAborted(f"{what}: stopped without finishing the checkpoint; the last complete checkpoint "
+                                  "is kept")
+        self.requested, self._first = True, signum
         if os.environ.get("RANK", "0") == "0":
-            print("\nCtrl+C: saving a checkpoint at the end of this step, then stopping "
-                  "(press Ctrl+C again to abort without saving)", file=sys.stderr, flush=True)
+            print(f"\n{name}: saving a checkpoint at the end of this step, then stopping "
+                  f"(another {name} stops at once, without it)", file=sys.stderr, flush=True)
 
     def _agreed(self, args) -> bool:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
@@ -222,24 +346,100 @@ class SigintCheckpointCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
+    def on_save(self, args, state, control, **kwargs):
+        self.saved = self.stopped_at is not None
+
     def on_train_end(self, args, state, control, **kwargs):
         self.uninstall()
 
 
-class StepLogCallback(TrainerCallback):
-    """Prints `Step 10: loss=2.5432` at every logging step (main process), then the learning rate and timing."""
+SigintCheckpointCallback = SignalCheckpointCallback  # the name README and older code use
 
-    def __init__(self):
-        self._last = None
+
+# ------------------------------------------------------------------------------------------------ step log
+HEARTBEAT_S = 15.0  # in a log file, the longest silence between two lines while training
+REDRAW_S = 0.2  # on a terminal, the shortest interval between two redraws of the progress line
+
+
+class _ProgressLine:
+    """One line on a terminal, redrawn in place with '\\r'; `clear` blanks it so that the next output starts on a
+    clean line."""
+
+    def __init__(self, stream):
+        self.stream, self.width = stream, 0
+
+    def draw(self, text: str) -> None:
+        text = text[:max(shutil.get_terminal_size().columns - 1, 20)]  # a wrapped line cannot be redrawn
+        self.stream.write("\r" + text + " " * (self.width - len(text)))  # blanks the rest of a longer one
+        self.stream.flush()
+        self.width = len(text)
+
+    def clear(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+class _ClearsFirst:
+    """Stands in for sys.stdout or sys.stderr (and logging handlers' streams) while the progress line is up: any
+    other output clears the line first, so it never lands after the progress text."""
+
+    def __init__(self, stream, line: _ProgressLine):
+        self._stream, self._line = stream, line
+
+    def write(self, text):
+        if text:
+            self._line.clear()
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class StepLogCallback(TrainerCallback):
+    """Prints `Step 10: loss=2.5432` at every logging step (main process), then the learning rate and timing, and
+    between logging steps shows that training is alive.
+
+    On a terminal (`stream.isatty()`): one progress line, `step 13/40, 8.10 s/step, 3 min 30 s left`, redrawn in
+    place; the Step lines and any other output start on a clean line (sys.stdout, sys.stderr and the logging
+    handlers that write to them clear it first while training). Elsewhere (a log file): that text as a heartbeat
+    line whenever `heartbeat_s` seconds passed without a line. Heartbeats start with a lowercase `step`, so they
+    never match `^Step (\\d+): loss=`. `stream` defaults to sys.stdout; `clock` to time.monotonic (tests pass fakes).
+    """
+
+    def __init__(self, stream=None, clock=None, heartbeat_s: float = HEARTBEAT_S):
+        self.stream, self.clock, self.heartbeat_s = stream, clock or time.monotonic, heartbeat_s
+        self._out = None  # the stream in use, chosen at on_train_begin
+        self._start = None  # (time, step) when this train() began: the rate of the progress text
+        self._last = None  # (time, step) of the last Step line: the rate in the next one
+        self._said = self._drawn = 0.0  # when a line was last written (log file) or the progress line drawn
+        self._line: Optional[_ProgressLine] = None
+        self._redirected = []  # (sys attribute or logging handler, its stream, the _ClearsFirst)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last = (time.perf_counter(), state.global_step)
+        self.close()
+        if not state.is_world_process_zero:
+            return
+        now = self.clock()
+        self._start = self._last = (now, state.global_step)
+        self._said = self._drawn = now
+        self._out = self.stream or sys.stdout
+        if getattr(self._out, "isatty", lambda: False)():
+            self._line = _ProgressLine(self._out)
+            self._redirect()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._tick(state)  # a micro-batch of gradient accumulation: steps can be long
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._tick(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         if "loss" in logs:
-            now, step = time.perf_counter(), state.global_step
+            now, step = self.clock(), state.global_step
             extra = []
             if "learning_rate" in logs:
                 extra.append(f"lr {logs['learning_rate']:.3g}")
@@ -249,10 +449,79 @@ class StepLogCallback(TrainerCallback):
                 if state.max_steps > step:
                     extra.append(f"{_duration((state.max_steps - step) * per_step)} left")
             self._last = (now, step)
-            print(f"Step {step}: loss={logs['loss']:.4f}" + (f"  ({', '.join(extra)})" if extra else ""), flush=True)
+            self._print(f"Step {step}: loss={logs['loss']:.4f}" + (f"  ({', '.join(extra)})" if extra else ""))
         elif "train_runtime" in logs:
-            print(f"Training: {state.global_step} steps in {_duration(logs['train_runtime'])}, "
-                  f"mean loss {logs.get('train_loss', float('nan')):.4f}", flush=True)
+            self._print(f"Training: {state.global_step} steps in {_duration(logs['train_runtime'])}, "
+                        f"mean loss {logs.get('train_loss', float('nan')):.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Clear the progress line and give the streams back (SparseTrainer calls this if training raises)."""
+        if self._line is not None:
+            self._line.clear()
+            self._line = None
+        self._restore()
+
+    def _print(self, text: str) -> None:
+        if self._line is not None:
+            self._line.clear()
+        print(text, file=self._out or self.stream or sys.stdout, flush=True)
+        self._said = self.clock()
+
+    def _tick(self, state) -> None:
+        if self._start is None or not state.is_world_process_zero:
+            return
+        now = self.clock()
+        if self._line is not None:
+            if now - self._drawn >= REDRAW_S:
+                self._line.draw(self._progress(state, now))
+                self._drawn = now
+        elif now - self._said >= self.heartbeat_s:
+            self._print(self._progress(state, now))
+
+    def _progress(self, state, now: float) -> str:
+        """`step 13/40, 8.10 s/step, 3 min 30 s left` (the rate over this train() so far)."""
+        (began, first), step = self._start, state.global_step
+        text = f"step {step}/{state.max_steps}" if state.max_steps > 0 else f"step {step}"
+        if step <= first:
+            return f"{text}, {_duration(now - began)} into the first step"
+        per_step = (now - began) / (step - first)
+        text += f", {per_step:.2f} s/step"
+        if state.max_steps > step:
+            text += f", {_duration((state.max_steps - step) * per_step)} left"
+        return text
+
+    def _redirect(self) -> None:
+        """While the progress line is up, everything else written to the terminal clears it first."""
+        for attr in ("stdout", "stderr"):
+            stream = getattr(sys, attr)
+            if stream is self._out or getattr(stream, "isatty", lambda: False)():
+                proxy = _ClearsFirst(stream, self._line)
+                setattr(sys, attr, proxy)
+                self._redirected.append((attr, stream, proxy))
+                for handler in _stream_handlers(stream):
+                    handler.setStream(proxy)
+                    self._redirected.append((handler, stream, proxy))
+
+    def _restore(self) -> None:
+        """Undo _redirect, except where someone else has swapped the stream since."""
+        for target, stream, proxy in reversed(self._redirected):
+            if isinstance(target, str):
+                if getattr(sys, target) is proxy:
+                    setattr(sys, target, stream)
+            elif target.stream is proxy:
+                target.setStream(stream)
+        self._redirected = []
+
+
+def _stream_handlers(stream) -> list:
+    """The logging handlers (of every logger so far) that write to `stream`."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    return [h for lg in loggers for h in lg.handlers
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is stream]
 
 
 def _duration(seconds: float) -> str:
@@ -291,7 +560,7 @@ class SparseTrainer(Trainer):
         block_size: block shape of the masks, int or (bh, bw); default 16.
         optimizer_impl: SparseAdamW's `impl` ("auto", "torch", "triton").
         state_dtype: SparseAdamW's `state_dtype` (None = fp32, or torch.bfloat16).
-        handle_sigint: install SigintCheckpointCallback (default True).
+        handle_sigint: install SignalCheckpointCallback: Ctrl+C or SIGTERM checkpoints and stops (default True).
 
     The optimizer uses args.learning_rate, adam_beta1/2, adam_epsilon, weight_decay and seed (for the stochastic
     rounding of bf16 weights); `args.optim` is ignored. Given masks are checked against the model right away
@@ -478,11 +747,52 @@ class SparseTrainer(Trainer):
     def train(self, *args, **kwargs):
         try:
             output = super().train(*args, **kwargs)
-        finally:
+        finally:  # on_train_end does not run when training raises (TrainingAborted included)
             if self.sigint_callback is not None:
                 self.sigint_callback.uninstall()
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, StepLogCallback):
+                    callback.close()  # the progress line and the streams it swapped
         self.verify_sparsity("at the end of training")
         return output
+
+    # ----------------------------------------------------------------------------------- clipping and loading
+    def _clip_grad_norm(self, model):
+        """Clip by the norm of the live blocks (clip_live_grad_norm_): NaN or inf in a pruned block's gradient, which
+        SparseAdamW never reads, would make torch's whole-gradient norm NaN, and with it every weight."""
+        optimizer = self.sparse_optimizer
+        if optimizer is None:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # fp16: what accelerator.clip_grad_norm_ does first
+        return clip_live_grad_norm_(model.parameters(), self.args.max_grad_norm, optimizer)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Without clipping (max_grad_norm 0), the logged grad_norm is the live blocks' norm too.
+        optimizer = self.sparse_optimizer
+        if grad_norm is None and optimizer is not None:
+            self.accelerator.unscale_gradients()
+            grad_norm = clip_live_grad_norm_(model.parameters(), float("inf"), optimizer)
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A checkpoint of a model with tied weights (tie_word_embeddings) holds one of each tied pair: the other is
+        # "missing" but was loaded through its partner. Warn about the other missing keys only.
+        missing = [k for k in load_result.missing_keys if not self._loaded_through_tie(k, load_result.missing_keys)]
+        if len(missing) != len(load_result.missing_keys) and hasattr(load_result, "_replace"):  # a namedtuple
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)
+
+    def _loaded_through_tie(self, key: str, missing) -> bool:
+        """Whether parameter `key` is tied to a parameter that was loaded (the same tensor under another name)."""
+        model = self.accelerator.unwrap_model(self.model)
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        partners = [source for target, source in tied.items() if target == key]
+        partners += [target for target, source in tied.items() if source == key]
+        try:
+            param = model.get_parameter(key)
+            return any(p not in missing and model.get_parameter(p) is param for p in partners)
+        except AttributeError:  # not a parameter (a buffer, or a name the model does not have)
+            return False
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         # Every checkpoint and the final save pass through here: never write a model that lost its sparsity.
