@@ -20,6 +20,7 @@ Usage: ${NAME} [OPTIONS] [FINETUNE ARGS]
 
 Options:
   --num_gpus N        Number of GPUs to use (default: 1)
+                      (more GPUs than nvidia-smi lists is an error; with no GPU, leave it out: the CPU)
   --gpu_ids "X,Y"     Comma-separated GPU IDs, as nvidia-smi numbers them (default: the first N visible GPUs)
   --yes               Continue without asking when a GPU has less than ${MIN_GPU_MEMORY_GB} GB free
                       (without a terminal the script cannot ask, and stops unless --yes is given)
@@ -43,7 +44,7 @@ Examples:
   LLaMA-2-7B on wikitext:   ./${NAME} --num_gpus 2 --model out/llama2_7b/block_16x16_20sparsity/wanda/pruned_model --dataset wikitext
   Sharded (FSDP2), 4 GPUs:  ./${NAME} --num_gpus 4 --fsdp --model DIR
   Unattended (no prompt):   ./${NAME} --num_gpus 2 --yes > finetune.log 2>&1
-  No GPU: the default command runs the offline demo on the CPU, in one process.
+  No GPU: the default command (no --num_gpus, no --gpu_ids) runs the offline demo on the CPU, in one process.
 
 Gradient accumulation keeps the effective batch at 8: 1 GPU -> 8, 2 GPUs -> 4, 4 GPUs -> 2 (8 GPUs -> 1).
 Rerunning the same command resumes from the last checkpoint; Ctrl+C saves a checkpoint and stops.
@@ -58,8 +59,11 @@ Performance:
 EOF
 }
 
+# How the user ran this script: errors point to its --help, and so do the Python parser's (SPARSE_ADAMW_PROG).
+PROG="bash $(printf '%q' "$0")"
+
 die() {
-    echo "Error: $*" >&2
+    echo "Error: $* (see ${PROG} --help)" >&2
     exit 2
 }
 
@@ -81,55 +85,71 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+# ------------------------------------------------------------------ the script's own flags, checked at once
+# Before nvidia-smi, the environment and Python (seconds): a typo fails in milliseconds.
 if [[ -n "$NUM_GPUS" && ! "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
     die "--num_gpus must be a positive integer, got '${NUM_GPUS}'"
 fi
 GPU_IDS="${GPU_IDS// /}"
-if [[ -n "$GPU_IDS" && ! "$GPU_IDS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
-    die "--gpu_ids must be comma-separated GPU numbers such as \"2,3\", got '${GPU_IDS}'"
+CHOSEN=()
+if [[ -n "$GPU_IDS" ]]; then
+    [[ "$GPU_IDS" =~ ^[0-9]+(,[0-9]+)*$ ]] \
+        || die "--gpu_ids must be comma-separated GPU numbers such as \"2,3\", got '${GPU_IDS}'"
+    IFS=',' read -r -a CHOSEN <<< "$GPU_IDS"
+    if [[ -n "$NUM_GPUS" && "$NUM_GPUS" != "${#CHOSEN[@]}" ]]; then
+        die "--num_gpus ${NUM_GPUS} but --gpu_ids \"${GPU_IDS}\" names ${#CHOSEN[@]} GPU(s)"
+    fi
+    declare -A SEEN=()
+    for id in "${CHOSEN[@]}"; do
+        [[ -z "${SEEN[$id]+x}" ]] || die "GPU ${id} is listed twice in --gpu_ids"
+        SEEN[$id]=1
+    done
 fi
 
 # ------------------------------------------------------------------------------------------- which GPUs
 declare -A FREE_MB=()
 ALL_GPUS=()
-if command -v nvidia-smi >/dev/null 2>&1; then
-    if SMI_OUT="$(nvidia-smi --query-gpu=index,memory.free --format=csv,noheader,nounits 2>/dev/null)"; then
-        while IFS=', ' read -r index free; do
-            [[ "$index" =~ ^[0-9]+$ ]] || continue
-            ALL_GPUS+=("$index")
-            FREE_MB[$index]="$free"
-        done <<< "$SMI_OUT"
-    fi
+NO_GPU_REASON=""
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    NO_GPU_REASON="nvidia-smi is not on PATH"
+elif ! SMI_OUT="$(nvidia-smi --query-gpu=index,memory.free --format=csv,noheader,nounits 2>/dev/null)"; then
+    NO_GPU_REASON="nvidia-smi failed"
+else
+    while IFS=', ' read -r index free; do
+        [[ "$index" =~ ^[0-9]+$ ]] || continue
+        ALL_GPUS+=("$index")
+        FREE_MB[$index]="$free"
+    done <<< "$SMI_OUT"
+    NO_GPU_REASON="nvidia-smi lists no GPU"
 fi
 
 CPU_MODE=0
 if [[ ${#ALL_GPUS[@]} -eq 0 ]]; then
-    CPU_MODE=1
-    echo "No GPU found (nvidia-smi is missing or lists no GPU): running on the CPU in one process."
-    if [[ -n "$NUM_GPUS" && "$NUM_GPUS" != 1 ]] || [[ -n "$GPU_IDS" ]]; then
-        echo "Ignoring --num_gpus/--gpu_ids on the CPU."
+    # The CPU is the default without GPUs, never a fallback for GPUs that were asked for.
+    if [[ -n "$NUM_GPUS" || -n "$GPU_IDS" ]]; then
+        if [[ -n "$GPU_IDS" ]]; then asked="--gpu_ids ${GPU_IDS}"; else asked="--num_gpus ${NUM_GPUS}"; fi
+        die "${asked} asks for ${NUM_GPUS:-${#CHOSEN[@]}} GPU(s), but no GPU is visible (${NO_GPU_REASON});" \
+            "without --num_gpus and --gpu_ids the job runs on the CPU"
     fi
+    CPU_MODE=1
+    echo "No GPU found (${NO_GPU_REASON}): running on the CPU in one process."
     NUM_GPUS=1
-    GPU_IDS=""
     NPROC=1
 else
     if [[ -n "$GPU_IDS" ]]; then
-        IFS=',' read -r -a CHOSEN <<< "$GPU_IDS"
-        if [[ -n "$NUM_GPUS" && "$NUM_GPUS" != "${#CHOSEN[@]}" ]]; then
-            die "--num_gpus ${NUM_GPUS} but --gpu_ids \"${GPU_IDS}\" names ${#CHOSEN[@]} GPU(s)"
-        fi
-        NUM_GPUS="${#CHOSEN[@]}"
-        declare -A SEEN=()
         for id in "${CHOSEN[@]}"; do
             [[ -n "${FREE_MB[$id]+x}" ]] || die "GPU ${id} does not exist; nvidia-smi lists: ${ALL_GPUS[*]}"
-            [[ -z "${SEEN[$id]+x}" ]] || die "GPU ${id} is listed twice in --gpu_ids"
-            SEEN[$id]=1
         done
+        NUM_GPUS="${#CHOSEN[@]}"
     else
         NUM_GPUS="${NUM_GPUS:-1}"
         VISIBLE=("${ALL_GPUS[@]}")
         if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
             IFS=',' read -r -a VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+            for id in "${VISIBLE[@]}"; do
+                [[ -n "${FREE_MB[$id]+x}" ]] \
+                    || die "CUDA_VISIBLE_DEVICES names GPU ${id}, which nvidia-smi does not list (${ALL_GPUS[*]})"
+            done
         fi
         if (( NUM_GPUS > ${#VISIBLE[@]} )); then
             die "--num_gpus ${NUM_GPUS} but only ${#VISIBLE[@]} GPU(s) are visible (${VISIBLE[*]})"
@@ -144,8 +164,10 @@ fi
 # ------------------------------------------------------------------------------ the resolved configuration
 # Sets $PYTHON (creating ./.venv with the offline model and corpus on first use) and HF_HUB_OFFLINE=1.
 source "${SCRIPT_DIR}/scripts/setup_env.sh" pipeline
-# The Python entry resolves every default (and the gradient accumulation) itself; the banner shows its answer.
-if ! CONFIG="$("$PYTHON" -m sparse_adamw.pipeline.finetune --print_config --num_processes "$NPROC" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
+# The Python entry resolves every default (and the gradient accumulation) itself, and checks the other flags;
+# the banner shows its answer. When it refuses, its error (on stderr) is the last thing printed: no banner.
+if ! CONFIG="$(SPARSE_ADAMW_PROG="$PROG" "$PYTHON" -m sparse_adamw.pipeline.finetune --print_config \
+        --num_processes "$NPROC" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
     exit 2
 fi
 eval "$CONFIG"

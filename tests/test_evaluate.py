@@ -11,6 +11,10 @@ from sparse_adamw.pipeline import data
 from sparse_adamw.pipeline.evaluate import eval_zero_shot, main, perplexity
 
 
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
 def _direct_perplexity(model, blocks):
     """Wanda's eval_ppl by hand: per window, the mean NLL of the next token from log-softmaxed logits."""
     window_losses = []
@@ -59,7 +63,14 @@ def test_evaluate_cli_on_a_local_model_and_text_file(tmp_path, tiny_llama, capsy
     assert f"validation split: the first 3 of {windows.shape[0]} windows x 32 tokens" in results["evaluated"]
     assert results["perplexity"] == pytest.approx(_direct_perplexity(model, windows[:3]), rel=1e-5)
     assert results["sparsity"] == 0.0
-    assert "layer 1 sparsity" in printed and "perplexity:" in printed
+    assert results["sparsity_per_weight"] == {f"layers.{i}.{name}": 0.0 for i in range(2) for name in LINEARS}
+    # The overall sparsity only, unless --per_layer (SmolLM2 would print 30 lines).
+    assert "perplexity:" in printed and "sparsity (exact zeros in the decoder layers' Linear weights): 0.0" in printed
+    assert "layer 0 sparsity" not in printed
+    assert main(["--model", str(model_dir), "--dataset_path", str(tmp_path / "corpus.txt"), "--block_size", "32",
+                 "--max_eval_windows", "1", "--device", "cpu", "--per_layer"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer 0 sparsity 0.000000\nlayer 1 sparsity 0.000000\n" in printed
 
 
 def test_evaluate_cli_on_wikitext_saved_to_disk(tmp_path, tiny_llama):
@@ -85,7 +96,8 @@ def test_evaluate_cli_on_wikitext_saved_to_disk(tmp_path, tiny_llama):
 
 def test_evaluate_cli_help():
     out = command_help("sparse_adamw.pipeline.evaluate")
-    for flag in ("--model", "--dataset", "--dataset_path", "--block_size", "--max_eval_windows", "--eval_zero_shot"):
+    for flag in ("--model", "--dataset", "--dataset_path", "--block_size", "--max_eval_windows", "--eval_zero_shot",
+                 "--per_layer"):
         assert flag in out
 
 

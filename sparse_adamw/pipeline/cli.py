@@ -3,6 +3,7 @@ timings, and the run's versions."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,16 @@ DEFAULT_PRUNE_BLOCK = (16, 16)
 # SmolLM2-135M); on a GPU, 1024-token windows over the whole split.
 CPU_BLOCK_SIZE = 256
 CPU_MAX_EVAL_WINDOWS = 16
+
+
+# Set by run_dense_finetune.sh, so that the parser's errors point to the script the user ran, not to the module.
+PROG_ENV = "SPARSE_ADAMW_PROG"
+
+
+def command_prog(default: str) -> str:
+    """The program name a command's parser shows in its errors: $SPARSE_ADAMW_PROG when a wrapper script set it
+    (run_dense_finetune.sh sets `bash run_dense_finetune.sh`), else `default` (`python -m ...`)."""
+    return os.environ.get(PROG_ENV) or default
 
 
 def default_pruned_model() -> Path:

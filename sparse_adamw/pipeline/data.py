@@ -88,6 +88,14 @@ def _record(item, key: Optional[str], source: Path) -> Tuple[str, str]:
     raise ValueError(f"{source}: a record must be a string or an object with a 'text' field, got {str(item)[:100]!r}")
 
 
+def _require_text(path: Path, records: List[Tuple[str, str]], nothing: str) -> List[Tuple[str, str]]:
+    """The records, or a ValueError naming the file when none holds text (every split would be empty)."""
+    if not _has_text([text for _, text in records]):
+        detail = f"its {len(records)} record(s) hold no text" if records else nothing
+        raise ValueError(f"{path}: {detail}, so its train and validation splits are both empty")
+    return records
+
+
 def _read_text_file(path: Path) -> List[Tuple[str, str]]:
     paragraphs = [p.strip("\n") for p in path.read_text(encoding="utf-8").split("\n\n")]
     return [(p, p) for p in paragraphs if p.strip()]
@@ -126,9 +134,9 @@ def _load_local(path: Path) -> Dict[str, List[str]]:
             return _load_from_disk(path)
         raise ValueError(f"{path} is a directory but not a `datasets` save_to_disk directory; pass a file instead")
     if path.suffix == ".txt":
-        return split_by_hash(_read_text_file(path))
+        return split_by_hash(_require_text(path, _read_text_file(path), "the file is empty or blank"))
     if path.suffix in (".json", ".jsonl"):
-        return split_by_hash(_read_json_file(path))
+        return split_by_hash(_require_text(path, _read_json_file(path), "it holds no records"))
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .json or .jsonl")
 
 
@@ -168,21 +176,57 @@ def load_text_splits(
     return split_by_hash(_record(item, str(title), path) for title, item in corpus.items())
 
 
-def eval_split_name(splits: Dict[str, List[str]], dataset: Optional[str] = DEFAULT_DATASET) -> str:
-    """The split perplexity is reported on: wikitext's test split (as Wanda), otherwise validation."""
+def describe_source(dataset: Optional[str], dataset_path: Optional[str]) -> str:
+    """How errors name a corpus: the file or directory read, else the dataset."""
+    if dataset_path is not None:
+        return str(dataset_path)
+    return "wikitext-2-raw-v1" if dataset == "wikitext" else f"the offline corpus ({_CORPUS_DIST})"
+
+
+def _has_text(texts: Sequence[str]) -> bool:
+    return any(text.strip() for text in texts)
+
+
+def split_texts(splits: Dict[str, List[str]], split: str, source: str = "the corpus") -> List[str]:
+    """The documents of `split`, or a ValueError that tells a missing split from an empty one."""
+    if split not in splits:
+        raise ValueError(f"{source} has no {split} split (its splits: {', '.join(sorted(splits)) or 'none'})")
+    texts = splits[split]
+    if not _has_text(texts):
+        what = f"its {len(texts)} document(s) are blank" if texts else "it holds no document"
+        others = ", ".join(f"{name}: {len(docs)}" for name, docs in splits.items() if name != split)
+        # A file's split is a hash of each document's title or text: a few documents may all land in train.
+        hashed = f"; a file's documents go to validation by a hash, about {VALIDATION_FRACTION:.0%} of them" \
+            if Path(source).is_file() else ""
+        raise ValueError(f"the {split} split of {source} is empty: {what} (documents in the other splits: "
+                         f"{others or 'none'}{hashed})")
+    return texts
+
+
+def eval_split_name(splits: Dict[str, List[str]], dataset: Optional[str] = DEFAULT_DATASET,
+                    source: str = "the corpus") -> str:
+    """The split perplexity is reported on: wikitext's test split (as Wanda), otherwise validation; the first of
+    the two that holds text, else an error that says which is missing or empty."""
     preferred = ("test", "validation") if dataset == "wikitext" else ("validation", "test")
     for name in preferred:
-        if splits.get(name):
+        if _has_text(splits.get(name, ())):
             return name
-    raise ValueError(f"the corpus has no non-empty validation or test split (splits: {sorted(splits)})")
+    present = [name for name in preferred if name in splits]
+    if not present:
+        raise ValueError(f"{source} has no {' or '.join(preferred)} split to evaluate on "
+                         f"(its splits: {', '.join(sorted(splits)) or 'none'})")
+    split_texts(splits, present[0], source)  # raises: says why the split is empty
+    return present[0]
 
 
 def tokenize_and_chunk(
-    texts: Sequence[str], tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, max_samples: Optional[int] = None
+    texts: Sequence[str], tokenizer, block_size: int = DEFAULT_BLOCK_SIZE, max_samples: Optional[int] = None,
+    what: str = "the text",
 ) -> torch.Tensor:
     """Join documents with a blank line, tokenize once, cut into [n, block_size] int64 blocks (tail dropped).
 
-    `max_samples` keeps the first blocks only, as run_clm's max_train_samples does.
+    `max_samples` keeps the first blocks only, as run_clm's max_train_samples does. `what` names the text in
+    the error raised when it is shorter than one block.
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2 tokens, got {block_size}")
@@ -192,7 +236,8 @@ def tokenize_and_chunk(
     ids = tokenizer("\n\n".join(texts), return_attention_mask=False, verbose=False)["input_ids"]
     n_blocks = len(ids) // block_size
     if n_blocks == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of {block_size}")
+        raise ValueError(f"{what} has {len(ids)} tokens, fewer than one block: a block needs {block_size} tokens "
+                         f"(the block size); give it more text or pass a smaller --block_size")
     if max_samples is not None:
         n_blocks = min(n_blocks, max_samples)
     return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).reshape(n_blocks, block_size)
@@ -207,9 +252,9 @@ def train_blocks(
 ) -> torch.Tensor:
     """Token blocks of the train split: [n, block_size], the first `max_train_samples` when given."""
     splits = load_text_splits(dataset, dataset_path)
-    if not splits.get("train"):
-        raise ValueError(f"the corpus has no train split (splits: {sorted(splits)})")
-    return tokenize_and_chunk(splits["train"], tokenizer, block_size, max_train_samples)
+    source = describe_source(dataset, dataset_path)
+    texts = split_texts(splits, "train", source)
+    return tokenize_and_chunk(texts, tokenizer, block_size, max_train_samples, f"the train split of {source}")
 
 
 def eval_blocks(
@@ -221,8 +266,10 @@ def eval_blocks(
 ) -> Tuple[torch.Tensor, str]:
     """Non-overlapping evaluation windows of the eval split (see eval_split_name), and that split's name."""
     splits = load_text_splits(dataset, dataset_path)
-    split = eval_split_name(splits, dataset)
-    return tokenize_and_chunk(splits[split], tokenizer, block_size, max_windows), split
+    source = describe_source(dataset, dataset_path)
+    split = eval_split_name(splits, dataset, source)
+    blocks = tokenize_and_chunk(splits[split], tokenizer, block_size, max_windows, f"the {split} split of {source}")
+    return blocks, split
 
 
 def load_eval_windows(

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..sparsity import check_sparsity
+from ..sparsity import check_sparsity, sparsity_report
 from .cli import add_eval_arguments, default_pruned_model, load_for_eval, parse_eval_command, timed
 from .data import load_eval_windows  # noqa: F401  (its home before data.py; benchmarks import it from here)
 from .models import DEFAULT_MODEL
@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tasks", default=",".join(ZERO_SHOT_TASKS), help="comma-separated lm-eval tasks (default: Wanda's seven)"
     )
+    parser.add_argument(
+        "--per_layer", action="store_true",
+        help="also print the sparsity of every decoder layer (the JSON file always has every weight's)",
+    )
     parser.add_argument("--output_json", default=None, help="also write the results to this JSON file")
     return parser
 
@@ -124,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with timed(timings, "perplexity_s"):
         ppl = perplexity(loaded.model, loaded.windows, args.batch_size, args.device)
     print(f"perplexity: {ppl:.4f} ({timings['perplexity_s']:.1f} s)")
-    sparsity = check_sparsity(loaded.model, verbose=True)
+    sparsity = check_sparsity(loaded.model, verbose=args.per_layer)  # one line per layer: 30 for SmolLM2
     print(f"sparsity (exact zeros in the decoder layers' Linear weights): {sparsity:.6f}")
     results = {
         "model": args.model, "evaluated": loaded.evaluated, "perplexity": ppl, "perplexity_s": timings["perplexity_s"],
@@ -135,6 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results["zero_shot"] = eval_zero_shot(loaded.model, loaded.tokenizer, tasks, args.batch_size)
         print(json.dumps(results["zero_shot"], indent=2, default=str))
     if args.output_json:
+        # One more pass over the weights' zeros (no forward): cheap beside the perplexity.
+        results["sparsity_per_weight"] = sparsity_report(loaded.model)
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
