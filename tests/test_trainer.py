@@ -699,3 +699,30 @@ def test_step_log_on_a_terminal_redraws_one_progress_line_and_never_tears(monkey
         "Step 20: loss=2.3000  (lr 0.0001, 8.00 s/step)",
         "Training: 20 steps in 2 min 40 s, mean loss 2.4000",
     ]
+
+
+@pytest.mark.gpu
+def test_bf16_weights_with_gradient_checkpointing_on_the_gpu(tiny_llama, tmp_path):
+    """The 7B headline's setting, small: bf16 weights and gradients (stochastic rounding, compact bf16 states,
+    the Triton backend), gradient checkpointing on. It trains like the same run without checkpointing (the
+    recomputed forward gives the same gradients), and the pruned blocks stay exactly zero."""
+    runs = {}
+    for checkpointing in (False, True):
+        model, masks = _pruned(tiny_llama)
+        model = model.to("cuda", torch.bfloat16)
+        losses = LossLog()
+        args = _args(tmp_path / str(checkpointing), use_cpu=False, max_steps=12, logging_steps=3,
+                     learning_rate=1e-2, gradient_checkpointing=checkpointing)
+        trainer = SparseTrainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[losses],
+                                state_dtype=torch.bfloat16)
+        trainer.train()
+        optimizer = trainer.sparse_optimizer
+        assert list(optimizer._backends.values())[0].__name__.endswith("triton_impl")
+        params = _params(model)
+        for name, mask in masks.items():
+            p = params[name]
+            assert p.dtype == torch.bfloat16 and optimizer.state[p]["exp_avg"].dtype == torch.bfloat16
+            assert pruned_blocks_are_zero(p.cpu(), mask), name
+        assert losses.losses[-1] < 0.8 * losses.losses[0], losses.losses
+        runs[checkpointing] = losses.losses
+    assert runs[True] == pytest.approx(runs[False], rel=2e-2)
