@@ -171,6 +171,12 @@ if ! CONFIG="$(SPARSE_ADAMW_PROG="$PROG" "$PYTHON" -m sparse_adamw.pipeline.fine
     exit 2
 fi
 eval "$CONFIG"
+# A run would stop at this (a missing --model, say): stop now, before the banner. --dry_run shows the plan anyway.
+if [[ -n "${INPUT_ERROR:-}" && "$DRY_RUN" != 1 ]]; then
+    echo "Error: ${INPUT_ERROR}" >&2
+    echo "(see ${PROG} --help)" >&2
+    exit 2
+fi
 
 if [[ "$CPU_MODE" == 1 ]]; then
     TRAINING_MODE="CPU, one process (no GPU found)"

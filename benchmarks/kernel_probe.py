@@ -15,21 +15,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import DTYPES, make_params  # noqa: E402
+from tune_triton import kernel_ms  # noqa: E402
 
 from sparse_adamw import SparseAdamW  # noqa: E402
 from sparse_adamw.triton_kernels import sparse_adamw as kernels  # noqa: E402
-
-
-def kernel_ms(step, steps: int = 10) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages() if "sparse_adamw_kernel" in e.key) / steps / 1e3
 
 
 def compiled_registers():
@@ -55,7 +44,7 @@ def main():
         opt = SparseAdamW(params, lr=1e-4, masks=dict(zip(params, masks)), impl="triton", state_dtype=dtype)
         for _ in range(3):
             opt.step()
-        times = [kernel_ms(opt.step) for _ in range(args.rounds)]
+        times = [kernel_ms(opt.step, steps=10) for _ in range(args.rounds)]
         print(f"{args.label} {name} s={args.sparsity}: kernel {statistics.median(times):.3f} ms (median of "
               f"{args.rounds}, {min(times):.3f} to {max(times):.3f}); registers, spills: {compiled_registers()}",
               flush=True)

@@ -1,8 +1,12 @@
-"""Shared by the fine-tuning tests: a tiny pruned LLaMA on disk, a learnable local corpus, subprocess settings,
-a callback that logs the training losses."""
+"""Shared by the fine-tuning tests: a tiny pruned LLaMA on disk, a learnable local corpus, subprocess settings and
+the fine-tune command in a subprocess (read line by line, to signal it at a given moment), a small checkpoint
+folder, a callback that logs the training losses."""
+import json
 import os
 import random
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -67,6 +71,74 @@ def tiny_run_args(model_dir, corpus, output_dir, *extra):
     (two processes of the DDP test cannot share one GPU under NCCL)."""
     return ["--model", str(model_dir), "--dataset_path", str(corpus), "--block_size", "32", "--use_cpu",
             "--output_dir", str(output_dir), "--learning_rate", "3e-3", "--logging_steps", "2", *map(str, extra)]
+
+
+FINETUNE = [sys.executable, "-m", "sparse_adamw.pipeline.finetune"]
+
+
+def run_finetune(args, timeout=300, **env):
+    """The fine-tune command with `args`, run to its end in a subprocess (CompletedProcess, text)."""
+    return subprocess.run(FINETUNE + [str(a) for a in args], capture_output=True, text=True,
+                          env=subprocess_env(**env), timeout=timeout)
+
+
+class Finetune:
+    """The fine-tune command in a subprocess whose stdout is read line by line (stderr goes to a file, so that
+    neither pipe can fill up and stall it)."""
+
+    def __init__(self, args, **env):
+        self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        self.proc = subprocess.Popen(FINETUNE + [str(a) for a in args], stdout=subprocess.PIPE, stderr=self._stderr,
+                                     text=True, env=subprocess_env(**env))
+        self.lines = []
+
+    def wait_for(self, prefix):
+        """Read stdout up to the first line that starts with `prefix` and return it."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"the run ended without printing {prefix!r}:\n{self.stdout}\n{self.stderr}")
+
+    def wait_for_step(self, accept):
+        """Read stdout up to the first `Step N: loss=...` line whose N `accept(N)` takes, and return N."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("Step ") and accept(int(line[5:line.index(":")])):
+                return int(line[5:line.index(":")])
+        raise AssertionError(f"the run ended without the step asked for:\n{self.stdout}\n{self.stderr}")
+
+    def send(self, sig):
+        self.proc.send_signal(sig)
+
+    def finish(self, timeout=180):
+        """Read the rest and wait: the exit status."""
+        self.lines.extend(self.proc.stdout)
+        return self.proc.wait(timeout=timeout)
+
+    @property
+    def stdout(self):
+        return "".join(self.lines)
+
+    @property
+    def stderr(self):
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+
+def small_checkpoint(output_dir, step, max_steps=100):
+    """A checkpoint-<step> folder holding every file a usable checkpoint has, with tiny contents."""
+    from safetensors.torch import save_file
+
+    path = Path(output_dir) / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    save_file({"weight": torch.ones(4, 4)}, str(path / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.zeros(4)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+               path / "optimizer.pt")
+    torch.save({"last_epoch": step}, path / "scheduler.pt")
+    torch.save({"cpu": torch.zeros(8, dtype=torch.uint8)}, path / "rng_state.pth")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max_steps}))
+    return path
 
 
 def pruned_blocks_are_zero(weight, mask, block=16):

@@ -239,6 +239,16 @@ def test_fsdp1_flat_parameters_are_refused():
         SparseAdamW([flat], masks="auto")
 
 
+def _train_on_gpu(model, forward, dtype):
+    """STEPS steps of the Triton backend on `model`'s parameters, through `forward` (the model, or its DDP wrapper)."""
+    opt = SparseAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, masks="auto", impl="triton", seed=5)
+    for step in range(STEPS):
+        x, y = (t.cuda() for t in _batch(step, dtype))
+        torch.nn.functional.mse_loss(forward(x).float(), y.float()).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def _nccl_worker(rank, world, port, mode, dtype, out_dir):
     """FSDP2 or DDP over NCCL, one GPU per rank, the Triton backend; rank 0 saves the final whole weights."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -254,12 +264,7 @@ def _nccl_worker(rank, world, port, mode, dtype, out_dir):
         trained = model
     else:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
-    opt = SparseAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, masks="auto", impl="triton", seed=5)
-    for step in range(STEPS):
-        x, y = (t.cuda() for t in _batch(step, dtype))
-        torch.nn.functional.mse_loss(trained(x).float(), y.float()).backward()
-        opt.step()
-        opt.zero_grad()
+    _train_on_gpu(model, trained, dtype)
     final = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in model.state_dict().items()}
     if rank == 0:
         torch.save(final, os.path.join(out_dir, f"{mode}.pt"))
@@ -281,12 +286,7 @@ def test_two_gpus_over_nccl_match_one(mode, dtype, tmp_path):
     result = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
     model = _model(dtype, 0).cuda()
     masks = {n: (p == 0).cpu() for n, p in model.state_dict().items() if n.endswith("weight")}
-    opt = SparseAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, masks="auto", impl="triton", seed=5)
-    for step in range(STEPS):
-        x, y = (t.cuda() for t in _batch(step, dtype))
-        torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
-        opt.step()
-        opt.zero_grad()
+    _train_on_gpu(model, model, dtype)
     ulp = torch.finfo(dtype).eps
     for name, expected in model.state_dict().items():
         got = result[name]

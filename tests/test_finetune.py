@@ -1,19 +1,26 @@
 """python -m sparse_adamw.pipeline.finetune: defaults, a short run on a tiny model, another block shape, resume,
-Ctrl+C, DDP through torchrun."""
+Ctrl+C, DDP through torchrun; reruns (complete, another configuration, other weights, damaged checkpoints), Ctrl+C in
+every phase, bad input that fails at once, and runs interrupted and killed that end bitwise equal to one that was
+not."""
 import json
+import math
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from finetune_helpers import (
+    Finetune,
     learnable_corpus,
     pruned_blocks_are_zero,
     pruned_tiny_model,
+    run_finetune,
+    small_checkpoint,
     subprocess_env,
     tiny_run_args,
 )
@@ -24,10 +31,11 @@ from sparse_adamw.pipeline.finetune import (
     gradient_accumulation_for,
     last_checkpoint,
     main,
+    parse_arguments,
     resolve_arguments,
     _split,
 )
-from sparse_adamw.masks import MASKS_FILE, expand_block_mask, load_masks
+from sparse_adamw.masks import MASKS_FILE, expand_block_mask, load_masks, save_masks
 
 STEP_LINE = re.compile(r"^Step (\d+): loss=(\d+\.\d{4})\b", re.M)
 
@@ -100,6 +108,7 @@ def test_print_config_is_shell_readable(capsys):
     assert main(["--print_config", "--model", "x/pruned_model", "--num_processes", "4"]) == 0
     values = dict(shlex.split(line)[0].split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert values["MODEL"] == "x/pruned_model" and values["MODEL_NOTE"] == " (not found here)"
+    assert values["INPUT_ERROR"].startswith("--model x/pruned_model does not exist") and values["RUN_STATE"] == "new"
     assert values["OUTPUT_DIR"] == "x/dense_finetuned_model"
     assert (values["GRADIENT_ACCUMULATION"], values["EFFECTIVE_BATCH"], values["LEARNING_RATE"]) == ("2", "8", "5e-5")
     assert format_lr(1e-4) == "1e-4" and format_lr(2.5e-5) == "2.5e-5"
@@ -107,12 +116,64 @@ def test_print_config_is_shell_readable(capsys):
 
 def test_last_checkpoint_skips_an_incomplete_one(tmp_path, capsys):
     assert last_checkpoint(tmp_path) is None
-    for step in (5, 10, 20):
-        (tmp_path / f"checkpoint-{step}").mkdir()
     for step in (5, 10):
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        small_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-20").mkdir()  # a kill during its save: trainer_state.json, written last, is missing
+    (tmp_path / "checkpoint-20" / "model.safetensors").write_bytes(b"")
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    assert "incomplete checkpoint" in capsys.readouterr().err
+    assert "checkpoint-20: no trainer_state.json" in capsys.readouterr().err
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "optimizer.pt truncated": lambda c: _truncate(c / "optimizer.pt"),
+    "model.safetensors truncated": lambda c: _truncate(c / "model.safetensors"),
+    "trainer_state.json empty": lambda c: (c / "trainer_state.json").write_text(""),
+    "scheduler.pt missing": lambda c: (c / "scheduler.pt").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys, damage):
+    small_checkpoint(tmp_path, 10)
+    DAMAGES[damage](small_checkpoint(tmp_path, 20))
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "damaged checkpoint" in lines[0] and "checkpoint-20" in lines[0], lines
+
+
+BAD_INPUTS = {  # flags -> what the one error line says
+    "missing model": (["--model", "{tmp}/nowhere"], "--model {tmp}/nowhere does not exist"),
+    "not a model": (["--model", "{tmp}"], "has no config.json"),
+    "missing masks": (["--masks_file", "{tmp}/masks.pt"], "--masks_file {tmp}/masks.pt does not exist"),
+    "missing corpus": (["--dataset_path", "{tmp}/none.txt"], "--dataset_path {tmp}/none.txt does not exist"),
+    "zero learning rate": (["--learning_rate", "0"], "--learning_rate must be positive"),
+    "zero steps": (["--max_steps", "0"], "--max_steps must be positive"),
+    "zero save steps": (["--save_steps", "0"], "--save_steps must be positive"),
+    "negative logging steps": (["--logging_steps", "-1"], "--logging_steps must be positive"),
+    "one-token sequences": (["--block_size", "1"], "--block_size must be at least 2"),
+    "bad block shape": (["--prune_block", "16y16"], "block shape must look like 16 or 16x16"),
+    "output is a file": (["--output_dir", "{tmp}/file"], "--output_dir {tmp}/file is a file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_at_once_with_one_line(tiny, tmp_path, capsys, case):
+    """Checked before any model is loaded: exit 2 within two seconds, one error line naming the flag."""
+    model_dir, _, corpus = tiny
+    (tmp_path / "file").write_text("")
+    flags, expected = BAD_INPUTS[case]
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_run_args(model_dir, corpus, tmp_path / "out", "--skip_eval", "--max_steps", 1) + flags)
+    assert exit_info.value.code == 2 and time.perf_counter() - started < 2.0
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and expected.format(tmp=tmp_path) in errors[0], errors
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_our_flags_and_the_trainers(capsys):
@@ -209,26 +270,104 @@ def test_a_masks_file_in_8x8_blocks_reports_its_own_pruned_fraction(tmp_path, ti
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny, tmp_path, capsys):
+    """A complete run kept its last checkpoint (--keep_checkpoints): a larger --max_steps trains on from it."""
     model_dir, _, corpus = tiny
     out = tmp_path / "finetuned"
-    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 4, "--save_steps", 2, "--skip_eval")) == 0
-    capsys.readouterr()
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 4, "--save_steps", 2, "--skip_eval",
+                              "--keep_checkpoints")) == 0
+    assert "kept checkpoint-4" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
     assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 6, "--save_steps", 2, "--skip_eval")) == 0
     text = capsys.readouterr().out
     assert f"Resuming from {out / 'checkpoint-4'}" in text
     assert [s for s, _ in _losses(text)] == [6]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    assert not list(out.glob("checkpoint-*"))
+    # Now there is no checkpoint to go on from: a longer run is refused, naming the ways out.
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_run_args(model_dir, corpus, out, "--max_steps", 8, "--skip_eval"))
+    assert exit_info.value.code == 2
+    assert "no checkpoint to train on from" in capsys.readouterr().err
     # --overwrite_output_dir starts afresh.
-    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--skip_eval", "--overwrite_output_dir")) == 0
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--skip_eval", "--overwrite_output_dir",
+                              "--keep_checkpoints")) == 0
     text = capsys.readouterr().out
     assert "Resuming" not in text and [s for s, _ in _losses(text)] == [2]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_a_rerun_of_a_complete_run_changes_nothing(tiny, tmp_path, capsys):
+    """It says the run is complete, where and what its results are, and exits 0 with every file byte-identical
+    (it used to train one step past the end and overwrite the model and the report). What the run keeps once
+    complete: the model, tokenizer, masks, report, trainer state and run_config.json, no checkpoint."""
+    model_dir, _, corpus = tiny
+    out = tmp_path / "finetuned"
+    args = tiny_run_args(model_dir, corpus, out, "--max_steps", 4, "--save_steps", 2, "--max_eval_windows", 4)
+    assert main(args) == 0
+    assert re.search(rf"^Output folder: {re.escape(str(out))}, [\d.]+ kB on disk \(checkpoints deleted",
+                     capsys.readouterr().out, re.M)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", MASKS_FILE, "finetune_report.json",
+            "trainer_state.json", "run_config.json"} <= names, names
+    assert not [n for n in names if n.startswith(("checkpoint-", ".tmp")) or n.endswith(".tmp")], names
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # The same run, and one that differs only in what does not change the result.
+    for extra in ([], ["--logging_steps", 1, "--save_steps", 3, "--max_eval_windows", 2, "--skip_eval"]):
+        assert main(args + list(map(str, extra))) == 0
+        text = capsys.readouterr().out
+        assert f"This run is already complete (4 steps): the fine-tuned model and finetune_report.json are in {out}" \
+            in text, text
+        assert re.search(r"^  perplexity [\d.]+ -> [\d.]+ \| sparsity \(exact zeros\) 0\.2500 -> 0\.2500", text, re.M)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_rerun_with_another_configuration_is_refused_before_loading(tiny, tmp_path, capsys):
+    """Every difference that changes the result is named, old -> new, with the two ways out; nothing is loaded."""
+    model_dir, _, corpus = tiny
+    out = tmp_path / "finetuned"
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--skip_eval")) == 0
+    capsys.readouterr()
+    changed = tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--skip_eval", "--block_size", 64,
+                            "--learning_rate", "1e-3", "--seed", 7, "--gradient_accumulation_steps", 4)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(changed)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for line in ("  block_size: 32 -> 64", "  effective_batch_size: 8 -> 4", "  learning_rate: 0.003 -> 0.001",
+                 "  seed: 42 -> 7", "use another --output_dir, or --overwrite_output_dir"):
+        assert line in err, err
+    assert main(changed + ["--overwrite_output_dir"]) == 0
+
+
+def test_the_cpu_demo_is_not_continued_under_the_defaults_of_a_model_run(tmp_path, monkeypatch, capsys):
+    """--model on the CPU means the guide's defaults (1024 tokens, lr 5e-5, effective batch 8, epochs), not the
+    CPU demo's: a rerun of the demo's folder with --model is refused, naming what the defaults changed."""
+    from sparse_adamw.pipeline.finetune import inspect_output_dir, result_config, schedule_of
+    from sparse_adamw.pipeline.run_folder import RECORD_FORMAT, RUN_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    demo = _resolve([])
+    inspect_output_dir(demo)
+    out = tmp_path / demo.training["output_dir"]
+    small_checkpoint(out, 10, max_steps=40)
+    (out / RUN_CONFIG).write_text(json.dumps({"format": RECORD_FORMAT, "config": result_config(demo),
+                                              "schedule": schedule_of(demo.training), "fingerprint": {}}))
+    assert (tmp_path / parse_arguments([]).resume_from) == out / "checkpoint-10"  # the demo itself resumes
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["--model", demo.args.model])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for line in ("  block_size: 256 -> 1024", "  effective_batch_size: 4 -> 8", "  learning_rate: 0.0001 -> 5e-05",
+                 "  max_steps: 40 -> -1"):
+        assert line in err, err
+
+
 def test_clear_errors(tiny, tmp_path, tiny_llama, capsys):
     model_dir, masks, corpus = tiny
-    assert main(tiny_run_args(tmp_path / "missing", corpus, tmp_path / "o")) == 2
-    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_run_args(tmp_path / "missing", corpus, tmp_path / "o"))
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
     # The masks of the 2-layer model given to a 1-layer one.
     other, _ = pruned_tiny_model(tmp_path / "other", lambda: tiny_llama(num_hidden_layers=1))
     assert main(tiny_run_args(other, corpus, tmp_path / "o", "--masks_file", model_dir / MASKS_FILE)) == 2
@@ -236,10 +375,13 @@ def test_clear_errors(tiny, tmp_path, tiny_llama, capsys):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny, tmp_path):
+    """Checkpoints every step (the Trainer keeps 2), so the resumed run deletes the one it resumed from: it used to
+    crash at the end reading it. The report's train_loss is the whole run's; this_process says what this one ran."""
     model_dir, _, corpus = tiny
     out = tmp_path / "finetuned"
     command = [sys.executable, "-m", "sparse_adamw.pipeline.finetune",
-               *tiny_run_args(model_dir, corpus, out, "--max_steps", 100000, "--skip_eval", "--logging_steps", 1)]
+               *tiny_run_args(model_dir, corpus, out, "--max_steps", 100000, "--skip_eval", "--logging_steps", 1,
+                              "--save_steps", 1)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
     lines = []
     for line in proc.stdout:
@@ -259,6 +401,151 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Resuming from {checkpoint}" in done.stdout
     assert [s for s, _ in _losses(done.stdout)] == [stopped + 1, stopped + 2]
+    report = json.loads((out / "finetune_report.json").read_text())
+    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(losses) == report["steps"] == stopped + 2
+    assert report["train_loss"] == pytest.approx(math.fsum(losses) / len(losses), rel=1e-12)
+    assert report["this_process"]["first_step"] == stopped + 1 and report["this_process"]["last_step"] == stopped + 2
+    assert report["this_process"]["train_loss"] == pytest.approx(sum(losses[-2:]) / 2, rel=1e-6)
+
+
+def _interrupted_run(model_dir, corpus, out, *extra):
+    """A run stopped by Ctrl+C soon after its second step (at the end of the step it is in): that step."""
+    run = Finetune(tiny_run_args(model_dir, corpus, out, "--max_steps", 100000, "--skip_eval", "--logging_steps", 1,
+                                 *extra))
+    run.wait_for("Step 2:")
+    run.send(signal.SIGINT)
+    assert run.finish() == 130, run.stdout + run.stderr
+    return int(re.search(r"Interrupted at step (\d+): checkpoint saved", run.stdout).group(1))
+
+
+def test_a_rerun_resumes_from_the_newest_usable_checkpoint(tiny, tmp_path, capsys):
+    model_dir, _, corpus = tiny
+    out = tmp_path / "finetuned"
+    stopped = _interrupted_run(model_dir, corpus, out, "--save_steps", 1)
+    newest = out / f"checkpoint-{stopped}"
+    _truncate(newest / "optimizer.pt")
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", stopped + 1, "--skip_eval", "--logging_steps",
+                              1, "--save_steps", 1)) == 0
+    captured = capsys.readouterr()
+    assert f"Resuming from {out / f'checkpoint-{stopped - 1}'}" in captured.out
+    assert f"skipping the damaged checkpoint {newest}: optimizer.pt does not load" in captured.err
+    assert [s for s, _ in _losses(captured.out)] == [stopped, stopped + 1]
+
+
+def test_a_checkpoint_of_other_weights_or_masks_is_refused(tiny, tmp_path, tiny_llama, capsys):
+    """The same paths, other contents: another magnitude pruning of another model of the same architecture, or
+    other masks in the same file. Their checkpoint used to be adopted silently (its weights and masks winning)."""
+    model_dir, masks, corpus = tiny
+    out, masks_file = tmp_path / "finetuned", model_dir / MASKS_FILE
+    stopped = _interrupted_run(model_dir, corpus, out, "--masks_file", masks_file)
+    rerun = tiny_run_args(model_dir, corpus, out, "--max_steps", stopped + 2, "--skip_eval", "--masks_file",
+                          masks_file)
+    name = next(iter(masks))
+    other = dict(masks, **{name: masks[name].clone()})
+    other[name][(~other[name]).nonzero()[0].tolist()] = True  # a pruned block declared live: still true of W
+    save_masks(masks_file, other, 16)
+    assert main(rerun) == 2
+    err = capsys.readouterr().err
+    assert "started from other weights or masks" in err and f"  masks: {MASKS_FILE} (sha256 " in err, err
+    assert "use another --output_dir, or --overwrite_output_dir" in err
+    pruned_tiny_model(model_dir, lambda: tiny_llama(seed=1))
+    assert main(rerun) == 2
+    assert "  weights: model.safetensors (sha256 " in capsys.readouterr().err
+
+
+def test_block_masks_next_to_the_model_bring_their_block_shape(tmp_path, tiny_llama, capsys):
+    """Pruned in 7x5 blocks, fine-tuned with the default --prune_block: the prune step's block_masks.pt is used
+    (it used to train with no masks at all, "Masks checked: 0 weights"); without it, the run is refused."""
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, block=(7, 5))
+    corpus = learnable_corpus(tmp_path / "corpus.txt")
+    weights = {n: p for n, p in tiny_llama().named_parameters() if n.startswith("model.layers.") and p.dim() == 2}
+    expected = sum(int((~expand_block_mask(masks[n], w.shape, (7, 5))).sum()) for n, w in weights.items()) / sum(
+        w.numel() for w in weights.values())
+    assert main(tiny_run_args(model_dir, corpus, tmp_path / "out", "--max_steps", 2, "--skip_eval")) == 0
+    text = capsys.readouterr().out
+    assert f"Block masks: {model_dir / MASKS_FILE} (the prune step's, {len(masks)} weights in 7x5 blocks)" in text
+    assert f"Masks checked: {len(masks)} weights" in text
+    assert re.search(rf"^Pruned 7x5 blocks\s+{expected:.4f}\s+{expected:.4f}$", text, re.M), text
+    report = json.loads((tmp_path / "out" / "finetune_report.json").read_text())
+    assert report["pruned_block_fraction"] == {"before": expected, "after": expected}
+    (model_dir / MASKS_FILE).unlink()
+    assert main(tiny_run_args(model_dir, corpus, tmp_path / "out2", "--max_steps", 2, "--skip_eval")) == 2
+    assert "was it pruned in another block shape? Pass the prune step's --prune_block" in capsys.readouterr().err
+    assert main(tiny_run_args(model_dir, corpus, tmp_path / "out3", "--max_steps", 2, "--skip_eval",
+                              "--prune_block", "7x5")) == 0
+    assert re.search(rf"^Pruned 7x5 blocks\s+{expected:.4f}\s+{expected:.4f}$", capsys.readouterr().out, re.M)
+
+
+PHASES = {  # the test hook's pause point -> (the phase the message names, whether the final model is in place)
+    "load": ("loading the model and data", False),
+    "eval_before": ("evaluating the pruned model", False),
+    "install": ("saving the fine-tuned model", False),  # written to the staging folder, not yet renamed into place
+    "eval_after": ("evaluating the fine-tuned model", True),
+    "report": ("writing the report", True),
+    "cleanup": ("deleting the checkpoints", True),
+}
+
+
+def _phase_args(tiny, out):
+    model_dir, _, corpus = tiny
+    return tiny_run_args(model_dir, corpus, out, "--max_steps", 4, "--save_steps", 2, "--max_eval_windows", 4)
+
+
+def _nothing_half_written(out, point, masks):
+    from safetensors.torch import load_file
+
+    json.loads((out / "run_config.json").read_text())
+    final = PHASES[point][1]
+    assert not list(out.glob("*.tmp")) and (out / "model.safetensors").is_file() == final, point
+    assert (out / "finetune_report.json").is_file() == (point == "cleanup"), point
+    if final:
+        weights = load_file(out / "model.safetensors")
+        assert all(pruned_blocks_are_zero(weights[name], mask) for name, mask in masks.items())
+
+
+@pytest.mark.parametrize("point", PHASES)
+def test_ctrl_c_in_any_phase_exits_130_with_nothing_half_written(tiny, tmp_path, capsys, monkeypatch, point):
+    """KeyboardInterrupt (what Ctrl+C raises) at a point in each phase outside the training loop: exit 130 with one
+    line, every file in the output folder whole or absent; the same command then completes (from the checkpoint of
+    the last step, without training again) or says the run is complete."""
+    import sparse_adamw.pipeline.finetune as finetune
+
+    def ctrl_c_at(here):
+        if here == point:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(finetune, "_pause_here", ctrl_c_at)
+    try:
+        assert main(_phase_args(tiny, out)) == 130
+    except KeyboardInterrupt:  # uncaught, it would end the whole test session
+        pytest.fail(f"KeyboardInterrupt at {point} escaped main()")
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"Interrupted while {PHASES[point][0]}; rerun the same command to resume"
+    _nothing_half_written(out, point, tiny[1])
+    monkeypatch.undo()
+    assert main(_phase_args(tiny, out)) == 0
+    expected = {"load": "Step 4:", "eval_before": "Step 4:", "cleanup": "This run is already complete (4 steps)"}.get(
+        point, f"{out / 'checkpoint-4'} holds all 4 steps: finishing the run from it")
+    assert expected in capsys.readouterr().out
+    assert json.loads((out / "finetune_report.json").read_text())["steps"] == 4
+
+
+def test_a_real_ctrl_c_outside_training_exits_130_with_one_line(tiny, tmp_path):
+    """The same with real signals, in subprocesses paused by SPARSE_ADAMW_TEST_PAUSE: while evaluating, and between
+    writing the final model and renaming it into place."""
+    runs = {point: Finetune(_phase_args(tiny, tmp_path / point), SPARSE_ADAMW_TEST_PAUSE=point)
+            for point in ("eval_before", "install")}
+    for point, run in runs.items():
+        run.wait_for(f"[SPARSE_ADAMW_TEST_PAUSE] paused at {point}")
+        run.send(signal.SIGINT)
+    for point, run in runs.items():
+        assert run.finish() == 130, run.stdout + run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1] == (f"Interrupted while {PHASES[point][0]}; rerun the same "
+                                                       "command to resume")
+        _nothing_half_written(tmp_path / point, point, tiny[1])
 
 
 def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path):
@@ -295,3 +582,60 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path):
         assert pruned_blocks_are_zero(w2[name], mask), f"{name}: DDP made a pruned block nonzero"
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst <= 1e-5, f"weights differ by up to {worst}"
+
+
+# ---------------------------------------------------------------------------------------- fault injection
+REPORT_DETERMINISTIC = ("steps", "train_loss", "perplexity", "sparsity", "pruned_block_fraction",
+                        "effective_batch_size", "block_size", "learning_rate", "world_size", "device", "dtype",
+                        "bf16_autocast", "fsdp", "configuration")
+
+
+def test_interrupted_and_killed_runs_end_bitwise_equal_to_an_uninterrupted_one(tiny, tmp_path):
+    """The fault-injection promise: Ctrl+C at one step, SIGTERM (a batch scheduler's) two steps into the rerun, kill -9
+    as a later checkpoint's step line appears (its save follows that line at once), then the same command again: the
+    final weights are bitwise those of a run never interrupted, and so are the report's deterministic fields (logging
+    every step, so that the whole run's mean loss adds the same per-step losses in the same order)."""
+    from safetensors.torch import load_file
+
+    model_dir, masks, corpus = tiny
+
+    def args(out):
+        return tiny_run_args(model_dir, corpus, out, "--max_steps", 16, "--save_steps", 2, "--logging_steps", 1,
+                             "--max_eval_windows", 4)
+
+    whole = Finetune(args(tmp_path / "whole"))  # alongside the interrupted ones
+    out, stopped = tmp_path / "interrupted", 1
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        run = Finetune(args(out))
+        run.wait_for_step(lambda step: step >= stopped + 2)
+        run.send(sig)
+        assert run.finish() == 130, run.stdout + run.stderr
+        stopped = int(re.search(r"^Interrupted at step (\d+): checkpoint saved", run.stdout, re.M).group(1))
+    run = Finetune(args(out))
+    killed = run.wait_for_step(lambda step: step >= stopped + 2 and step % 2 == 0)
+    run.send(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL and killed < 16
+    done = run_finetune(args(out))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert "Resuming from" in done.stdout
+    assert whole.finish() == 0, whole.stdout + whole.stderr
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after the interruptions"
+    for name, mask in masks.items():
+        assert pruned_blocks_are_zero(b[name], mask), f"{name}: a pruned block is nonzero"
+    reports = [json.loads((d / "finetune_report.json").read_text()) for d in (tmp_path / "whole", out)]
+    for key in REPORT_DETERMINISTIC:
+        assert reports[0][key] == reports[1][key], key
+    assert reports[1]["resumed_from"] and reports[1]["this_process"]["last_step"] == 16
+
+
+def test_whole_run_loss_weighs_each_log_by_the_steps_it_covers():
+    from sparse_adamw.pipeline.finetune import whole_run_loss
+
+    history = [{"loss": 4.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 1.0, "step": 3},
+               {"loss": 2.0, "step": 6}, {"train_loss": 7.0, "step": 6}]
+    assert whole_run_loss(history) == (4.0 * 2 + 1.0 + 2.0 * 3) / 6
+    assert whole_run_loss(history, after=3) == 2.0 and whole_run_loss(history, after=6) is None
+    assert whole_run_loss([]) is None

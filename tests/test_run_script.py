@@ -219,7 +219,6 @@ def test_command_prog_is_the_wrappers_name_when_it_sets_one(monkeypatch):
     assert command_prog("python -m sparse_adamw.pipeline.finetune") == "bash run_dense_finetune.sh"
 
 
-@pytest.mark.xfail(reason="waits for finetune.build_parser to set parser.prog = cli.command_prog(...)", strict=False)
 def test_the_python_sides_errors_point_to_the_script_when_run_through_it(fake_gpus):
     done = fake_gpus(["--no_such_flag", "--dry_run"], gpus="0:81000")
     assert done.returncode == 2

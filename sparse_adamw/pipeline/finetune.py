@@ -16,35 +16,68 @@ Under torchrun the ranks train with DDP; --fsdp shards the weights, gradients an
 GPUs with FSDP2 instead (accelerate's fully_shard through the Trainer; GPUs only). Either way the checkpoint's
 optimizer.pt has the one-process format, so a run can resume on another number of GPUs.
 
-Rerunning the same command resumes from the last complete checkpoint in --output_dir (unless
---overwrite_output_dir). The first Ctrl+C saves a checkpoint at the end of the current step and exits with
-status 130; a second one aborts without saving. The result, in --output_dir: the model in safetensors with its
-tokenizer, trainer_state.json, block_masks.pt and finetune_report.json (perplexity and sparsity before and after:
-check_sparsity's exact zeros, and the fraction of weights in pruned blocks, which cannot change).
+The run keeps its resolved configuration and a fingerprint of its starting weights and masks in --output_dir
+(run_config.json, see run_folder.py). Rerunning the same command resumes from the last usable checkpoint there
+(a damaged one is named and skipped); a rerun that differs in anything that changes the result is refused before
+anything is loaded, naming each difference; a larger --max_steps or --num_train_epochs trains on; a rerun of a
+complete run says so and changes nothing; --overwrite_output_dir starts afresh. The first Ctrl+C saves a checkpoint
+at the end of the current step and exits with status 130; a second one aborts without saving; one in any other
+phase exits 130 too, leaving every file whole or absent. The result, in --output_dir: the model in safetensors with
+its tokenizer, trainer_state.json, block_masks.pt, run_config.json and finetune_report.json (perplexity and
+sparsity before and after: check_sparsity's exact zeros, and the fraction of weights in pruned blocks, which cannot
+change). Once the run is complete its checkpoints are deleted (--keep_checkpoints keeps the last one, to train
+longer later).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
-import re
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 from ..backends import IMPLS
-from ..masks import MASKS_FILE, normalize_block_size, save_masks
+from ..masks import MASKS_FILE, leaked_blocks, normalize_block_size, save_masks
 from ..sparsity import check_sparsity, pruned_fraction
-from .cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, LOAD_ERRORS, default_pruned_model, timed, versions
+from .cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, LOAD_ERRORS, command_prog, default_pruned_model, timed, versions
 from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
-from .models import model_slug
+from .models import DEFAULT_MODEL, model_slug
+from .run_folder import (
+    RECORD_FORMAT,
+    REPORT_FILE,
+    RUN_CONFIG,
+    STAGING,
+    TRAINER_STATE,
+    WAYS_OUT,
+    RunFolderError,
+    Status,
+    checkpoint_dirs,
+    clear_leftovers,
+    clear_run,
+    fingerprint,
+    fingerprint_differences,
+    folder_size,
+    format_size,
+    inspect,
+    install,
+    last_checkpoint,  # noqa: F401 - public here since before run_folder.py
+    load_weights,
+    read_json,
+    remove_checkpoints,
+    weight_files,
+    write_json,
+)
 
 EFFECTIVE_BATCH_SIZE = 8
 DEFAULT_MAX_TRAIN_SAMPLES = 30000
@@ -57,8 +90,16 @@ CPU_MAX_STEPS = 40
 CPU_LEARNING_RATE = 1e-4
 CPU_SAVE_STEPS = 10
 FINETUNED_DIR = "dense_finetuned_model"
-REPORT_FILE = "finetune_report.json"
 EXIT_INTERRUPTED = 130  # the shell's code for a job stopped by SIGINT
+# A model with at least this fraction of exact zeros in its decoder Linear weights is a pruned one (a quantized
+# but unpruned checkpoint has a few hundredths of a percent): if none of its blocks is all zero, it was pruned in
+# another block shape.
+PRUNED_ZEROS = 0.01
+# What run_config.json compares besides FinetuneArguments' own: the TrainingArguments that change the result.
+RESULT_TRAINING_KEYS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+                        "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "seed",
+                        "data_seed")
+PAUSE_ENV = "SPARSE_ADAMW_TEST_PAUSE"  # tests: stop at a named point until a signal comes
 
 
 def gradient_accumulation_for(num_processes: int, per_device_batch_size: int = 1,
@@ -85,25 +126,6 @@ def default_output_dir(model: str) -> Path:
     return Path("out") / model_slug(model) / FINETUNED_DIR
 
 
-def last_checkpoint(output_dir) -> Optional[str]:
-    """The newest complete checkpoint-N in `output_dir` (one with trainer_state.json, which is written last).
-
-    Unlike transformers' get_last_checkpoint, this skips a checkpoint cut short by a kill during its save.
-    """
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    found = []
-    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").is_file():
-            return str(path)
-        print(f"note: skipping the incomplete checkpoint {path} (no trainer_state.json)", file=sys.stderr)
-    return None
-
-
 def describe_dataset(dataset: Optional[str], dataset_path: Optional[str]) -> str:
     if dataset == "wikitext":
         name = "wikitext (wikitext-2-raw-v1)"
@@ -126,7 +148,8 @@ class FinetuneArguments:
         "the pruned model: a saved model directory or a .gguf file (default: the offline default, "
         f"{default_pruned_model()}, made by `python -m sparse_adamw.pipeline.prune` first if it does not exist)")})
     masks_file: Optional[str] = field(default=None, metadata={"help": (
-        f"block masks to keep ({MASKS_FILE} from the prune step); default: derived from the model's all-zero blocks")})
+        f"block masks to keep ({MASKS_FILE} from the prune step); default: the {MASKS_FILE} next to the model when "
+        "there is one (its masks and block shape), else derived from the model's all-zero blocks")})
     prune_block: str = field(default="16x16", metadata={"help": (
         "block shape of the masks, 16 or 16x16 (a --masks_file brings its own)")})
     dataset: Optional[str] = field(default=None, metadata={"choices": DATASETS, "help": (
@@ -141,7 +164,10 @@ class FinetuneArguments:
         f"perplexity on the first N windows of the eval split; 0 = all (default all; {CPU_MAX_EVAL_WINDOWS} on CPU)")})
     skip_eval: bool = field(default=False, metadata={"help": "skip the perplexity before and after training"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
-        "start afresh: delete the checkpoints in --output_dir instead of resuming from the last one")})
+        "start afresh: delete the checkpoints and the run's record in --output_dir instead of resuming")})
+    keep_checkpoints: bool = field(default=False, metadata={"help": (
+        "once the run is complete, keep its last checkpoint (to train longer later with a larger --max_steps); "
+        "by default every checkpoint is deleted then")})
     dtype: Optional[str] = field(default=None, metadata={"choices": ("float32", "bfloat16"), "help": (
         "dtype of the weights being trained (default: bfloat16 where the GPU supports it, with SparseAdamW's "
         "stochastic rounding, which halves the weight and gradient memory; float32 on CPU)")})
@@ -192,7 +218,7 @@ class _Parser(HfArgumentParser):
 
 def build_parser() -> HfArgumentParser:
     parser = _Parser((FinetuneArguments, FinetuneTrainingArguments))
-    parser.prog = "python -m sparse_adamw.pipeline.finetune"
+    parser.prog = command_prog("python -m sparse_adamw.pipeline.finetune")
     parser.description = __doc__.split("\n\n")[0] + (
         " Takes every TrainingArguments flag as well. With no arguments: the offline default, end to end.")
     return parser
@@ -217,6 +243,11 @@ class Plan:
     cpu_default: bool
     model_exists: bool
     resume_from: Optional[str]
+    masks_found: bool = False  # --masks_file is the prune step's block_masks.pt found next to the model
+    # Filled by inspect_output_dir: what changes the result, the schedule, and what the output folder holds.
+    config: Dict[str, Any] = field(default_factory=dict)
+    schedule: Dict[str, Any] = field(default_factory=dict)
+    status: Status = field(default_factory=Status)
 
     @property
     def effective_batch_size(self) -> int:
@@ -231,6 +262,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     on_cpu = bool(training.get("use_cpu")) or not cuda_available
     cpu_default = on_cpu and args.model is None
     _resolve_data(args, on_cpu, cpu_default)
+    masks_found = _resolve_masks(args)
     _resolve_schedule(training, world_size, cpu_default)
     _resolve_precision(args, training, on_cpu, bf16_supported)
     if training.get("fsdp"):
@@ -243,11 +275,9 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
             training["ddp_backend"] = "gloo"
     if training["output_dir"] is None:
         training["output_dir"] = str(default_output_dir(args.model))
-    output_dir = Path(training["output_dir"])
-    resume_from = None
-    if not args.overwrite_output_dir and output_dir.is_dir():
-        resume_from = last_checkpoint(output_dir)
-    return Plan(args, training, world_size, on_cpu, cpu_default, Path(args.model).exists(), resume_from)
+    if Path(training["output_dir"]).is_file():
+        raise ValueError(f"--output_dir {training['output_dir']} is a file, not a folder")
+    return Plan(args, training, world_size, on_cpu, cpu_default, Path(args.model).exists(), None, masks_found)
 
 
 def _resolve_world_size(args: FinetuneArguments, world_size: int) -> int:
@@ -276,6 +306,19 @@ def _resolve_data(args: FinetuneArguments, on_cpu: bool, cpu_default: bool) -> N
         raise ValueError(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
 
 
+def _resolve_masks(args: FinetuneArguments) -> bool:
+    """No --masks_file: the prune step's block_masks.pt next to the model, when it is there (or, for the offline
+    default, will be: the prune step makes both). True when it is taken so."""
+    normalize_block_size(args.prune_block)  # a typo fails here, before anything is loaded
+    if args.masks_file is not None:
+        return False
+    model = Path(args.model)
+    if (model / MASKS_FILE).is_file() or (args.model == str(default_pruned_model()) and not model.exists()):
+        args.masks_file = str(model / MASKS_FILE)
+        return True
+    return False
+
+
 def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default: bool) -> None:
     """Learning rate, steps, checkpoints and the gradient accumulation that keeps the effective batch."""
     if training["learning_rate"] is None:
@@ -291,6 +334,19 @@ def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default:
     if training["gradient_accumulation_steps"] < 1:
         raise ValueError("--gradient_accumulation_steps must be positive, got "
                          f"{training['gradient_accumulation_steps']}")
+    _check_numbers(training)
+
+
+def _check_numbers(t: Dict[str, object]) -> None:
+    if t["learning_rate"] <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {t['learning_rate']}")
+    if t["max_steps"] == 0 or t["max_steps"] < -1:
+        raise ValueError(f"--max_steps must be positive (or -1: train --num_train_epochs), got {t['max_steps']}")
+    if t["max_steps"] == -1 and t["num_train_epochs"] <= 0:
+        raise ValueError(f"--num_train_epochs must be positive, got {t['num_train_epochs']}")
+    for name in ("save_steps", "logging_steps", "per_device_train_batch_size"):
+        if t[name] <= 0:
+            raise ValueError(f"--{name} must be positive, got {t[name]}")
 
 
 def _resolve_precision(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool,
@@ -321,16 +377,83 @@ def _resolve_fsdp(training: Dict[str, object], on_cpu: bool, world_size: int) ->
     training["fsdp"] = True
 
 
+def check_inputs(args: FinetuneArguments) -> None:
+    """The files a run reads exist (checked in milliseconds, before anything is loaded); ValueError otherwise."""
+    model = Path(args.model).expanduser()
+    if args.model not in (DEFAULT_MODEL, str(default_pruned_model())):  # the prune step makes the latter
+        if not model.exists():
+            raise ValueError(f"--model {args.model} does not exist (pass a pruned model's directory, a .gguf file, "
+                             f"or {DEFAULT_MODEL})")
+        if model.is_dir() and not (model / "config.json").is_file():
+            raise ValueError(f"--model {args.model} has no config.json: not a saved Hugging Face model directory")
+        if model.is_file() and model.suffix != ".gguf":
+            raise ValueError(f"--model {args.model} is a file but not a .gguf file")
+    for flag, path in (("--masks_file", args.masks_file), ("--dataset_path", args.dataset_path)):
+        if path is not None and not Path(path).expanduser().exists() and not (
+                flag == "--masks_file" and args.model == str(default_pruned_model())):
+            raise ValueError(f"{flag} {path} does not exist")
+
+
+def _where(path: Optional[str]) -> Optional[str]:
+    """A path as run_config.json compares it: absolute (the same folder however it is spelled)."""
+    if path is None or path == DEFAULT_MODEL:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def result_config(plan: Plan) -> Dict[str, Any]:
+    """Everything that changes the result of a run, as run_config.json keeps it: a rerun must match it. How the
+    effective batch is split (processes, per-device batch, accumulation) may change; so may the schedule's length
+    (schedule_of), logging, saving, evaluation and the backend."""
+    a, t = plan.args, plan.training
+    config = {
+        "model": _where(a.model), "dataset": a.dataset or DEFAULT_DATASET, "dataset_path": _where(a.dataset_path),
+        "block_size": a.block_size, "max_train_samples": a.max_train_samples,
+        "effective_batch_size": plan.effective_batch_size, "masks_file": _where(a.masks_file),
+        "prune_block": None if a.masks_file else "x".join(map(str, normalize_block_size(a.prune_block))),
+        "dtype": a.dtype, "bf16_autocast": bool(t["bf16"]), "state_dtype": a.state_dtype,
+    }
+    config.update({key: t.get(key) for key in RESULT_TRAINING_KEYS})
+    return config
+
+
+def schedule_of(training: Dict[str, object]) -> Dict[str, Any]:
+    return {"max_steps": int(training["max_steps"]), "num_train_epochs": float(training["num_train_epochs"])}
+
+
+def inspect_output_dir(plan: Plan) -> None:
+    """What --output_dir holds for this run (run_folder.inspect): raises RunFolderError when it must not run."""
+    plan.config, plan.schedule = result_config(plan), schedule_of(plan.training)
+    if not plan.args.overwrite_output_dir:
+        plan.status = inspect(plan.training["output_dir"], plan.config, plan.schedule)
+    plan.resume_from = plan.status.resume_from
+
+
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> Plan:
+    """Parse, resolve and check the arguments and the output folder; exit 2 with one message when they are wrong."""
     parser = build_parser()
     args, training = _split(parser.parse_args(argv))
     cuda = torch.cuda.is_available()
     try:
-        return resolve_arguments(
+        plan = resolve_arguments(
             args, training, cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
             world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if not args.print_config:  # run_dense_finetune.sh's banner shows a missing model as "(not found here)"
+            check_inputs(plan.args)
+        inspect_output_dir(plan)
+    except RunFolderError as err:
+        parser.exit(2, f"error: {err}\n")
     except ValueError as err:
         parser.error(str(err))
+    return plan
+
+
+def _input_error(args: FinetuneArguments) -> str:
+    try:
+        check_inputs(args)
+    except ValueError as err:
+        return str(err)
+    return ""
 
 
 def print_config(plan: Plan) -> None:
@@ -357,6 +480,8 @@ def print_config(plan: Plan) -> None:
         "DTYPE": a.dtype,
         "FSDP": int(bool(t.get("fsdp"))),
         "RESUME_FROM": plan.resume_from or "",
+        "RUN_STATE": "complete" if plan.status.complete else "resume" if plan.resume_from else "new",
+        "INPUT_ERROR": _input_error(a),  # what a run (not --print_config) would stop at, before the banner
     }
     for key, value in values.items():
         print(f"{key}={shlex.quote(str(value))}")
@@ -374,6 +499,29 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+class LogAtCheckpoints(TrainerCallback):
+    """Log the loss whenever a checkpoint is saved or training stops: the checkpoints' log histories then cover every
+    step, so the whole run's mean loss survives a resume. Added after the callbacks that decide to save or stop."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_training_stop:
+            control.should_log = True
+        return control
+
+    on_epoch_end = on_step_end
+
+
+def whole_run_loss(log_history: List[Dict[str, Any]], after: int = 0) -> Optional[float]:
+    """Mean training loss over the steps after `after` that the logged losses cover (each log is the mean since
+    the one before)."""
+    parts, last = [], after
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) > last:
+            parts.append(entry["loss"] * (entry["step"] - last))
+            last = entry["step"]
+    return math.fsum(parts) / (last - after) if last > after else None
 
 
 def _ensure_pruned_model(plan: Plan, training_args) -> None:
@@ -398,6 +546,31 @@ def _table(rows: List[Tuple[str, str, str]]) -> str:
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows)
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _pause_here(point: str) -> None:
+    """Tests: with SPARSE_ADAMW_TEST_PAUSE=<point>, stop here until a signal ends the process."""
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"[{PAUSE_ENV}] paused at {point}", flush=True)
+        while True:
+            time.sleep(0.05)
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs (renaming the final files into place: all or none)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @dataclass
 class _Job:
     """What the steps of run() hand on to each other."""
@@ -406,7 +579,9 @@ class _Job:
     training_args: FinetuneTrainingArguments
     timings: Dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    phase: str = "starting"  # what an interruption interrupts
     prune_block: Optional[Tuple[int, int]] = None  # --prune_block, checked by _load
+    fingerprint: Optional[Dict[str, Any]] = None  # of the starting weights and masks, in run_config.json
     model: Any = None  # before training; the Trainer may wrap or shard it
     tokenizer: Any = None
     train: Optional[torch.Tensor] = None
@@ -437,10 +612,16 @@ class _Job:
         if self.main:
             print(*args, **kwargs)
 
+    def enter(self, phase: str, pause: Optional[str] = None) -> None:
+        self.phase = phase
+        if pause:
+            _pause_here(pause)
+
 
 def _start(plan: Plan) -> Optional[_Job]:
-    """Training arguments, seed, the offline default's pruned model, and no old checkpoints with
-    --overwrite_output_dir. None when torchrun's processes did not come up as one distributed run."""
+    """Training arguments, seed, the offline default's pruned model, and the output folder made ready: afresh with
+    --overwrite_output_dir, else without what an interrupted run left half-written. None when torchrun's processes
+    did not come up as one distributed run."""
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -458,15 +639,63 @@ def _start(plan: Plan) -> Optional[_Job]:
                 f"{plan.effective_batch_size} x {job.args.block_size} tokens at learning rate "
                 f"{format_lr(training_args.learning_rate)}")
     if job.args.model == str(default_pruned_model()):
+        job.enter("pruning the model")
         with timed(job.timings, "prune_s"):
             _ensure_pruned_model(plan, training_args)
-    if job.args.overwrite_output_dir and job.main and job.output_dir.is_dir():
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        for old in job.output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            shutil.rmtree(old)
+    if job.main and job.output_dir.is_dir():
+        if job.args.overwrite_output_dir:
+            clear_run(job.output_dir)
+        clear_leftovers(job.output_dir)
+        for path, problem in plan.status.broken:
+            print(f"note: skipping the damaged checkpoint {path}: {problem} (deleted; the run goes on from "
+                  f"{plan.resume_from or 'the start'})", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
     _barrier(training_args)
     return job
+
+
+def _fingerprint(plan: Plan) -> Dict[str, Optional[Dict[str, Any]]]:
+    """sha256 of the starting weights (and config) and of the masks file; files unchanged in size and time since
+    run_config.json recorded them keep their recorded hash unread."""
+    from .models import default_model_path
+
+    args = plan.args
+    known = ((plan.status.record or {}).get("fingerprint")) or {}
+    model = default_model_path() if args.model == DEFAULT_MODEL else args.model
+    masks = [Path(args.masks_file)] if args.masks_file and Path(args.masks_file).is_file() else []
+    return {"weights": fingerprint(weight_files(model), known.get("weights")),
+            "masks": fingerprint(masks, known.get("masks"))}
+
+
+def _check_fingerprint(plan: Plan, current: Dict[str, Any]) -> None:
+    """Refuse to go on from a run (its checkpoint or its result) that started from other weights or masks."""
+    lines = fingerprint_differences((plan.status.record or {}).get("fingerprint") or {}, current)
+    if lines:
+        raise RunFolderError(
+            f"{plan.training['output_dir']} holds a run that started from other weights or masks than "
+            f"{plan.args.model}{' and ' + plan.args.masks_file if plan.args.masks_file else ''} hold now "
+            f"(recorded -> now):\n" + "\n".join(lines) + f"\nTo start from these, {WAYS_OUT}.")
+
+
+def _record(job: _Job, **completed) -> Dict[str, Any]:
+    plan, t = job.plan, job.training_args
+    return {"format": RECORD_FORMAT, "config": plan.config, "schedule": plan.schedule,
+            "fingerprint": job.fingerprint, "completed_steps": None, "completed_max_steps": None, **completed,
+            "processes": {"world_size": plan.world_size, "per_device_train_batch_size": t.per_device_train_batch_size,
+                          "gradient_accumulation_steps": t.gradient_accumulation_steps},
+            "versions": versions()}
+
+
+def _record_start(job: _Job) -> None:
+    """Fingerprint the starting point, refuse to resume a run that started elsewhere, and write run_config.json
+    (main process) before anything trains."""
+    job.fingerprint = _fingerprint(job.plan)
+    if job.plan.resume_from:
+        _check_fingerprint(job.plan, job.fingerprint)
+    if job.main:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(job.output_dir / RUN_CONFIG, _record(job))
+    _barrier(job.training_args)
 
 
 def _load(job: _Job) -> None:
@@ -476,7 +705,7 @@ def _load(job: _Job) -> None:
     from .models import load_model
 
     args = job.args
-    job.prune_block = normalize_block_size(args.prune_block)  # a typo fails before the slow loads
+    job.prune_block = normalize_block_size(args.prune_block)
     with timed(job.timings, "load_s"):
         job.model, job.tokenizer = load_model(args.model, "cpu", args.dtype)
     job.train = train_blocks(job.tokenizer, args.dataset or DEFAULT_DATASET, args.dataset_path, args.block_size,
@@ -502,12 +731,28 @@ def _make_trainer(job: _Job) -> None:
     )
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())
+    job.trainer.add_callback(LogAtCheckpoints())
+    if job.plan.masks_found:
+        bh, bw = job.trainer.block_size
+        job.say(f"Block masks: {args.masks_file} (the prune step's, {len(job.trainer.masks)} weights in {bh}x{bw} "
+                "blocks)")
+
+
+def _check_masks_found(job: _Job) -> None:
+    """A pruned model whose zeros form no whole block of the asked shape was pruned in another shape: its pruned
+    weights would quietly train. Refused (ValueError)."""
+    job.sparsity["before"] = check_sparsity(job.model, verbose=False)
+    if job.args.masks_file is None and not job.trainer.masks and job.sparsity["before"] >= PRUNED_ZEROS:
+        bh, bw = job.trainer.block_size
+        raise ValueError(
+            f"{job.args.model}: {job.sparsity['before']:.2%} of its decoder Linear weights are exactly zero, but not "
+            f"one {bh}x{bw} block of them is all zero: was it pruned in another block shape? Pass the prune step's "
+            f"--prune_block, or its {MASKS_FILE} with --masks_file")
 
 
 def _announce(job: _Job) -> None:
     """The sparsity before training (exact zeros; pruned blocks from the trainer's masks) and the run's setup."""
     args, t, model = job.args, job.training_args, job.model
-    job.sparsity["before"] = check_sparsity(model, verbose=False)
     job.pruned_blocks["before"] = pruned_fraction(model, job.trainer.masks, job.trainer.block_size)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -560,12 +805,46 @@ def _train(job: _Job) -> bool:
     return True
 
 
+def _adopt_checkpoint(job: _Job) -> None:
+    """The checkpoint holds every step (the run stopped after its last one, before its end was written): take its
+    weights and state instead of training, since a Trainer resumed there would train one step more."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from .trainer import SparsityViolation
+
+    checkpoint, trainer = job.plan.resume_from, job.trainer
+    job.say(f"{checkpoint} holds all {job.plan.status.resume_step} steps: finishing the run from it")
+    load_weights(job.model, checkpoint)
+    params = dict(job.model.named_parameters())
+    leaked = [name for name, mask in trainer.masks.items() if bool(leaked_blocks(params[name], mask,
+                                                                                 trainer.block_size).any())]
+    if leaked:
+        raise SparsityViolation(f"{checkpoint}: pruned blocks are nonzero in {leaked[:3]}")
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
+    job.masks = dict(trainer.masks)
+    job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
+
+
 def _save(job: _Job) -> None:
+    """The final model, its trainer state and masks go to STAGING, then their files are renamed into the output
+    folder with SIGINT held back: the final model is whole or absent. Every process takes part (FSDP2 gathers)."""
+    from .models import save_model
+
+    staging = job.output_dir / STAGING
     with timed(job.timings, "save_s"):
-        job.trainer.save_model(str(job.output_dir))
-        job.trainer.save_state()
+        if not job.plan.status.trained:
+            job.trainer.save_model(str(staging))
+        elif job.main:  # adopted from a checkpoint: a plain model, never wrapped
+            save_model(job.model, job.tokenizer, staging)
         if job.main:
-            save_masks(job.output_dir / MASKS_FILE, job.masks, job.trainer.block_size)
+            job.trainer.state.save_to_json(str(staging / TRAINER_STATE))
+            save_masks(staging / MASKS_FILE, job.masks, job.trainer.block_size)
+            _pause_here("install")
+            with _sigint_deferred():
+                install(staging, job.output_dir, skip=("training_args.bin",))  # run_config.json says it all
+        _barrier(job.training_args)
 
 
 def _evaluate_after(job: _Job) -> None:
@@ -573,8 +852,8 @@ def _evaluate_after(job: _Job) -> None:
     from .models import load_model
 
     trainer = job.trainer
-    model = trainer.model
-    if trainer.fsdp_version:
+    model = job.model if job.plan.status.trained else trainer.model
+    if trainer.fsdp_version and not job.plan.status.trained:
         # The trained model is sharded over the ranks: evaluate the whole model that save_model wrote.
         model, _ = load_model(str(job.output_dir), job.training_args.device, job.args.dtype)
     job.sparsity["after"] = check_sparsity(model, verbose=False)
@@ -586,11 +865,9 @@ def _evaluate_after(job: _Job) -> None:
 
 def _throughput(job: _Job) -> Tuple[float, Optional[float]]:
     """(training seconds, tokens per second) of this run's own steps (not those before a resume)."""
-    first_step = 0
-    if job.plan.resume_from:
-        first_step = json.loads((Path(job.plan.resume_from) / "trainer_state.json").read_text())["global_step"]
     runtime = job.result.metrics.get("train_runtime", job.timings["train_s"])
-    tokens = (job.trainer.state.global_step - first_step) * job.plan.effective_batch_size * job.args.block_size
+    steps = job.trainer.state.global_step - job.plan.status.resume_step
+    tokens = steps * job.plan.effective_batch_size * job.args.block_size
     return runtime, (tokens / runtime if tokens and runtime > 0 else None)
 
 
@@ -613,23 +890,43 @@ def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> 
 
 
 def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
-    args, t, plan = job.args, job.training_args, job.plan
+    args, t, plan, state = job.args, job.training_args, job.plan, job.trainer.state
+    first, last = plan.status.resume_step + 1, state.global_step
     report = {
         "model": args.model, "output_dir": str(job.output_dir),
         "dataset": describe_dataset(args.dataset, args.dataset_path),
         "evaluated": job.evaluated, "perplexity": job.perplexity,
         "sparsity": job.sparsity,
         "pruned_block_fraction": job.pruned_blocks,
-        "steps": job.trainer.state.global_step, "train_loss": job.result.training_loss,
+        # train_loss: over every step of the run, resumes included; this_process: the steps this process ran
+        "steps": state.global_step, "train_loss": whole_run_loss(state.log_history),
+        "this_process": {"first_step": first if last >= first else None, "last_step": last if last >= first else None,
+                         "train_loss": whole_run_loss(state.log_history, after=plan.status.resume_step)},
         "effective_batch_size": plan.effective_batch_size, "block_size": args.block_size,
         "learning_rate": t.learning_rate, "world_size": plan.world_size,
         "device": str(t.device), "dtype": args.dtype, "bf16_autocast": bool(t.bf16),
-        "fsdp": bool(job.trainer.fsdp_version),
+        "fsdp": bool(job.trainer.fsdp_version), "masks_file": args.masks_file, "configuration": plan.config,
         "resumed_from": plan.resume_from, "timings_s": job.timings,
         "tokens_per_s": tokens_per_s,
         "versions": versions(),
     }
-    (job.output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(job.output_dir / REPORT_FILE, report)
+
+
+def _finish(job: _Job) -> None:
+    """Results, report, the run marked complete in run_config.json, then the checkpoints deleted (main process)."""
+    runtime, tokens_per_s = _throughput(job)
+    _print_results(job, runtime, tokens_per_s)
+    _pause_here("report")
+    _write_report(job, tokens_per_s)
+    state = job.trainer.state
+    write_json(job.output_dir / RUN_CONFIG, _record(job, completed_steps=state.global_step,
+                                                    completed_max_steps=state.max_steps))
+    job.enter("deleting the checkpoints", "cleanup")
+    kept = remove_checkpoints(job.output_dir, keep_last=job.args.keep_checkpoints)
+    print(f"Output folder: {job.output_dir}, {format_size(folder_size(job.output_dir))} on disk ("
+          + (f"kept {kept[0].name}, to train longer with a larger --max_steps)" if kept else
+             "checkpoints deleted; --keep_checkpoints keeps the last one, to train longer later)"))
 
 
 def _error(err: Exception) -> int:
@@ -637,42 +934,125 @@ def _error(err: Exception) -> int:
     return 2
 
 
-def run(plan: Plan) -> int:
+def _interrupted(phase: str, err: BaseException) -> int:
+    """One line, status 130. A second Ctrl+C in training ends it with SparseTrainer's own line (its str)."""
+    if _is_main_process():
+        what = str(err) or f"Interrupted while {phase}"
+        print(f"\n{what}; rerun the same command to resume", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (what batch schedulers send before they kill) ends any phase as Ctrl+C does; in training,
+    SparseTrainer's own handler takes over and puts this one back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prepare(job: _Job) -> Optional[int]:
+    """Record the run, load, make the trainer: an exit status when the user's input is wrong, else None."""
     from .trainer import SparsityViolation
 
-    job = _start(plan)
-    if job is None:
-        return 2
     try:
+        job.enter("checking the starting weights")
+        _record_start(job)
+        job.enter("loading the model and data", "load")
         _load(job)
-    except LOAD_ERRORS as err:
-        return _error(err)
-    try:
         _make_trainer(job)
-    except (OSError, ValueError, SparsityViolation) as err:
+        _check_masks_found(job)
+    except (*LOAD_ERRORS, SparsityViolation) as err:
         return _error(err)
+    return None
+
+
+def _steps(job: _Job) -> int:
+    failed = _prepare(job)
+    if failed is not None:
+        return failed
     _announce(job)
     if job.windows is not None:
+        job.enter("evaluating the pruned model", "eval_before")
         _evaluate_before(job)
-    if not _train(job):
+    job.enter("training")
+    if job.plan.status.trained:
+        _adopt_checkpoint(job)
+    elif not _train(job):
         return EXIT_INTERRUPTED
+    job.enter("saving the fine-tuned model")
     _save(job)
     if not job.main:
         return 0
+    job.enter("evaluating the fine-tuned model", "eval_after")
     _evaluate_after(job)
-    runtime, tokens_per_s = _throughput(job)
-    _print_results(job, runtime, tokens_per_s)
-    _write_report(job, tokens_per_s)
+    job.enter("writing the report")
+    _finish(job)
+    return 0
+
+
+def run(plan: Plan) -> int:
+    """The run, step by step; Ctrl+C in any phase exits 130 with one line (in training: see SparseTrainer)."""
+    job = None
+    try:
+        job = _start(plan)
+        return 2 if job is None else _steps(job)
+    except KeyboardInterrupt as err:
+        return _interrupted(job.phase if job is not None else "starting", err)
+
+
+def _before_after(pair) -> str:
+    if not isinstance(pair, dict) or pair.get("before") is None:
+        return "skipped"
+    return " -> ".join("-" if pair.get(k) is None else f"{pair[k]:.4f}" for k in ("before", "after"))
+
+
+def say_complete(plan: Plan) -> int:
+    """A rerun of a complete run: say so, where the results are and what they were; change nothing."""
+    try:
+        if Path(plan.args.model).exists() or plan.args.model == DEFAULT_MODEL:
+            _check_fingerprint(plan, _fingerprint(plan))
+    except (RunFolderError, OSError) as err:
+        return _error(err)
+    if not _is_main_process():
+        return 0
+    out, record = Path(plan.training["output_dir"]), plan.status.record
+    try:
+        report = read_json(out / REPORT_FILE) or {}
+    except ValueError:
+        report = {}
+    print(f"This run is already complete ({record['completed_steps']} steps): the fine-tuned model and "
+          f"{REPORT_FILE} are in {out}")
+    if report:
+        print(f"  perplexity {_before_after(report.get('perplexity'))} | sparsity (exact zeros) "
+              f"{_before_after(report.get('sparsity'))} | pruned blocks "
+              f"{_before_after(report.get('pruned_block_fraction'))}")
+    kept = checkpoint_dirs(out)
+    print("Nothing to do. " + (f"A larger --max_steps (or --num_train_epochs) trains on from {kept[0][1].name}; "
+                               if kept else "It kept no checkpoint to train longer from (--keep_checkpoints keeps "
+                               "one); ") + "--overwrite_output_dir starts afresh.")
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    plan = parse_arguments(argv)
-    if plan.args.print_config:
-        print_config(plan)
-        return 0
     try:
-        return run(plan)
+        with _sigterm_as_ctrl_c():
+            plan = parse_arguments(argv)
+            if plan.args.print_config:
+                print_config(plan)
+                return 0
+            return say_complete(plan) if plan.status.complete else run(plan)
+    except KeyboardInterrupt as err:
+        return _interrupted("starting", err)
     finally:
         # A rank that exits with its NCCL process group alive can crash in teardown (seen once under FSDP2 on
         # 2 GPUs: SIGSEGV on rank 1 after its last save, so torchrun killed rank 0 mid-evaluation).
