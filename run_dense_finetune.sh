@@ -25,6 +25,11 @@ Options:
   --yes               Continue without asking when a GPU has less than ${MIN_GPU_MEMORY_GB} GB free
                       (without a terminal the script cannot ask, and stops unless --yes is given)
   --dry_run           Print the configuration and the command, then exit without training
+  --nnodes N          Machines in the run (default 1); run this script on each, the same flags on all, with
+  --node_rank R         this machine's number, 0 to N-1, and where they meet:
+  --master_addr HOST    node 0's address (and --master_port P, default 29500), or
+  --rdzv_endpoint H:P   a c10d rendezvous instead (no --node_rank needed)
+                      Gradient accumulation counts every process of every node (effective batch 8)
   -h, --help          Show this help message
 
 Every other argument goes to python -m sparse_adamw.pipeline.finetune (see its --help), for example
@@ -44,6 +49,8 @@ Examples:
   LLaMA-2-7B on wikitext:   ./${NAME} --num_gpus 2 --model out/llama2_7b/block_16x16_20sparsity/wanda/pruned_model --dataset wikitext
   Sharded (FSDP2), 4 GPUs:  ./${NAME} --num_gpus 4 --fsdp --model DIR
   Unattended (no prompt):   ./${NAME} --num_gpus 2 --yes > finetune.log 2>&1
+  Two machines, 4 GPUs each: ./${NAME} --num_gpus 4 --nnodes 2 --node_rank 0 --master_addr node0 --model DIR
+                            (the same on node1 with --node_rank 1)
   No GPU: the default command (no --num_gpus, no --gpu_ids) runs the offline demo on the CPU, in one process.
 
 Gradient accumulation keeps the effective batch at 8: 1 GPU -> 8, 2 GPUs -> 4, 4 GPUs -> 2 (8 GPUs -> 1).
@@ -71,6 +78,11 @@ NUM_GPUS=""
 GPU_IDS=""
 YES=0
 DRY_RUN=0
+NNODES=1
+NODE_RANK=0
+MASTER_ADDR=""
+MASTER_PORT=29500
+RDZV_ENDPOINT=""
 PASS_ARGS=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -78,6 +90,11 @@ while [[ $# -gt 0 ]]; do
         --num_gpus=*) NUM_GPUS="${1#*=}"; shift ;;
         --gpu_ids) [[ $# -ge 2 ]] || die "--gpu_ids needs a value"; GPU_IDS="$2"; shift 2 ;;
         --gpu_ids=*) GPU_IDS="${1#*=}"; shift ;;
+        --nnodes|--node_rank|--master_addr|--master_port|--rdzv_endpoint)
+            [[ $# -ge 2 ]] || die "$1 needs a value"
+            name="${1#--}"; printf -v "${name^^}" '%s' "$2"; shift 2 ;;
+        --nnodes=*|--node_rank=*|--master_addr=*|--master_port=*|--rdzv_endpoint=*)
+            name="${1%%=*}"; name="${name#--}"; printf -v "${name^^}" '%s' "${1#*=}"; shift ;;
         --yes|-y) YES=1; shift ;;
         --dry_run) DRY_RUN=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -106,6 +123,18 @@ if [[ -n "$GPU_IDS" ]]; then
     done
 fi
 
+[[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "--nnodes must be a positive integer, got '${NNODES}'"
+[[ "$NODE_RANK" =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) \
+    || die "--node_rank must be 0 to $(( NNODES - 1 )) for --nnodes ${NNODES}, got '${NODE_RANK}'"
+[[ "$MASTER_PORT" =~ ^[0-9]+$ ]] && (( MASTER_PORT > 0 && MASTER_PORT < 65536 )) \
+    || die "--master_port must be a port number, got '${MASTER_PORT}'"
+if (( NNODES > 1 )) && [[ -z "$MASTER_ADDR" && -z "$RDZV_ENDPOINT" ]]; then
+    die "--nnodes ${NNODES} needs where the nodes meet: --master_addr HOST (node 0's address; with --node_rank on" \
+        "each node) or --rdzv_endpoint HOST:PORT (c10d rendezvous)"
+fi
+[[ -z "$RDZV_ENDPOINT" || "$RDZV_ENDPOINT" =~ ^[^:]+:[0-9]+$ ]] \
+    || die "--rdzv_endpoint must look like HOST:PORT, got '${RDZV_ENDPOINT}'"
+
 # ------------------------------------------------------------------------------------------- which GPUs
 declare -A FREE_MB=()
 ALL_GPUS=()
@@ -132,7 +161,7 @@ if [[ ${#ALL_GPUS[@]} -eq 0 ]]; then
             "without --num_gpus and --gpu_ids the job runs on the CPU"
     fi
     CPU_MODE=1
-    echo "No GPU found (${NO_GPU_REASON}): running on the CPU in one process."
+    echo "No GPU found (${NO_GPU_REASON}): running on the CPU in one process$( (( NNODES > 1 )) && echo " per node")."
     NUM_GPUS=1
     NPROC=1
 else
@@ -166,8 +195,9 @@ fi
 source "${SCRIPT_DIR}/scripts/setup_env.sh" pipeline
 # The Python entry resolves every default (and the gradient accumulation) itself, and checks the other flags;
 # the banner shows its answer. When it refuses, its error (on stderr) is the last thing printed: no banner.
+# Gradient accumulation counts every process of every node.
 if ! CONFIG="$(SPARSE_ADAMW_PROG="$PROG" "$PYTHON" -m sparse_adamw.pipeline.finetune --print_config \
-        --num_processes "$NPROC" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
+        --num_processes "$(( NPROC * NNODES ))" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
     exit 2
 fi
 eval "$CONFIG"
@@ -201,6 +231,10 @@ echo "GPU Configuration:"
 echo "  Number of GPUs: $([[ "$CPU_MODE" == 1 ]] && echo 0 || echo "$NUM_GPUS")"
 echo "  GPU IDs: ${GPU_IDS:-none}"
 echo "  Training mode: ${TRAINING_MODE}"
+if (( NNODES > 1 )); then
+    echo "  Nodes: ${NNODES} x ${NPROC} process(es) = $(( NNODES * NPROC )) in all; this is node ${NODE_RANK}," \
+         "meeting at ${RDZV_ENDPOINT:-${MASTER_ADDR}:${MASTER_PORT}}$([[ -n "$RDZV_ENDPOINT" ]] && echo " (c10d)")"
+fi
 echo ""
 echo "Training Parameters:"
 echo "  Number of epochs: ${NUM_EPOCHS}"
@@ -246,11 +280,19 @@ fi
 
 # ----------------------------------------------------------------------------------------------- launch
 ENTRY=(-m sparse_adamw.pipeline.finetune --gradient_accumulation_steps "$GRADIENT_ACCUMULATION")
-if [[ "$NPROC" == 1 ]]; then
+if (( NNODES > 1 )) && [[ -n "$RDZV_ENDPOINT" ]]; then
+    NODES=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id sparse_adamw)
+elif (( NNODES > 1 )); then
+    NODES=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+else
+    NODES=(--standalone)
+fi
+if [[ "$NPROC" == 1 && "$NNODES" == 1 ]]; then
     CMD=("$PYTHON" "${ENTRY[@]}" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
 else
     # torchrun, run by the same interpreter (a torchrun on PATH may belong to another environment).
-    CMD=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "${ENTRY[@]}" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
+    CMD=("$PYTHON" -m torch.distributed.run "${NODES[@]}" --nproc_per_node "$NPROC" "${ENTRY[@]}"
+         ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})
 fi
 
 echo "🚀 Starting dense fine-tuning with SparseTrainer..."
@@ -261,7 +303,9 @@ else
 fi
 echo "Effective batch size: ${EFFECTIVE_BATCH}"
 echo "=========================================="
-if [[ "$NPROC" == 1 ]]; then
+if (( NNODES > 1 )); then
+    echo "Using ${NNODES} nodes with torchrun (this is node ${NODE_RANK}; ${NPROC} process(es) here)..."
+elif [[ "$NPROC" == 1 ]]; then
     echo "Using single-process training ($([[ "$CPU_MODE" == 1 ]] && echo CPU || echo "GPU ${GPU_IDS}"))..."
 else
     echo "Using multi-GPU training with torchrun (${NPROC} GPUs$([[ "$FSDP" == 1 ]] && echo ", FSDP2"))..."

@@ -639,3 +639,37 @@ def test_whole_run_loss_weighs_each_log_by_the_steps_it_covers():
     assert whole_run_loss(history) == (4.0 * 2 + 1.0 + 2.0 * 3) / 6
     assert whole_run_loss(history, after=3) == 2.0 and whole_run_loss(history, after=6) is None
     assert whole_run_loss([]) is None
+
+
+def test_two_nodes_through_the_script_match_one_node_with_two_processes(tiny, tmp_path):
+    """run_dense_finetune.sh --nnodes 2: two "machines" of one process each on localhost (gloo), launched as a user
+    would launch them, one per node, train exactly like one machine with two processes: the same world size and
+    gradient accumulation, so the same batches and the same sums."""
+    import socket
+
+    from finetune_helpers import REPO
+
+    model_dir, masks, corpus = tiny
+    common = ["--max_steps", 4, "--skip_eval", "--logging_steps", 1, "--max_train_samples", 64,
+              "--gradient_accumulation_steps", 2]
+    one = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "sparse_adamw.pipeline.finetune", *tiny_run_args(model_dir, corpus, tmp_path / "one", *common)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen(
+        ["bash", str(REPO / "run_dense_finetune.sh"), "--nnodes", "2", "--node_rank", str(rank), "--master_addr",
+         "127.0.0.1", "--master_port", str(port), *tiny_run_args(model_dir, corpus, tmp_path / "two", *common)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
+        for rank in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, out + err
+    assert "Nodes: 2 x 1 process(es) = 2 in all; this is node 0, meeting at 127.0.0.1:" in outs[0][0]
+    assert "this is node 1" in outs[1][0] and "Gradient accumulation: 2" in outs[1][0]
+    single_node, two_nodes = _losses(one.stdout), _losses(outs[0][0])
+    assert [s for s, _ in two_nodes] == list(range(1, 5))
+    assert two_nodes == single_node

@@ -268,3 +268,28 @@ def test_without_a_gpu_it_runs_on_the_cpu_in_one_process(fake_gpus, tmp_path, ti
     assert "*** Starting sparse full fine-tuning ***" in out and "Step 4: loss=" in out
     assert re.search(r"^Pruned 16x16 blocks\s+0\.2500\s+0\.2500$", out, re.M)
     assert (tmp_path / "dense_finetuned_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nnodes", "0"], "--nnodes must be a positive integer"),
+    (["--nnodes", "2"], "--nnodes 2 needs where the nodes meet"),
+    (["--nnodes", "2", "--node_rank", "2", "--master_addr", "h"], "--node_rank must be 0 to 1 for --nnodes 2"),
+    (["--nnodes", "2", "--master_addr", "h", "--master_port", "99999"], "--master_port must be a port number"),
+    (["--nnodes", "2", "--rdzv_endpoint", "no-port"], "--rdzv_endpoint must look like HOST:PORT"),
+])
+def test_bad_node_flags_fail_before_the_banner(fake_gpus, args, message):
+    done = fake_gpus([*args, "--dry_run"], gpus="0:81000")
+    assert done.returncode == 2 and message in done.stderr and "Configuration" not in done.stdout
+
+
+def test_two_nodes_of_two_gpus_launch_torchrun_with_the_world_size_in_the_accumulation(fake_gpus):
+    static = fake_gpus(["--num_gpus", "2", "--nnodes", "2", "--node_rank", "1", "--master_addr", "node0",
+                        "--model", "m", "--dry_run"], gpus="0:81000,1:81000")
+    assert static.returncode == 0, static.stderr
+    assert _line(static.stdout, "Gradient accumulation") == "2"  # 8 / (2 GPUs x 2 nodes)
+    assert "--nnodes 2 --node_rank 1 --master_addr node0 --master_port 29500 --nproc_per_node 2" in static.stdout
+    assert _line(static.stdout, "Nodes").startswith("2 x 2 process(es) = 4 in all; this is node 1, meeting at node0")
+    c10d = fake_gpus(["--num_gpus", "2", "--nnodes", "2", "--rdzv_endpoint", "node0:29400", "--model", "m",
+                      "--dry_run"], gpus="0:81000,1:81000")
+    assert c10d.returncode == 0, c10d.stderr
+    assert "--nnodes 2 --rdzv_backend c10d --rdzv_endpoint node0:29400 --rdzv_id sparse_adamw" in c10d.stdout
