@@ -149,12 +149,23 @@ def pruned_blocks_are_zero(weight, mask, block=16):
     return torch.equal(weight.detach()[~dense], torch.zeros_like(weight.detach()[~dense]))
 
 
-class LossLog(TrainerCallback):
+class Logged(TrainerCallback):
+    """Collects one key of the Trainer's logs (`loss`, `grad_norm`, ...) in `values`."""
+
+    def __init__(self, key: str):
+        self.key, self.values = key, []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and self.key in logs:
+            self.values.append(logs[self.key])
+
+
+class LossLog(Logged):
     """Collects the Trainer's logged training losses."""
 
     def __init__(self):
-        self.losses = []
+        super().__init__("loss")
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
+    @property
+    def losses(self):
+        return self.values

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune_helpers import ArithmeticTokens as _Tokens, LossLog, pruned_blocks_are_zero
+from finetune_helpers import ArithmeticTokens as _Tokens, Logged, LossLog, pruned_blocks_are_zero
 from sparse_adamw import SparseAdamW
 from sparse_adamw import masks as masks_module
 from sparse_adamw.masks import (apply_block_mask_, block_mask_from_zeros, expand_block_mask, random_block_mask,
@@ -366,23 +366,14 @@ class _LiveNormRecorder(SparseTrainer):
         return super()._get_grad_norm(model, grad_norm)
 
 
-class _GradNormLog(TrainerCallback):
-    def __init__(self):
-        self.norms = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "grad_norm" in logs:
-            self.norms.append(logs["grad_norm"])
-
-
 def _train_recording(tiny_llama, output_dir, poison, max_grad_norm):
     model, masks = _pruned(tiny_llama)
     poisoned = _PoisonPrunedGradients(model, masks) if poison else None
-    log = _GradNormLog()
+    log = Logged("grad_norm")
     trainer = _LiveNormRecorder(model=model, train_dataset=_Tokens(), callbacks=[log],
                                 args=_args(output_dir, max_steps=4, logging_steps=1, max_grad_norm=max_grad_norm))
     trainer.train()
-    return trainer, masks, log.norms, poisoned
+    return trainer, masks, log.values, poisoned
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.1, 0.0])
