@@ -91,6 +91,8 @@ from transformers import Trainer, TrainerCallback
 from ..dtensor import full_tensor, is_dtensor, local_tensor, row_offset
 from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
 from ..optimizer import SparseAdamW
+from ..sparsity import decoder_layers
+from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -561,6 +563,10 @@ class SparseTrainer(Trainer):
         optimizer_impl: SparseAdamW's `impl` ("auto", "torch", "triton").
         state_dtype: SparseAdamW's `state_dtype` (None = fp32, or torch.bfloat16).
         handle_sigint: install SignalCheckpointCallback: Ctrl+C or SIGTERM checkpoints and stops (default True).
+        teacher: a dense model to distil from (sparse_adamw.pipeline.distill): frozen, put in eval mode and on the
+            training device (under FSDP2, sharded like the student at the first step). Same vocabulary and
+            architecture as the model, else ValueError.
+        distill: DistillConfig (alpha, temperature, hidden-state weight); default DistillConfig() with a teacher.
 
     The optimizer uses args.learning_rate, adam_beta1/2, adam_epsilon, weight_decay and seed (for the stochastic
     rounding of bf16 weights); `args.optim` is ignored. Given masks are checked against the model right away
@@ -579,6 +585,8 @@ class SparseTrainer(Trainer):
         optimizer_impl: str = "auto",
         state_dtype: Union[None, str, torch.dtype] = None,
         handle_sigint: bool = True,
+        teacher: Optional[torch.nn.Module] = None,
+        distill: Optional[DistillConfig] = None,
         **kwargs,
     ):
         if masks is not None and masks_file is not None:
@@ -619,6 +627,41 @@ class SparseTrainer(Trainer):
         else:
             self._check_given_masks(masks)
         self.masks: Dict[str, torch.Tensor] = {name: mask.cpu() for name, mask in masks.items()}
+        self.distill = distill if distill is not None or teacher is None else DistillConfig()
+        self.teacher = None if teacher is None else self._place_teacher(teacher)
+
+    # ---------------------------------------------------------------------------------------- distillation
+    def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        check_teacher(self.model, teacher, self.distill)
+        freeze_teacher(teacher)
+        self._teacher_sharded = False
+        if self.fsdp_version is None:
+            teacher.to(self.args.device)
+        return teacher
+
+    def _shard_teacher(self) -> None:
+        """FSDP2: shard the teacher like the student (each decoder layer, then the root), once the process group
+        exists; each rank then holds 1/world of it and gathers a layer at a time."""
+        if self._teacher_sharded or self.fsdp_version != 2:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(self.teacher):
+            fully_shard(layer)
+        fully_shard(self.teacher)
+        self._teacher_sharded = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None or not self.distill.uses_teacher or return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._shard_teacher()
+        # As the Trainer treats a model's own loss: normalized by the accumulated batch's target tokens only when the
+        # model takes num_items_in_batch (else the Trainer divides by the accumulation steps itself).
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = distill_loss(model, self.teacher, inputs, self.distill, items)
+        if getattr(self.args, "average_tokens_across_devices", False) and items is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients; items counts them all
+        return loss
 
     # --------------------------------------------------------------------------------------- the optimizer
     def _check_given_masks(self, masks: Dict[str, torch.Tensor]) -> None:
