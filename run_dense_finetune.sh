@@ -242,9 +242,13 @@ echo "  Number of epochs: ${NUM_EPOCHS}"
 echo "  Learning rate: ${LEARNING_RATE}"
 echo "  Per-device batch size: ${BATCH_SIZE}"
 echo "  Gradient accumulation: ${GRADIENT_ACCUMULATION}"
+echo "  Gradient checkpointing: ${CHECKPOINTING}"
+echo "  Memory plan: ${MEMORY_PLAN}"
+echo "  Liger-Kernel: ${LIGER}"
 echo "  Effective batch size: ${EFFECTIVE_BATCH}"
 echo "  Block size: ${BLOCK_SIZE}"
 echo "  Max train samples: ${MAX_TRAIN_SAMPLES}"
+echo "  Distillation: ${DISTILL}"
 echo "  Precision: ${DTYPE} weights$([[ "$DTYPE" == bfloat16 ]] && echo " (stochastic rounding)")$([[ "$BF16" == 1 ]] && echo ", bf16 autocast")"
 echo "=========================================="
 echo ""
@@ -279,7 +283,8 @@ if [[ "$CPU_MODE" == 0 ]]; then
 fi
 
 # ----------------------------------------------------------------------------------------------- launch
-ENTRY=(-m sparse_adamw.pipeline.finetune --gradient_accumulation_steps "$GRADIENT_ACCUMULATION")
+# Gradient accumulation is the Python side's to set: it counts every process (WORLD_SIZE), or follows the memory plan.
+ENTRY=(-m sparse_adamw.pipeline.finetune)
 if (( NNODES > 1 )) && [[ -n "$RDZV_ENDPOINT" ]]; then
     NODES=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id sparse_adamw)
 elif (( NNODES > 1 )); then

@@ -42,6 +42,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "pipeline": ["transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors", "tqdm"],
+        # GPUs: Liger-Kernel's fused RMSNorm/SwiGLU/RoPE/linear cross-entropy, used by the fine-tune when present.
+        "gpu": ["triton>=3.6", "liger-kernel>=0.8"],
         "test": ["pytest", "triton>=3.6", "transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors",
                  "tqdm"],
     },

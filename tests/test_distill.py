@@ -1,6 +1,7 @@
 """Distillation (sparse_adamw.pipeline.distill, SparseTrainer's teacher=): the chunked loss against a direct
 computation with torch's own cross_entropy and kl_div, alpha = 0 as the plain run bit for bit, a frozen teacher,
 pruned blocks kept at zero, an exact resume, and the errors for a wrong teacher or weight."""
+import json
 import math
 import signal
 
@@ -209,3 +210,89 @@ def test_a_teacher_of_another_architecture_is_refused(tiny_llama, tmp_path):
 def test_bad_distillation_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- the command line
+@pytest.fixture
+def pruned_with_parent(tmp_path, tiny_llama):
+    """(pruned model dir whose prune_report.json names its dense parent, the parent's dir, a corpus)."""
+    from finetune_helpers import learnable_corpus, pruned_tiny_model
+    from pipeline_helpers import save_tiny_model, tiny_tokenizer
+
+    parent = save_tiny_model(tmp_path / "dense", tiny_llama(seed=0), tiny_tokenizer())
+    model_dir, _ = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama)  # seed 0: the parent, pruned
+    (model_dir / "prune_report.json").write_text(json.dumps({"model": "elsewhere", "source": str(parent)}))
+    return model_dir, parent, learnable_corpus(tmp_path / "corpus.txt")
+
+
+def _run(model_dir, corpus, out, *extra):
+    from finetune_helpers import tiny_run_args
+    from sparse_adamw.pipeline.finetune import main
+
+    return main(tiny_run_args(model_dir, corpus, out, "--max_steps", 6, "--max_eval_windows", 4, *extra))
+
+
+def test_the_fine_tune_distils_from_the_parent_its_prune_report_names(pruned_with_parent, tmp_path, capsys):
+    model_dir, parent, corpus = pruned_with_parent
+    assert _run(model_dir, corpus, tmp_path / "out", "--distill_alpha", "0.7") == 0
+    text = capsys.readouterr().out
+    assert f"Distillation: 0.7 x KL(teacher || student) at T=1 + 0.3 x LM loss; teacher {parent}" in text
+    report = json.loads((tmp_path / "out" / "finetune_report.json").read_text())
+    ppl = report["perplexity"]
+    # The dense parent's perplexity is measured and the recovered fraction follows from the three.
+    assert ppl["dense"] is not None
+    expected = (math.log(ppl["before"]) - math.log(ppl["after"])) / (math.log(ppl["before"]) - math.log(ppl["dense"]))
+    assert report["recovered_fraction"] == pytest.approx(expected)
+    assert report["recipe"]["distillation"]["alpha"] == 0.7 and report["recipe"]["distillation"]["teacher"] == str(parent)
+    assert "dense (teacher)" in text and f"Recovered {expected:.1%}" in text
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())["config"]
+    assert config["distill"]["alpha"] == 0.7
+
+    # --no_distill trains on the LM loss alone; as another configuration it needs its own folder.
+    assert _run(model_dir, corpus, tmp_path / "plain", "--no_distill") == 0
+    text = capsys.readouterr().out
+    assert "Distillation:" not in text and "dense (teacher)" not in text
+    plain = json.loads((tmp_path / "plain" / "finetune_report.json").read_text())
+    assert plain["perplexity"]["dense"] is None and plain["recipe"]["distillation"] is None
+    with pytest.raises(SystemExit) as exit_info:  # the distilled run's folder refuses it, naming the difference
+        _run(model_dir, corpus, tmp_path / "out", "--no_distill")
+    assert exit_info.value.code == 2 and "distill: {" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--teacher", "{tmp}/missing"], "--teacher {tmp}/missing does not exist"),
+    (["--distill_alpha", "1.5"], "alpha must be in [0, 1], got 1.5"),
+    (["--distill_temperature", "0"], "temperature must be positive"),
+    (["--no_distill", "--distill"], "--no_distill contradicts --distill"),
+])
+def test_bad_distillation_flags_fail_before_anything_loads(pruned_with_parent, tmp_path, capsys, flags, expected):
+    model_dir, _, corpus = pruned_with_parent
+    with pytest.raises(SystemExit) as exit_info:
+        _run(model_dir, corpus, tmp_path / "out", *[f.format(tmp=tmp_path) for f in flags])
+    assert exit_info.value.code == 2
+    assert expected.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_without_a_teacher_at_hand_is_an_error(tmp_path, tiny_llama, capsys):
+    from finetune_helpers import learnable_corpus, pruned_tiny_model
+
+    model_dir, _ = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama)  # no prune_report.json
+    corpus = learnable_corpus(tmp_path / "corpus.txt")
+    assert _run(model_dir, corpus, tmp_path / "quiet") == 0  # by default: no teacher, no distillation
+    assert "Distillation:" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _run(model_dir, corpus, tmp_path / "out", "--distill")
+    assert "--distill needs the dense model" in capsys.readouterr().err
+
+
+def test_a_teacher_of_another_vocabulary_stops_the_command_before_training(pruned_with_parent, tmp_path, tiny_llama,
+                                                                          capsys):
+    from pipeline_helpers import save_tiny_model, tiny_tokenizer
+
+    model_dir, _, corpus = pruned_with_parent
+    other = tmp_path / "other"
+    save_tiny_model(other, tiny_llama(vocab_size=320), tiny_tokenizer())
+    assert _run(model_dir, corpus, tmp_path / "out", "--teacher", other) == 2
+    captured = capsys.readouterr()
+    assert "vocabulary of 320 tokens" in captured.err and "Step " not in captured.out

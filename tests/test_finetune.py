@@ -87,6 +87,27 @@ def test_guide_defaults_on_gpus():
                     world_size=3).effective_batch_size == 9
 
 
+def test_the_memory_plan_decides_on_gpus_what_the_command_line_leaves_open(capsys):
+    model = "out/llama2_7b/block_16x16_20sparsity/wanda/pruned_model"
+    auto = _resolve(["--model", model], cuda=True, bf16=True)
+    assert auto.memory_plan and auto.given == {"per_device_train_batch_size": None, "gradient_checkpointing": None,
+                                               "gradient_accumulation_steps": None}
+    assert _resolve(["--model", model, "--per_device_train_batch_size", "2"], cuda=True).memory_plan  # checkpointing
+    assert _resolve(["--model", model, "--gradient_checkpointing"], cuda=True).given["gradient_checkpointing"] is True
+    assert not _resolve(["--model", model, "--per_device_train_batch_size", "2", "--gradient_checkpointing", "False"],
+                        cuda=True).memory_plan
+    assert not _resolve(["--model", model, "--gradient_accumulation_steps", "4"], cuda=True).memory_plan
+    assert not _resolve(["--model", model]).memory_plan  # the CPU
+    with pytest.raises(ValueError, match="--max_memory_gb is for GPUs"):
+        _resolve(["--model", model, "--max_memory_gb", "80"])
+    with pytest.raises(ValueError, match="--max_memory_gb must be positive"):
+        _resolve(["--model", model, "--max_memory_gb", "0"], cuda=True)
+    with pytest.raises(ValueError, match="--use_liger_kernel needs a GPU"):
+        _resolve(["--model", model, "--use_liger_kernel"])
+    # A DDP run does not make DDP search for unused parameters after every backward.
+    assert _resolve(["--model", model], cuda=True, world_size=2).training["ddp_find_unused_parameters"] is False
+
+
 def test_cpu_offline_default_is_cpu_sized():
     plan = _resolve([])
     t, a = plan.training, plan.args

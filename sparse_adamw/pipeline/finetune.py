@@ -31,6 +31,7 @@ longer later).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shlex
@@ -50,9 +51,12 @@ from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from ..backends import IMPLS
 from ..masks import MASKS_FILE, leaked_blocks, normalize_block_size, save_masks
 from ..sparsity import check_sparsity, pruned_fraction
+from .distill import DistillConfig
+from .memory_plan import CHECKPOINTING_ARGS
 from .cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, LOAD_ERRORS, command_prog, default_pruned_model, timed, versions
 from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
-from .models import DEFAULT_MODEL, model_slug
+from .models import DEFAULT_MODEL, liger_supports, model_slug
+from .prune import REPORT_FILE as PRUNE_REPORT
 from .run_folder import (
     RECORD_FORMAT,
     REPORT_FILE,
@@ -89,6 +93,8 @@ CPU_EFFECTIVE_BATCH_SIZE = 4
 CPU_MAX_STEPS = 40
 CPU_LEARNING_RATE = 1e-4
 CPU_SAVE_STEPS = 10
+# Distillation from the dense parent, where it is at hand (benchmarks/RESULTS.md, "Recovery"): the KL weight.
+DEFAULT_DISTILL_ALPHA = 0.5
 FINETUNED_DIR = "dense_finetuned_model"
 EXIT_INTERRUPTED = 130  # the shell's code for a job stopped by SIGINT
 # A model with at least this fraction of exact zeros in its decoder Linear weights is a pruned one (a quantized
@@ -176,6 +182,22 @@ class FinetuneArguments:
     optimizer_impl: str = field(default="auto", metadata={"choices": IMPLS, "help": "SparseAdamW backend"})
     num_processes: Optional[int] = field(default=None, metadata={"help": (
         "processes the run uses, for the default gradient accumulation (default: WORLD_SIZE, set by torchrun, or 1)")})
+    distill: bool = field(default=False, metadata={"help": (
+        "distil from the dense model the pruned one came from: (1 - alpha) x LM loss + alpha x T^2 x KL(teacher || "
+        "student) on the logits. On by default where that teacher is at hand (the prune step's prune_report.json "
+        "names it, or --teacher); --distill makes a missing teacher an error")})
+    no_distill: bool = field(default=False, metadata={"help": "train on the LM loss only, with no teacher"})
+    teacher: Optional[str] = field(default=None, metadata={"help": (
+        "the dense teacher: a model directory, a .gguf file or " + DEFAULT_MODEL + " (default: the model "
+        "prune_report.json next to --model names)")})
+    distill_alpha: Optional[float] = field(default=None, metadata={"help": (
+        f"weight of the KL term, in [0, 1] (default {DEFAULT_DISTILL_ALPHA:g})")})
+    distill_temperature: float = field(default=1.0, metadata={"help": "temperature T of the KL term"})
+    distill_hidden_weight: float = field(default=0.0, metadata={"help": (
+        "weight of SquareHead's per-layer hidden-state terms (normalised MSE per decoder layer); 0 = off")})
+    max_memory_gb: Optional[float] = field(default=None, metadata={"help": (
+        "GPUs: use at most this many GiB per GPU (a shared card, or an 80 GB card emulated on a larger one); the "
+        "memory plan fits in it, less 5%%, and the allocator refuses more (default: the free memory)")})
     print_config: bool = field(default=False, metadata={"help": (
         "resolve the defaults, print them as shell KEY=VALUE lines and exit (run_dense_finetune.sh uses it)")})
 
@@ -187,7 +209,15 @@ class FinetuneTrainingArguments(TrainingArguments):
     output_dir: Optional[str] = field(default=None, metadata={"help": (
         f"where checkpoints and the fine-tuned model go (default: next to a .../pruned_model directory, "
         f"{FINETUNED_DIR}, else out/<model>/{FINETUNED_DIR})")})
-    per_device_train_batch_size: int = field(default=1, metadata={"help": "sequences per device and step"})
+    per_device_train_batch_size: Optional[int] = field(default=None, metadata={"help": (
+        "sequences per device and micro-step (default: on GPUs, the memory plan measures it, see --max_memory_gb; "
+        "1 on the CPU)")})
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={"nargs": "?", "const": True, "help": (
+        "recompute activations in backward to save memory (default: on GPUs, the memory plan decides; off on the "
+        "CPU)")})
+    use_liger_kernel: Optional[bool] = field(default=None, metadata={"nargs": "?", "const": True, "help": (
+        "Liger-Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy through the Trainer (default: on GPUs "
+        "where liger-kernel is installed and supports the model type; pip install 'sparse_adamw[gpu]')")})
     gradient_accumulation_steps: Optional[int] = field(default=None, metadata={"help": (
         f"default: effective batch {EFFECTIVE_BATCH_SIZE} / (processes x per-device batch); "
         f"{CPU_EFFECTIVE_BATCH_SIZE} / ... in the CPU offline default")})
@@ -244,6 +274,11 @@ class Plan:
     model_exists: bool
     resume_from: Optional[str]
     masks_found: bool = False  # --masks_file is the prune step's block_masks.pt found next to the model
+    # GPUs with no --per_device_train_batch_size, --gradient_checkpointing or --gradient_accumulation_steps: the
+    # memory plan (memory_plan.py) measures them at the start; until then they hold the guide's batch 1, no
+    # checkpointing. The given ones are kept.
+    memory_plan: bool = False
+    given: Dict[str, Any] = field(default_factory=dict)
     # Filled by inspect_output_dir: what changes the result, the schedule, and what the output folder holds.
     config: Dict[str, Any] = field(default_factory=dict)
     schedule: Dict[str, Any] = field(default_factory=dict)
@@ -263,10 +298,20 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     cpu_default = on_cpu and args.model is None
     _resolve_data(args, on_cpu, cpu_default)
     masks_found = _resolve_masks(args)
+    _resolve_distill(args)
+    given = {"per_device_train_batch_size": training.get("per_device_train_batch_size"),
+             "gradient_accumulation_steps": training.get("gradient_accumulation_steps"),
+             "gradient_checkpointing": next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None),
+                                            None)}
+    memory_plan = _resolve_memory(args, training, on_cpu)
     _resolve_schedule(training, world_size, cpu_default)
     _resolve_precision(args, training, on_cpu, bf16_supported)
     if training.get("fsdp"):
         _resolve_fsdp(training, on_cpu, world_size)
+    if world_size > 1 and training.get("ddp_find_unused_parameters") is None:
+        # A causal LM uses every parameter: without this the Trainer asks DDP to search the graph for unused ones
+        # after every backward (it does so whenever checkpointing is off).
+        training["ddp_find_unused_parameters"] = False
     if on_cpu:
         # use_cpu also makes accelerate set up DDP over gloo under torchrun; without it, it would not.
         training["use_cpu"] = True
@@ -277,7 +322,38 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
         training["output_dir"] = str(default_output_dir(args.model))
     if Path(training["output_dir"]).is_file():
         raise ValueError(f"--output_dir {training['output_dir']} is a file, not a folder")
-    return Plan(args, training, world_size, on_cpu, cpu_default, Path(args.model).exists(), None, masks_found)
+    return Plan(args, training, world_size, on_cpu, cpu_default, Path(args.model).exists(), None, masks_found,
+                memory_plan, given)
+
+
+_TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def _resolve_memory(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool) -> bool:
+    """Whether the memory plan decides the micro-batch and checkpointing; fills the placeholders until it does."""
+    if on_cpu:
+        for flag in ("max_memory_gb",):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} is for GPUs; this run is on the CPU")
+        if training.get("use_liger_kernel"):
+            raise ValueError("--use_liger_kernel needs a GPU (Liger's kernels are Triton kernels for GPUs)")
+        training["use_liger_kernel"] = False
+    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+        raise ValueError(f"--max_memory_gb must be positive, got {args.max_memory_gb}")
+    checkpointing = next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None), None)
+    planned = (not on_cpu and training["gradient_accumulation_steps"] is None
+               and (training["per_device_train_batch_size"] is None or checkpointing is None))
+    if training["per_device_train_batch_size"] is None:
+        training["per_device_train_batch_size"] = 1
+    # transformers >= 5.24 calls it activation_checkpointing (the old name, an alias, warns): set the current name.
+    name = next(k for k in CHECKPOINTING_ARGS if k in _TRAINING_FIELDS)
+    kwargs = next((training[k + "_kwargs"] for k in CHECKPOINTING_ARGS if training.get(k + "_kwargs") is not None),
+                  {"use_reentrant": False})
+    for k in CHECKPOINTING_ARGS:
+        if k in _TRAINING_FIELDS:
+            training[k], training[k + "_kwargs"] = None, None
+    training[name], training[name + "_kwargs"] = bool(checkpointing), kwargs
+    return planned
 
 
 def _resolve_world_size(args: FinetuneArguments, world_size: int) -> int:
@@ -317,6 +393,46 @@ def _resolve_masks(args: FinetuneArguments) -> bool:
         args.masks_file = str(model / MASKS_FILE)
         return True
     return False
+
+
+def teacher_of(model: str) -> Optional[str]:
+    """The dense model `model` was pruned from, where it is at hand: the one the prune step's prune_report.json
+    names (its absolute "source", else its "model" as given), or the packaged model for the offline default."""
+    if model == str(default_pruned_model()) and not Path(model).exists():
+        return DEFAULT_MODEL  # the prune step makes it from the packaged model
+    try:
+        report = json.loads((Path(model) / PRUNE_REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+    for source in (report.get("source"), report.get("model")):
+        if source == DEFAULT_MODEL or (source and Path(source).exists()):
+            return source
+    return None
+
+
+def _resolve_distill(args: FinetuneArguments) -> None:
+    """Distil when a teacher is at hand (or --distill demands one); check the weights."""
+    if args.no_distill:
+        if args.distill or args.teacher:
+            raise ValueError("--no_distill contradicts " + ("--distill" if args.distill else "--teacher"))
+        return
+    teacher = args.teacher or teacher_of(args.model)
+    if teacher is None:
+        if args.distill:
+            raise ValueError(f"--distill needs the dense model {args.model} was pruned from, and no "
+                             f"{PRUNE_REPORT} next to it names one that is here: pass --teacher DIR")
+        return
+    args.teacher, args.distill = teacher, True
+    if args.distill_alpha is None:
+        args.distill_alpha = DEFAULT_DISTILL_ALPHA
+    distill_config(args)  # a ValueError for a weight out of range, before anything is loaded
+
+
+def distill_config(args: FinetuneArguments) -> Optional[DistillConfig]:
+    if not args.distill:
+        return None
+    return DistillConfig(alpha=args.distill_alpha, temperature=args.distill_temperature,
+                         hidden_weight=args.distill_hidden_weight)
 
 
 def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default: bool) -> None:
@@ -388,6 +504,8 @@ def check_inputs(args: FinetuneArguments) -> None:
             raise ValueError(f"--model {args.model} has no config.json: not a saved Hugging Face model directory")
         if model.is_file() and model.suffix != ".gguf":
             raise ValueError(f"--model {args.model} is a file but not a .gguf file")
+    if args.teacher not in (None, DEFAULT_MODEL) and not Path(args.teacher).expanduser().exists():
+        raise ValueError(f"--teacher {args.teacher} does not exist (pass the dense model's directory or .gguf file)")
     for flag, path in (("--masks_file", args.masks_file), ("--dataset_path", args.dataset_path)):
         if path is not None and not Path(path).expanduser().exists() and not (
                 flag == "--masks_file" and args.model == str(default_pruned_model())):
@@ -412,6 +530,7 @@ def result_config(plan: Plan) -> Dict[str, Any]:
         "effective_batch_size": plan.effective_batch_size, "masks_file": _where(a.masks_file),
         "prune_block": None if a.masks_file else "x".join(map(str, normalize_block_size(a.prune_block))),
         "dtype": a.dtype, "bf16_autocast": bool(t["bf16"]), "state_dtype": a.state_dtype,
+        "distill": None if not a.distill else {"teacher": _where(a.teacher), **distill_config(a).as_dict()},
     }
     config.update({key: t.get(key) for key in RESULT_TRAINING_KEYS})
     return config
@@ -456,6 +575,19 @@ def _input_error(args: FinetuneArguments) -> str:
     return ""
 
 
+def liger_note(training: Dict[str, object], on_cpu: bool) -> str:
+    """What the run will do about Liger-Kernel, for the banner."""
+    import importlib.metadata
+
+    if on_cpu or training.get("use_liger_kernel") is False:
+        return "off" + (" (CPU)" if on_cpu else "")
+    try:
+        version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return "off (liger-kernel is not installed: pip install 'sparse_adamw[gpu]')"
+    return f"on where liger-kernel {version} supports the model type"
+
+
 def print_config(plan: Plan) -> None:
     """Shell-quoted KEY=VALUE lines for run_dense_finetune.sh."""
     t, a = plan.training, plan.args
@@ -471,14 +603,25 @@ def print_config(plan: Plan) -> None:
         "NUM_EPOCHS": f"{t['num_train_epochs']:g}",
         "MAX_STEPS": t["max_steps"],
         "LEARNING_RATE": format_lr(t["learning_rate"]),
-        "BATCH_SIZE": t["per_device_train_batch_size"],
-        "GRADIENT_ACCUMULATION": t["gradient_accumulation_steps"],
+        "BATCH_SIZE": t["per_device_train_batch_size"] if plan.given["per_device_train_batch_size"] or not
+        plan.memory_plan else "auto",
+        "GRADIENT_ACCUMULATION": "auto" if plan.memory_plan else t["gradient_accumulation_steps"],
+        "CHECKPOINTING": ("auto" if plan.given["gradient_checkpointing"] is None and plan.memory_plan
+                          else "on" if any(t.get(k) for k in CHECKPOINTING_ARGS) else "off"),
+        "MEMORY_PLAN": ("measured on the GPU at the start: the fastest micro-batch and checkpointing that fit "
+                        + (f"{a.max_memory_gb:g} GiB" if a.max_memory_gb else "the free memory") + ", less 5%"
+                        if plan.memory_plan else "off (given on the command line)" if not plan.on_cpu else "off (CPU)"),
+        "LIGER": liger_note(t, plan.on_cpu),
         "EFFECTIVE_BATCH": plan.effective_batch_size,
         "BLOCK_SIZE": a.block_size,
         "MAX_TRAIN_SAMPLES": a.max_train_samples or "all",
         "BF16": int(bool(t["bf16"])),
         "DTYPE": a.dtype,
         "FSDP": int(bool(t.get("fsdp"))),
+        "DISTILL": (f"alpha {a.distill_alpha:g} (KL to the dense model, T={a.distill_temperature:g}"
+                    + (f", SquareHead {a.distill_hidden_weight:g}" if a.distill_hidden_weight else "")
+                    + f"), teacher {a.teacher}") if a.distill else (
+                        "off (--no_distill)" if a.no_distill else "off (no dense teacher at hand: --teacher DIR)"),
         "RESUME_FROM": plan.resume_from or "",
         "RUN_STATE": "complete" if plan.status.complete else "resume" if plan.resume_from else "new",
         "INPUT_ERROR": _input_error(a),  # what a run (not --print_config) would stop at, before the banner
@@ -541,9 +684,19 @@ def _barrier(training_args) -> None:
         torch.distributed.barrier()
 
 
-def _table(rows: List[Tuple[str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows)
+def _table(rows: List[Tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join([f"{r[0]:<{widths[0]}}"] + [f"{c:>{w}}" for c, w in zip(r[1:], widths[1:])])
+                     for r in rows)
+
+
+def recovered_fraction(perplexity: Dict[str, Optional[float]]) -> Optional[float]:
+    """The share of the perplexity pruning lost that training won back, on a log scale:
+    (log ppl_pruned - log ppl_after) / (log ppl_pruned - log ppl_dense)."""
+    before, after, dense = (perplexity.get(k) for k in ("before", "after", "dense"))
+    if None in (before, after, dense) or before <= dense:
+        return None
+    return (math.log(before) - math.log(after)) / (math.log(before) - math.log(dense))
 
 
 def _is_main_process() -> bool:
@@ -583,6 +736,8 @@ class _Job:
     prune_block: Optional[Tuple[int, int]] = None  # --prune_block, checked by _load
     fingerprint: Optional[Dict[str, Any]] = None  # of the starting weights and masks, in run_config.json
     model: Any = None  # before training; the Trainer may wrap or shard it
+    teacher: Any = None  # the dense model, with distillation
+    memory: Any = None  # the MemoryPlan measured on GPUs
     tokenizer: Any = None
     train: Optional[torch.Tensor] = None
     windows: Optional[torch.Tensor] = None  # on the main process, unless --skip_eval
@@ -591,7 +746,8 @@ class _Job:
     result: Any = None  # the Trainer's TrainOutput
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # after training: the optimizer's
     # "before" and "after" training, as the report keeps them
-    perplexity: Dict[str, Optional[float]] = field(default_factory=lambda: {"before": None, "after": None})
+    perplexity: Dict[str, Optional[float]] = field(default_factory=lambda: {"before": None, "after": None,
+                                                                             "dense": None})
     sparsity: Dict[str, float] = field(default_factory=dict)
     pruned_blocks: Dict[str, float] = field(default_factory=dict)
 
@@ -715,6 +871,10 @@ def _load(job: _Job) -> None:
                                                        args.block_size, args.max_eval_windows or None)
     job.model.config.use_cache = False
     job.model.train()
+    if args.distill:
+        # bf16 on GPUs (half the memory of fp32; it only runs forward), the student's dtype on the CPU.
+        with timed(job.timings, "load_teacher_s"):
+            job.teacher, _ = load_model(args.teacher, "cpu", args.dtype if job.plan.on_cpu else "bfloat16")
 
 
 def _make_trainer(job: _Job) -> None:
@@ -724,18 +884,44 @@ def _make_trainer(job: _Job) -> None:
     from .trainer import SparseTrainer, StepLogCallback
 
     args = job.args
+    if job.training_args.use_liger_kernel is None:  # GPUs: on where liger-kernel is installed and fits the model
+        job.training_args.use_liger_kernel = liger_supports(job.model)
     job.trainer = SparseTrainer(
         model=job.model, args=job.training_args, train_dataset=TokenBlocks(job.train),
         data_collator=default_data_collator, processing_class=job.tokenizer, masks_file=args.masks_file,
         block_size=job.prune_block, optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
+        teacher=job.teacher, distill=distill_config(args),
     )
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())
     job.trainer.add_callback(LogAtCheckpoints())
+    if job.teacher is not None:
+        d = job.trainer.distill
+        job.say(f"Distillation: {d.alpha:g} x KL(teacher || student) at T={d.temperature:g} + {1 - d.alpha:g} x LM "
+                f"loss{f' + {d.hidden_weight:g} x SquareHead' if d.hidden_weight else ''}; teacher {args.teacher}")
+    if job.training_args.use_liger_kernel:
+        job.say(f"Liger-Kernel: fused RMSNorm, SwiGLU, RoPE and linear cross-entropy ({job.model.config.model_type})")
     if job.plan.masks_found:
         bh, bw = job.trainer.block_size
         job.say(f"Block masks: {args.masks_file} (the prune step's, {len(job.trainer.masks)} weights in {bh}x{bw} "
                 "blocks)")
+
+
+def _plan_memory(job: _Job) -> None:
+    """GPUs: measure the micro-batch and checkpointing that train fastest within the memory (memory_plan.py)."""
+    from .memory_plan import apply_plan, plan_trainer
+
+    t, given = job.training_args, job.plan.given
+    per_process = job.plan.effective_batch_size // job.plan.world_size
+    job.say(f"Measuring the memory plan: forward and backward at each candidate micro-batch (of {per_process} "
+            "sequences per process and step)...", flush=True)
+    with timed(job.timings, "memory_plan_s"):
+        job.memory = plan_trainer(job.trainer, seq_len=job.args.block_size, per_process=per_process,
+                                  world_size=job.plan.world_size, max_memory_gb=job.args.max_memory_gb,
+                                  micro_batch=given["per_device_train_batch_size"],
+                                  checkpointing=given["gradient_checkpointing"])
+    apply_plan(job.trainer, job.memory)
+    job.say(job.memory.describe() + f" ({job.timings['memory_plan_s']:.1f} s)")
 
 
 def _check_masks_found(job: _Job) -> None:
@@ -785,6 +971,11 @@ def _evaluate_before(job: _Job) -> None:
     job.say(f"Perplexity of the pruned model on {job.evaluated}...", flush=True)
     _perplexity(job, job.model, "before")
     job.say(f"Perplexity before fine-tuning: {job.perplexity['before']:.4f} ({job.timings['eval_before_s']:.1f} s)")
+    if job.teacher is not None:
+        if job.trainer.fsdp_version:
+            job.teacher.to(job.training_args.device)
+        _perplexity(job, job.teacher, "dense")
+        job.say(f"Perplexity of the dense teacher: {job.perplexity['dense']:.4f} ({job.timings['eval_dense_s']:.1f} s)")
 
 
 def _train(job: _Job) -> bool:
@@ -876,10 +1067,16 @@ def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> 
     (bh, bw), ppl, zeros, blocks = job.trainer.block_size, job.perplexity, job.sparsity, job.pruned_blocks
     print("\n" + "=" * 42)
     print("Results" + (f" ({job.evaluated})" if job.evaluated else " (perplexity skipped)"))
-    print(_table([("", "pruned (before)", "fine-tuned (after)"),
-                  ("Perplexity", fmt(ppl["before"]), fmt(ppl["after"])),
-                  ("Sparsity (exact zeros)", f"{zeros['before']:.4f}", f"{zeros['after']:.4f}"),
-                  (f"Pruned {bh}x{bw} blocks", f"{blocks['before']:.4f}", f"{blocks['after']:.4f}")]))
+    dense = ppl["dense"] is not None
+    print(_table([("", "pruned (before)", "fine-tuned (after)") + (("dense (teacher)",) if dense else ()),
+                  ("Perplexity", fmt(ppl["before"]), fmt(ppl["after"])) + ((fmt(ppl["dense"]),) if dense else ()),
+                  ("Sparsity (exact zeros)", f"{zeros['before']:.4f}", f"{zeros['after']:.4f}") + (("",) * dense),
+                  (f"Pruned {bh}x{bw} blocks", f"{blocks['before']:.4f}", f"{blocks['after']:.4f}")
+                  + (("0.0000",) if dense else ())]))
+    recovered = recovered_fraction(ppl)
+    if recovered is not None:
+        print(f"Recovered {recovered:.1%} of the perplexity pruning lost (log scale: pruned -> fine-tuned, over "
+              "pruned -> dense)")
     if zeros["after"] < zeros["before"]:
         print(f"(every pruned block is still exactly zero; the {zeros['before'] - zeros['after']:.6f} fewer exact "
               "zeros were live weights that happened to be zero before and have trained)")
@@ -896,12 +1093,28 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "model": args.model, "output_dir": str(job.output_dir),
         "dataset": describe_dataset(args.dataset, args.dataset_path),
         "evaluated": job.evaluated, "perplexity": job.perplexity,
+        "recovered_fraction": recovered_fraction(job.perplexity),
+        "memory_plan": None if job.memory is None else {
+            "micro_batch": job.memory.chosen.micro_batch, "gradient_checkpointing": job.memory.chosen.checkpointing,
+            "gradient_accumulation_steps": job.memory.gradient_accumulation_steps, "budget_bytes": job.memory.budget,
+            "reserved_bytes": job.memory.reserved,
+            "trials": [{"micro_batch": tr.candidate.micro_batch, "checkpointing": tr.candidate.checkpointing,
+                        "peak_bytes": tr.peak, "seconds": tr.seconds} for tr in job.memory.trials]},
+        "liger_kernel": bool(t.use_liger_kernel),
+        "peak_memory_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() and not job.plan.on_cpu
+        else None,
         "sparsity": job.sparsity,
         "pruned_block_fraction": job.pruned_blocks,
         # train_loss: over every step of the run, resumes included; this_process: the steps this process ran
         "steps": state.global_step, "train_loss": whole_run_loss(state.log_history),
         "this_process": {"first_step": first if last >= first else None, "last_step": last if last >= first else None,
                          "train_loss": whole_run_loss(state.log_history, after=plan.status.resume_step)},
+        "recipe": {"learning_rate": t.learning_rate, "lr_scheduler_type": str(t.lr_scheduler_type),
+                   "warmup_steps": t.warmup_steps, "warmup_ratio": getattr(t, "warmup_ratio", None), "steps": state.global_step,
+                   "effective_batch_size": plan.effective_batch_size, "max_grad_norm": t.max_grad_norm,
+                   "weight_decay": t.weight_decay,
+                   "distillation": None if job.teacher is None else {"teacher": args.teacher,
+                                                                     **job.trainer.distill.as_dict()}},
         "effective_batch_size": plan.effective_batch_size, "block_size": args.block_size,
         "learning_rate": t.learning_rate, "world_size": plan.world_size,
         "device": str(t.device), "dtype": args.dtype, "bf16_autocast": bool(t.bf16),
@@ -971,6 +1184,9 @@ def _prepare(job: _Job) -> Optional[int]:
         _load(job)
         _make_trainer(job)
         _check_masks_found(job)
+        if job.plan.memory_plan:
+            job.enter("measuring the memory plan")
+            _plan_memory(job)
     except (*LOAD_ERRORS, SparsityViolation) as err:
         return _error(err)
     return None

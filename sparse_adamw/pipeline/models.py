@@ -96,6 +96,15 @@ def load_model(model: str = DEFAULT_MODEL, device: Union[str, torch.device] = "c
     return lm.to(device).eval(), tokenizer
 
 
+def liger_supports(model) -> bool:
+    """Whether liger-kernel is installed and has kernels for this model's type."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
 def save_model(model, tokenizer, output_dir: Union[str, Path]) -> Path:
     """Safetensors weights, config and tokenizer, so that `from_pretrained(output_dir)` loads them back."""
     output_dir = Path(output_dir)

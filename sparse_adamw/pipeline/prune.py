@@ -330,6 +330,8 @@ def _report(args: argparse.Namespace, prune_block, model, overall: float, notes:
             calibration: Optional[torch.Tensor], ppl_report: Optional[dict], timings: Dict[str, float]) -> dict:
     return {
         "model": args.model,
+        # Where the dense model is, wherever the fine-tune runs from: its teacher for distillation.
+        "source": args.model if args.model == DEFAULT_MODEL else str(Path(args.model).expanduser().resolve()),
         "output_dir": str(args.output_dir),
         "method": args.method,
         "target_sparsity": args.sparsity,
