@@ -7,6 +7,16 @@ Contenders, in one process on one card:
   gradmask_once_bool torch AdamW(fused=True) + the gradients masked once per optimizer step with a bool mask (the
                      strongest version of gradient masking: accumulated gradients are linear)
   sparse_adamw       SparseAdamW with block masks (compact state; stochastic rounding for bf16 params)
+  sparse_adamw_bf16_state   the same with bf16 exp_avg and exp_avg_sq
+These take --batch, --ga and --grad_ckpt. Two more fix their own configuration, for an effective batch of
+--effective_batch sequences:
+  guide              the user's guide as written: torch AdamW(fused=True) + `grad[W == 0] = 0` after every
+                     backward, gradient checkpointing, batch 1, GA = effective batch
+  plan               the fine-tune's default: SparseAdamW with bf16 states, Liger-Kernel where installed, and the
+                     micro-batch and checkpointing its memory plan measures (sparse_adamw.pipeline.memory_plan)
+                     within --max_memory_gb (or the free memory)
+  plan_no_liger      the same without Liger-Kernel
+  plan_distill       plan, distilling from a dense bf16 teacher of the same shape (0.5 LM + 0.5 KL, chunked)
 
 Reports tokens/s, forward+backward per micro-step, optimizer.step() (as timed in the loop, its host time
 included, and with that host time overlapped by earlier GPU work), gradient masking per optimizer step, and peak
@@ -16,6 +26,12 @@ memory. Prints a markdown table last and appends CSV rows.
     python benchmarks/bench_finetune.py --layers 4 --param_dtype fp32 --ga 8 --interleave
     # issue 7: the whole 7B shape, bf16 params and grads, gradient checkpointing
     python benchmarks/bench_finetune.py --layers 32 --param_dtype bf16 --ga 1 --grad_ckpt
+    # issue 15: the guide against the default plan on an 80 GB card (emulated: the allocator refuses more)
+    python benchmarks/bench_finetune.py --layers 32 --param_dtype bf16 --contenders guide plan plan_no_liger \
+        --max_memory_gb 80
+
+Every row also gives % of the bf16 matrix rate measured in the same run (an 8192^3 matmul): 6 x parameters x
+tokens/s over that rate (attention's own FLOPs are not counted, so this understates the work done).
 """
 from __future__ import annotations
 
@@ -32,11 +48,31 @@ from common import append_csv, environment, markdown_table, median_ms, prune_ran
 
 from sparse_adamw import SparseAdamW  # noqa: E402
 from sparse_adamw.masks import expand_block_mask  # noqa: E402
+from sparse_adamw.pipeline.distill import DistillConfig, distill_loss  # noqa: E402
+from sparse_adamw.pipeline.memory_plan import (budget_bytes, cap_memory, choose, optimizer_state_bytes,  # noqa: E402
+                                               set_checkpointing)
 
-CONTENDERS = ("torch_fused", "wanda_gradmask", "gradmask_once_bool", "sparse_adamw", "sparse_adamw_bf16_state")
+
+def liger_supported() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+CONTENDERS = ("torch_fused", "wanda_gradmask", "gradmask_once_bool", "sparse_adamw", "sparse_adamw_bf16_state",
+              "guide", "plan", "plan_no_liger", "plan_distill")
 
 
-def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
+def matmul_tflops() -> float:
+    """The card's bf16 matrix rate, measured: an 8192^3 product."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(lambda: a @ b, warmup=5, reps=20)
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0, liger=False):
     """A random-init LlamaForCausalLM with LLaMA-7B dims, and random block masks applied to its decoder Linears."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,8 +82,11 @@ def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, dtype=param_dtype)
-    if grad_ckpt:
-        model.gradient_checkpointing_enable()
+    if liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    set_checkpointing(model, grad_ckpt, {"use_reentrant": False})
     model.config.use_cache = False
     masks = prune_randomly(model, sparsity, seed)
     return model, masks
@@ -59,19 +98,57 @@ class Contender:
     def __init__(self, name, args):
         self.name, self.args = name, args
         dtype = torch.float32 if args.param_dtype == "fp32" else torch.bfloat16
-        self.model, masks = build_model(args.layers, dtype, args.grad_ckpt, args.sparsity)
+        self.batch, self.ga, self.grad_ckpt = args.batch, args.ga, args.grad_ckpt
+        if name == "guide":
+            self.batch, self.ga, self.grad_ckpt = 1, args.effective_batch, True
+        self.liger = name in ("plan", "plan_distill") and liger_supported()
+        self.model, masks = build_model(args.layers, dtype, self.grad_ckpt, args.sparsity, liger=self.liger)
+        self.teacher = None
+        if name == "plan_distill":
+            self.teacher = build_model(args.layers, torch.bfloat16, False, 0.0, seed=1, liger=self.liger)[0]
+            self.teacher.eval().requires_grad_(False)
         params = self.model.parameters()
-        if name.startswith("sparse_adamw"):
-            state_dtype = torch.bfloat16 if name.endswith("bf16_state") else torch.float32
+        if name.startswith(("sparse_adamw", "plan")):
+            state_dtype = torch.bfloat16 if name.endswith("bf16_state") or name.startswith("plan") else torch.float32
             self.opt = SparseAdamW(params, lr=5e-5, weight_decay=0.0, masks=masks, state_dtype=state_dtype)
         else:
             self.opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
-        self.masked = list(masks) if name == "wanda_gradmask" else []
+        self.plan = None
+        if name.startswith("plan"):
+            self.plan = self._measure_plan(masks, state_dtype)
+            self.batch, self.ga = self.plan.chosen.micro_batch, self.plan.gradient_accumulation_steps
+            self.grad_ckpt = self.plan.chosen.checkpointing
+            set_checkpointing(self.model, self.grad_ckpt, {"use_reentrant": False})
+        self.masked = list(masks) if name in ("wanda_gradmask", "guide") else []
         self.pruned = ([(p, ~expand_block_mask(m, p.shape)) for p, m in masks.items()]  # 1 byte per weight
                        if name == "gradmask_once_bool" else [])
         self.autocast = dtype == torch.float32
-        self.tokens = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
+        self.tokens = torch.randint(0, 32000, (self.batch, args.seq), device="cuda")
         self.timings = {"fwd_bwd": [], "mask": [], "opt": [], "step": []}
+
+    def _measure_plan(self, masks, state_dtype):
+        """The memory plan, as the fine-tune measures it: forward and backward at each candidate micro-batch with
+        the optimizer state held in a placeholder."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        state = optimizer_state_bytes(self.model, {names[p]: m for p, m in masks.items()}, (16, 16), state_dtype)
+
+        def run(candidate):
+            set_checkpointing(self.model, candidate.checkpointing, {"use_reentrant": False})
+            ids = torch.randint(0, 32000, (candidate.micro_batch, self.args.seq), device="cuda")
+            self.loss(ids).backward()
+
+        plan = choose(run, per_process=self.args.effective_batch, seq_len=self.args.seq, device=torch.device("cuda"),
+                      budget=budget_bytes(torch.device("cuda"), self.args.max_memory_gb),
+                      reserved={"optimizer state": state}, clear=lambda: self.model.zero_grad(set_to_none=True))
+        print(plan.describe(), flush=True)
+        return plan
+
+    def loss(self, ids):
+        """The micro-batch's loss: the model's own, or with a teacher the distillation loss the fine-tune uses."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            if self.teacher is None:
+                return self.model(input_ids=ids, labels=ids).loss
+            return distill_loss(self.model, self.teacher, {"input_ids": ids, "labels": ids}, DistillConfig(0.5))
 
     def train_step(self, record: bool) -> None:
         def event():
@@ -79,13 +156,12 @@ class Contender:
             e.record()
             return e
 
-        ga = self.args.ga
+        ga = self.ga
         start = event()
         fwd_bwd = mask = 0.0
         for _ in range(ga):
             a = event()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                loss = self.model(input_ids=self.tokens, labels=self.tokens).loss / ga
+            loss = self.loss(self.tokens) / ga
             loss.backward()
             b = event()
             for p in self.masked:  # Wanda's trainer: zero the gradients of pruned weights after every backward
@@ -114,8 +190,7 @@ class Contender:
     def opt_device_ms(self) -> float:
         """optimizer.step() with its host time overlapped by earlier GPU work (as after an asynchronous backward),
         on the gradients of one more micro-step."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            self.model(input_ids=self.tokens, labels=self.tokens).loss.backward()
+        self.loss(self.tokens).backward()
         for p in self.masked:
             p.grad[p == 0] = 0
         ms = median_ms(self.opt.step, warmup=1, reps=5, device_only=True)
@@ -127,11 +202,17 @@ class Contender:
         state = sum(t.numel() * t.element_size() for s in self.opt.state.values() for k, t in s.items()
                     if k in ("exp_avg", "exp_avg_sq"))
         a = self.args
-        return dict(contender=self.name, tokens_per_s=round(a.ga * a.batch * a.seq / med["step"] * 1e3),
+        tokens_per_s = self.ga * self.batch * a.seq / med["step"] * 1e3
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return dict(contender=self.name, batch=self.batch, ga=self.ga, grad_ckpt=self.grad_ckpt, liger=self.liger,
+                    tokens_per_s=round(tokens_per_s),
+                    pct_matrix_rate=round(100 * 6 * n_params * tokens_per_s / (a.tflops * 1e12), 1),
                     step_ms=round(med["step"], 1), fwd_bwd_ms=round(med["fwd_bwd"], 1),
                     gradmask_per_step_ms=round(med["mask"], 2), opt_step_ms=round(med["opt"], 2),
                     opt_step_device_ms=round(self.device_ms, 2),
-                    state_gib=round(state / 2**30, 2), peak_gib=peak)
+                    state_gib=round(state / 2**30, 2), peak_gib=peak[0], peak_reserved_gib=peak[1],
+                    plan_peak_gib=round(min(t.peak for t in self.plan.trials if t.candidate == self.plan.chosen)
+                                        / 2**30, 2) if self.plan else "")
 
 
 def run_sequential(args):
@@ -142,7 +223,7 @@ def run_sequential(args):
         c = Contender(name, args)
         for it in range(args.warmup + args.steps):
             c.train_step(record=it >= args.warmup)
-        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peak = (round(torch.cuda.max_memory_allocated() / 2**30, 2), round(torch.cuda.max_memory_reserved() / 2**30, 2))
         c.device_ms = c.opt_device_ms()
         rows.append(c.row(peak))
         print(f"  {name}: {rows[-1]['tokens_per_s']} tokens/s, peak {rows[-1]['peak_gib']} GiB", flush=True)
@@ -160,7 +241,7 @@ def run_interleaved(args):
             c.train_step(record=it >= args.warmup)
     for c in contenders:
         c.device_ms = c.opt_device_ms()
-    return [c.row("n/a") for c in contenders]
+    return [c.row(("n/a", "n/a")) for c in contenders]
 
 
 def main():
@@ -173,6 +254,9 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--sparsity", type=float, default=0.2)
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--effective_batch", type=int, default=8, help="sequences per optimizer step: guide, plan")
+    parser.add_argument("--max_memory_gb", type=float, default=None,
+                        help="the allocator refuses more than this (GiB), and the plan fits in it less 5%%")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
@@ -183,17 +267,22 @@ def main():
     args = parser.parse_args()
 
     env = environment()
+    if args.max_memory_gb:
+        cap_memory(torch.device("cuda"), args.max_memory_gb)
+    args.tflops = matmul_tflops()
+    print(f"bf16 matrix rate measured here: {args.tflops:.0f} TFLOP/s", flush=True)
     results = run_interleaved(args) if args.interleave else run_sequential(args)
-    rows = [dict(env, layers=args.layers, param_dtype=args.param_dtype, ga=args.ga, seq=args.seq,
-                 grad_ckpt=args.grad_ckpt, interleaved=args.interleave, **r) for r in results]
+    rows = [dict(env, layers=args.layers, param_dtype=args.param_dtype, seq=args.seq, interleaved=args.interleave,
+                 max_memory_gb=args.max_memory_gb or "", matrix_tflops=round(args.tflops), **r) for r in results]
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     append_csv(args.csv, rows)
     print()
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; LLaMA-7B dims, {args.layers} layers, "
-          f"{args.param_dtype} params, seq {args.seq}, batch {args.batch}, GA {args.ga}, "
-          f"grad ckpt {args.grad_ckpt}, {args.sparsity:.0%} of 16x16 blocks pruned")
-    print(markdown_table(rows, ["contender", "tokens_per_s", "step_ms", "fwd_bwd_ms", "gradmask_per_step_ms",
-                                "opt_step_ms", "opt_step_device_ms", "state_gib", "peak_gib"]))
+          f"{args.param_dtype} params, seq {args.seq}, {args.sparsity:.0%} of 16x16 blocks pruned; cap "
+          f"{args.max_memory_gb or 'none'} GiB; bf16 matrix rate {args.tflops:.0f} TFLOP/s")
+    print(markdown_table(rows, ["contender", "batch", "ga", "grad_ckpt", "liger", "tokens_per_s", "pct_matrix_rate",
+                                "step_ms", "fwd_bwd_ms", "gradmask_per_step_ms", "opt_step_ms", "state_gib",
+                                "peak_gib", "peak_reserved_gib", "plan_peak_gib"]))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@ blocks of its decoder Linears pruned, with a tokenizer: a stand-in for the prune
 runs (multi-GPU fine-tunes), where only the shapes matter.
 
     python benchmarks/make_random_llama.py --layers 4 --tokenizer DIR --output_dir /tmp/llama7b_4layers
+    python benchmarks/make_random_llama.py --layers 32 --tokenizer words:32000 --output_dir /tmp/llama7b
+
+`--tokenizer words:N` needs no files: a word-level tokenizer over the N most frequent words of the offline corpus
+(LLaMA-2's vocabulary is 32000), so the model has LLaMA-7B's exact shape and trains on real text.
 """
 import argparse
 
@@ -10,6 +14,23 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from common import prune_randomly
+
+
+def word_tokenizer(size: int):
+    """A WordLevel tokenizer over the size - 3 most frequent words of the offline corpus, plus unk/bos/eos."""
+    import collections
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sparse_adamw.pipeline.data import load_text_splits
+
+    counts = collections.Counter(w for text in load_text_splits()["train"] for w in text.split())
+    words = [w for w, _ in counts.most_common(size - 3)]
+    vocab = {t: i for i, t in enumerate(["[UNK]", "<s>", "</s>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
 
 
 def main():
@@ -21,7 +42,10 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.tokenizer.startswith("words:"):
+        tokenizer = word_tokenizer(int(args.tokenizer.split(":", 1)[1]))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=len(tokenizer),
                          max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,

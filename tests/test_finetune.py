@@ -115,7 +115,7 @@ def test_cpu_offline_default_is_cpu_sized():
     assert a.model == "out/smollm2-135m/block_16x16_20sparsity/wanda/pruned_model"
     assert t["output_dir"] == "out/smollm2-135m/block_16x16_20sparsity/wanda/dense_finetuned_model"
     assert (a.block_size, a.max_eval_windows, a.dtype) == (CPU_BLOCK_SIZE, 16, "float32")
-    assert (t["max_steps"], t["learning_rate"], t["gradient_accumulation_steps"]) == (40, 1e-4, 4)
+    assert (t["max_steps"], t["learning_rate"], t["gradient_accumulation_steps"]) == (40, 3e-4, 4)
     assert t["bf16"] is False and t["use_cpu"] is True
     # Explicit flags win over the CPU-sized defaults; a given --model is not the offline default.
     plan = _resolve(["--max_steps", "5", "--block_size", "64", "--learning_rate", "2e-4"])
@@ -361,8 +361,9 @@ def test_a_rerun_with_another_configuration_is_refused_before_loading(tiny, tmp_
 
 
 def test_the_cpu_demo_is_not_continued_under_the_defaults_of_a_model_run(tmp_path, monkeypatch, capsys):
-    """--model on the CPU means the guide's defaults (1024 tokens, lr 5e-5, effective batch 8, epochs), not the
-    CPU demo's: a rerun of the demo's folder with --model is refused, naming what the defaults changed."""
+    """--model on the CPU means the defaults of a full run (1024 tokens, effective batch 8, epochs; for the packaged
+    model its own lr), not the CPU demo's: a rerun of the demo's folder with --model is refused, naming what the
+    defaults changed."""
     from sparse_adamw.pipeline.finetune import inspect_output_dir, result_config, schedule_of
     from sparse_adamw.pipeline.run_folder import RECORD_FORMAT, RUN_CONFIG
 
@@ -379,7 +380,7 @@ def test_the_cpu_demo_is_not_continued_under_the_defaults_of_a_model_run(tmp_pat
         parse_arguments(["--model", demo.args.model])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    for line in ("  block_size: 256 -> 1024", "  effective_batch_size: 4 -> 8", "  learning_rate: 0.0001 -> 5e-05",
+    for line in ("  block_size: 256 -> 1024", "  effective_batch_size: 4 -> 8", "  learning_rate: 0.0003 -> 0.0005",
                  "  max_steps: 40 -> -1"):
         assert line in err, err
 

@@ -91,7 +91,9 @@ DEFAULT_SAVE_STEPS = 500
 # SmolLM2-135M from 334 to 66.7 perplexity in 5.4 min on 2 cores).
 CPU_EFFECTIVE_BATCH_SIZE = 4
 CPU_MAX_STEPS = 40
-CPU_LEARNING_RATE = 1e-4
+CPU_LEARNING_RATE = 3e-4
+# The packaged model's own recipe on GPUs (3 epochs, distilled): measured, benchmarks/RESULTS.md "Recovery".
+PACKAGED_LEARNING_RATE = 5e-4
 CPU_SAVE_STEPS = 10
 # Distillation from the dense parent, where it is at hand (benchmarks/RESULTS.md, "Recovery"): the KL weight.
 DEFAULT_DISTILL_ALPHA = 0.5
@@ -222,7 +224,8 @@ class FinetuneTrainingArguments(TrainingArguments):
         f"default: effective batch {EFFECTIVE_BATCH_SIZE} / (processes x per-device batch); "
         f"{CPU_EFFECTIVE_BATCH_SIZE} / ... in the CPU offline default")})
     learning_rate: Optional[float] = field(default=None, metadata={"help": (
-        f"default {format_lr(DEFAULT_LEARNING_RATE)} ({format_lr(CPU_LEARNING_RATE)} in the CPU offline default)")})
+        f"default {format_lr(DEFAULT_LEARNING_RATE)}, the guide's; the offline default model: "
+        f"{format_lr(PACKAGED_LEARNING_RATE)} on GPUs, {format_lr(CPU_LEARNING_RATE)} in the CPU offline default)")})
     max_steps: Optional[int] = field(default=None, metadata={"help": (
         f"stop after this many optimizer steps; -1 = train --num_train_epochs (default -1; "
         f"{CPU_MAX_STEPS} in the CPU offline default)")})
@@ -304,7 +307,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
              "gradient_checkpointing": next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None),
                                             None)}
     memory_plan = _resolve_memory(args, training, on_cpu)
-    _resolve_schedule(training, world_size, cpu_default)
+    _resolve_schedule(training, world_size, cpu_default, args.model)
     _resolve_precision(args, training, on_cpu, bf16_supported)
     if training.get("fsdp"):
         _resolve_fsdp(training, on_cpu, world_size)
@@ -435,10 +438,12 @@ def distill_config(args: FinetuneArguments) -> Optional[DistillConfig]:
                          hidden_weight=args.distill_hidden_weight)
 
 
-def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default: bool) -> None:
+def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default: bool, model: str) -> None:
     """Learning rate, steps, checkpoints and the gradient accumulation that keeps the effective batch."""
     if training["learning_rate"] is None:
-        training["learning_rate"] = CPU_LEARNING_RATE if cpu_default else DEFAULT_LEARNING_RATE
+        packaged = model == str(default_pruned_model())
+        training["learning_rate"] = (CPU_LEARNING_RATE if cpu_default else PACKAGED_LEARNING_RATE if packaged
+                                     else DEFAULT_LEARNING_RATE)
     if training["max_steps"] is None:
         training["max_steps"] = CPU_MAX_STEPS if cpu_default else -1
     if training["save_steps"] is None:
@@ -656,6 +661,23 @@ class LogAtCheckpoints(TrainerCallback):
     on_epoch_end = on_step_end
 
 
+class StepClock(TrainerCallback):
+    """When each optimizer step of this process ended: the steady rate leaves out the first steps (warm-up,
+    kernel compilation, the allocator growing)."""
+
+    def __init__(self):
+        self.ends: List[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def steady_seconds_per_step(self) -> Optional[float]:
+        skip = min(3, len(self.ends) // 3)
+        if len(self.ends) - skip < 2:
+            return None
+        return (self.ends[-1] - self.ends[skip]) / (len(self.ends) - 1 - skip)
+
+
 def whole_run_loss(log_history: List[Dict[str, Any]], after: int = 0) -> Optional[float]:
     """Mean training loss over the steps after `after` that the logged losses cover (each log is the mean since
     the one before)."""
@@ -738,6 +760,7 @@ class _Job:
     model: Any = None  # before training; the Trainer may wrap or shard it
     teacher: Any = None  # the dense model, with distillation
     memory: Any = None  # the MemoryPlan measured on GPUs
+    clock: Any = None  # StepClock
     tokenizer: Any = None
     train: Optional[torch.Tensor] = None
     windows: Optional[torch.Tensor] = None  # on the main process, unless --skip_eval
@@ -895,6 +918,8 @@ def _make_trainer(job: _Job) -> None:
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())
     job.trainer.add_callback(LogAtCheckpoints())
+    job.clock = StepClock()
+    job.trainer.add_callback(job.clock)
     if job.teacher is not None:
         d = job.trainer.distill
         job.say(f"Distillation: {d.alpha:g} x KL(teacher || student) at T={d.temperature:g} + {1 - d.alpha:g} x LM "
@@ -911,7 +936,7 @@ def _plan_memory(job: _Job) -> None:
     """GPUs: measure the micro-batch and checkpointing that train fastest within the memory (memory_plan.py)."""
     from .memory_plan import apply_plan, plan_trainer
 
-    t, given = job.training_args, job.plan.given
+    given = job.plan.given
     per_process = job.plan.effective_batch_size // job.plan.world_size
     job.say(f"Measuring the memory plan: forward and backward at each candidate micro-batch (of {per_process} "
             "sequences per process and step)...", flush=True)
@@ -1062,6 +1087,11 @@ def _throughput(job: _Job) -> Tuple[float, Optional[float]]:
     return runtime, (tokens / runtime if tokens and runtime > 0 else None)
 
 
+def _steady_tokens_per_s(job: _Job) -> Optional[float]:
+    seconds = job.clock.steady_seconds_per_step() if job.clock is not None else None
+    return job.plan.effective_batch_size * job.args.block_size / seconds if seconds else None
+
+
 def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     (bh, bw), ppl, zeros, blocks = job.trainer.block_size, job.perplexity, job.sparsity, job.pruned_blocks
@@ -1080,8 +1110,10 @@ def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> 
     if zeros["after"] < zeros["before"]:
         print(f"(every pruned block is still exactly zero; the {zeros['before'] - zeros['after']:.6f} fewer exact "
               "zeros were live weights that happened to be zero before and have trained)")
+    steady = _steady_tokens_per_s(job)
     print(f"Training: {job.trainer.state.global_step} steps, {runtime:.1f} s"
-          + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else "") + f"; total {job.timings['total_s']:.1f} s")
+          + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else "")
+          + (f" ({steady:,.0f} once warm)" if steady else "") + f"; total {job.timings['total_s']:.1f} s")
     print(f"Saved to {job.output_dir}")
     print("=" * 42)
 
@@ -1121,6 +1153,7 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "fsdp": bool(job.trainer.fsdp_version), "masks_file": args.masks_file, "configuration": plan.config,
         "resumed_from": plan.resume_from, "timings_s": job.timings,
         "tokens_per_s": tokens_per_s,
+        "steady_tokens_per_s": _steady_tokens_per_s(job),  # leaving out the first steps (StepClock)
         "versions": versions(),
     }
     write_json(job.output_dir / REPORT_FILE, report)
