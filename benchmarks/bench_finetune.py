@@ -113,6 +113,7 @@ class Contender:
             self.opt = SparseAdamW(params, lr=5e-5, weight_decay=0.0, masks=masks, state_dtype=state_dtype)
         else:
             self.opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
+        self.autocast = dtype == torch.float32
         self.plan = None
         if name.startswith("plan"):
             self.plan = self._measure_plan(masks, state_dtype)
@@ -122,7 +123,6 @@ class Contender:
         self.masked = list(masks) if name in ("wanda_gradmask", "guide") else []
         self.pruned = ([(p, ~expand_block_mask(m, p.shape)) for p, m in masks.items()]  # 1 byte per weight
                        if name == "gradmask_once_bool" else [])
-        self.autocast = dtype == torch.float32
         self.tokens = torch.randint(0, 32000, (self.batch, args.seq), device="cuda")
         self.timings = {"fwd_bwd": [], "mask": [], "opt": [], "step": []}
 

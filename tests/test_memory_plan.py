@@ -116,6 +116,12 @@ def test_apply_plan_sets_what_the_trainer_reads_in_train(tiny_llama, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
+def _one_gpu(args):
+    """One process, one GPU: on a host with several, the Trainer would wrap the model in nn.DataParallel."""
+    args._n_gpu = 1
+    return args
+
+
 def _gpu_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -137,7 +143,7 @@ def test_on_a_gpu_the_plan_peak_bounds_the_peak_of_real_training(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=8,
                              max_steps=3, bf16=True, report_to="none", save_strategy="no", logging_steps=100,
                              gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = SparseTrainer(model=model, args=args, train_dataset=data, state_dtype="bfloat16")
+    trainer = SparseTrainer(model=model, args=_one_gpu(args), train_dataset=data, state_dtype="bfloat16")
     plan = memory_plan.plan_trainer(trainer, seq_len=seq, per_process=8, world_size=1)
     print(plan.describe())
     assert plan.chosen == Candidate(8, False)  # a small model: everything fits, the largest micro-batch is fastest
@@ -187,7 +193,7 @@ def test_liger_kernel_matches_the_plain_model_and_keeps_pruned_blocks_zero(tmp_p
         args = TrainingArguments(output_dir=str(tmp_path / str(liger)), per_device_train_batch_size=2, max_steps=5,
                                  bf16=True, report_to="none", save_strategy="no", use_liger_kernel=liger,
                                  learning_rate=1e-4, logging_steps=100)
-        trainer = SparseTrainer(model=model, args=args, train_dataset=_Tokens(n=16, seq=512, vocab=32000))
+        trainer = SparseTrainer(model=model, args=_one_gpu(args), train_dataset=_Tokens(n=16, seq=512, vocab=32000))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": ids})
         loss.backward()

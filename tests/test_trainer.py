@@ -704,6 +704,7 @@ def test_bf16_weights_with_gradient_checkpointing_on_the_gpu(tiny_llama, tmp_pat
         losses = LossLog()
         args = _args(tmp_path / str(checkpointing), use_cpu=False, max_steps=12, logging_steps=3,
                      learning_rate=1e-2, gradient_checkpointing=checkpointing)
+        args._n_gpu = 1  # one process, one GPU: on a host with several the Trainer would use nn.DataParallel
         trainer = SparseTrainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[losses],
                                 state_dtype=torch.bfloat16)
         trainer.train()

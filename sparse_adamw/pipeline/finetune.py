@@ -809,6 +809,12 @@ def _start(plan: Plan) -> Optional[_Job]:
         print(f"error: WORLD_SIZE={plan.world_size} but the Trainer did not set up distributed training "
               f"(parallel mode {training_args.parallel_mode.value})", file=sys.stderr)
         return None
+    if training_args.n_gpu > 1:
+        # One process trains on one GPU: the Trainer would otherwise wrap the model in nn.DataParallel, which
+        # SparseTrainer's masks, the memory plan and the checkpoints do not support. Several GPUs: torchrun.
+        print(f"note: {training_args.n_gpu} GPUs are visible to this one process: training on {training_args.device} "
+              "only (run_dense_finetune.sh --num_gpus N uses N through torchrun)", file=sys.stderr)
+        training_args._n_gpu = 1
     set_seed(training_args.seed)
     if training_args.disable_tqdm:
         hf_logging.disable_progress_bar()  # the "Loading weights" / "Writing model shards" bars

@@ -81,8 +81,14 @@ def micro_batches(per_process: int, given: Optional[int] = None) -> List[int]:
     return [b for b in range(min(per_process, MAX_MICRO_BATCH), 0, -1) if per_process % b == 0]
 
 
+def _indexed(device) -> torch.device:
+    device = torch.device(device)
+    return device if device.index is not None else torch.device(device.type, torch.cuda.current_device())
+
+
 def budget_bytes(device: torch.device, max_memory_gb: Optional[float]) -> int:
     """What the run may use: free memory plus what this process already holds, capped by max_memory_gb, less MARGIN."""
+    device = _indexed(device)
     free, _ = torch.cuda.mem_get_info(device)
     available = free + torch.cuda.memory_reserved(device)
     if max_memory_gb:
@@ -92,6 +98,7 @@ def budget_bytes(device: torch.device, max_memory_gb: Optional[float]) -> int:
 
 def cap_memory(device: torch.device, max_memory_gb: float) -> None:
     """Make the allocator refuse more than max_memory_gb (a shared card, or an 80 GB card emulated on a larger one)."""
+    device = _indexed(device)
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gb * GiB / total), device)
 
