@@ -11,6 +11,9 @@ MIN_GPU_MEMORY_GB="${MIN_GPU_MEMORY_GB:-40}"
 export PYTHONPATH="${SCRIPT_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
 # GPU ids are nvidia-smi's; make CUDA number the cards the same way.
 export CUDA_DEVICE_ORDER=PCI_BUS_ID
+# Fewer, larger memory segments that can grow: less fragmentation over a long run, so the peak stays near the one
+# the memory plan measured at the start.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 # torchrun gives its workers this long to save the Ctrl+C checkpoint before it kills them (default 30 s).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}"
 
