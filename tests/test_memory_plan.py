@@ -153,10 +153,9 @@ def test_on_a_gpu_the_plan_peak_bounds_the_peak_of_real_training(tmp_path):
     trainer.train()
     real = torch.cuda.max_memory_reserved()
     print(f"planned peak {planned_peak / GiB:.2f} GiB, real {real / GiB:.2f} GiB")
-    # The trial held the optimizer state in a placeholder, so real training peaks near it; over a run the caching
-    # allocator fragments (measured on an H200 without expandable segments: 4.81 GiB planned, 6.01 GiB real, the
-    # difference about one fp32 logits buffer), which the plan's 5% margin absorbs at 7B scale.
-    assert planned_peak * 0.9 <= real <= planned_peak * 1.3, (real, planned_peak)
+    # The trial held the optimizer state in a placeholder and ran two passes: real training stays below its peak,
+    # and not far below (two runs on an H200: 6.01 GiB planned, 4.81 and 4.88 GiB real).
+    assert planned_peak * 0.7 <= real <= planned_peak, (real, planned_peak)
 
     # A cap between the peaks of micro-batch 4 and 8 makes 4 the plan; the allocator then refuses more than the cap.
     peaks = {}
