@@ -168,7 +168,14 @@ def test_on_a_gpu_the_plan_peak_bounds_the_peak_of_real_training(tmp_path):
     capped = memory_plan.plan_trainer(trainer, seq_len=seq, per_process=8, world_size=1, max_memory_gb=cap_gib)
     torch.cuda.set_per_process_memory_fraction(1.0)
     print(capped.describe())
-    assert capped.chosen == Candidate(4, False), capped.describe()
+    # Micro-batch 8 without checkpointing no longer fits; what is chosen fits and is the fastest of what fits (for a
+    # model this small, 8 with checkpointing can beat 4 without: an H200 measured 232k and 217k tokens/s).
+    by_candidate = {t.candidate: t for t in capped.trials}
+    eight = by_candidate[Candidate(8, False)]
+    assert eight.peak is None or eight.peak > capped.budget, capped.describe()
+    fitting = [t for t in capped.trials if t.peak is not None and t.peak <= capped.budget]
+    assert capped.chosen in (Candidate(4, False), Candidate(8, True)), capped.describe()
+    assert by_candidate[capped.chosen] == max(fitting, key=lambda t: t.tokens_per_s(seq)), capped.describe()
 
 
 def _fwd_bwd(trainer, candidate, seq):
