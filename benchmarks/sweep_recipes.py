@@ -29,6 +29,8 @@ FIELDS = ["recipe", "flags", "device", "ppl_before", "ppl_after", "ppl_dense", "
 
 
 def _git_sha() -> str:
+    if os.environ.get("SPARSE_ADAMW_GIT_SHA"):  # a copy of the tree whose .git is stale (the GPU machine's)
+        return os.environ["SPARSE_ADAMW_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -296,3 +296,64 @@ def test_a_teacher_of_another_vocabulary_stops_the_command_before_training(prune
     assert _run(model_dir, corpus, tmp_path / "out", "--teacher", other) == 2
     captured = capsys.readouterr()
     assert "vocabulary of 320 tokens" in captured.err and "Step " not in captured.out
+
+
+# ------------------------------------------------------------------------------------------------------ FSDP2
+def _fsdp_worker(rank, world, port, out_dir):
+    """Rank `rank` of 2 (gloo): student and teacher sharded with FSDP2 as SparseTrainer shards them; the distillation
+    loss and the student's gradients, gathered."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from sparse_adamw.pipeline.distill import shard_teacher
+    from sparse_adamw.sparsity import decoder_layers
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    student, teacher, ids = _fsdp_models()
+    for layer in decoder_layers(student):
+        fully_shard(layer)
+    fully_shard(student)
+    shard_teacher(teacher)
+    assert all(p.to_local().numel() < p.numel() for p in teacher.parameters() if p.numel() > 1)  # sharded
+    loss = distill_loss(student, teacher, {"input_ids": ids, "labels": ids}, DistillConfig(alpha=0.6, hidden_weight=0.2))
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, "fsdp.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def _fsdp_models():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(config)
+    torch.manual_seed(1)
+    teacher = LlamaForCausalLM(config).eval().requires_grad_(False)
+    return student, teacher, _Tokens(n=2, seq=16).ids
+
+
+def test_under_fsdp2_the_sharded_teacher_gives_the_one_process_loss_and_gradients(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    student, teacher, ids = _fsdp_models()
+    loss = distill_loss(student, teacher, {"input_ids": ids, "labels": ids}, DistillConfig(alpha=0.6, hidden_weight=0.2))
+    loss.backward()
+    torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(result["grads"][name], p.grad, rtol=1e-4, atol=1e-6)

@@ -148,6 +148,19 @@ def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
+def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: shard the teacher as the Trainer shards the student (each decoder layer, then the root), so each rank
+    holds 1/world of it and gathers one layer at a time in forward. Needs the process group."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..sparsity import decoder_layers
+
+    for layer in decoder_layers(teacher):
+        fully_shard(layer)
+    fully_shard(teacher)
+    return teacher
+
+
 def check_teacher(student: torch.nn.Module, teacher: torch.nn.Module, config: DistillConfig) -> None:
     """The teacher must predict over the student's vocabulary, and (for SquareHead) have its layers and widths.
     ValueError naming the difference otherwise."""

@@ -91,7 +91,7 @@ DEFAULT_SAVE_STEPS = 500
 # SmolLM2-135M from 334 to 66.7 perplexity in 5.4 min on 2 cores).
 CPU_EFFECTIVE_BATCH_SIZE = 4
 CPU_MAX_STEPS = 40
-CPU_LEARNING_RATE = 3e-4
+CPU_LEARNING_RATE = 5e-4
 # The packaged model's own recipe on GPUs (3 epochs, distilled): measured, benchmarks/RESULTS.md "Recovery".
 PACKAGED_LEARNING_RATE = 5e-4
 CPU_SAVE_STEPS = 10

@@ -91,8 +91,7 @@ from transformers import Trainer, TrainerCallback
 from ..dtensor import full_tensor, is_dtensor, local_tensor, row_offset
 from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
 from ..optimizer import SparseAdamW
-from ..sparsity import decoder_layers
-from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher
+from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher, shard_teacher
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -644,11 +643,7 @@ class SparseTrainer(Trainer):
         exists; each rank then holds 1/world of it and gathers a layer at a time."""
         if self._teacher_sharded or self.fsdp_version != 2:
             return
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in decoder_layers(self.teacher):
-            fully_shard(layer)
-        fully_shard(self.teacher)
+        shard_teacher(self.teacher)
         self._teacher_sharded = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
