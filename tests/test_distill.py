@@ -90,6 +90,22 @@ def test_micro_batches_normalized_by_the_whole_batch_add_up_to_the_whole_batch(t
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_on_models_the_loss_is_the_models_own_lm_loss_plus_the_reference_kl(tiny_llama):
+    """distill_loss on real models: at alpha 0 it is the model's own LM loss (transformers shifts the labels
+    itself), and at alpha > 0 the reference computed from the two models' logits."""
+    student, teacher = tiny_llama(seed=0), tiny_llama(seed=1)
+    ids = _Tokens(n=3, seq=16).ids
+    inputs = {"input_ids": ids, "labels": ids}
+    own = student(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(distill_loss(student, teacher, inputs, DistillConfig(alpha=0.0)), own,
+                               rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        z, t = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+    expected = _reference(z, t, ids, 0.4, 2.0, 3 * 15)
+    got = distill_loss(student, teacher, inputs, DistillConfig(alpha=0.4, temperature=2.0, chunk_tokens=7))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_squarehead_term_is_the_mean_normalized_mse_of_the_layers(tiny_llama):
     student, teacher = tiny_llama(seed=0), tiny_llama(seed=1)
     ids = _Tokens(n=2, seq=16).ids
