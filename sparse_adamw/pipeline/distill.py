@@ -76,25 +76,29 @@ class ChunkedDistillLoss(torch.autograd.Function):
         for start in range(0, logits.shape[0], chunk):
             rows = slice(start, start + chunk)
             valid = targets[rows] != IGNORE_INDEX
-            if not bool(valid.any()):
+            whole = bool(valid.all())  # the common case: no copies through a boolean index
+            if not whole and not bool(valid.any()):
                 continue
-            z = logits[rows][valid].float()
-            t = teacher_logits[rows][valid].float()
-            target = targets[rows][valid]
+            pick = (lambda x: x[rows]) if whole else (lambda x: x[rows][valid])
+            z, target = pick(logits).float(), pick(targets)
             log_q1 = torch.log_softmax(z, dim=-1)  # the student at T = 1: the LM loss
-            picked = log_q1.gather(1, target[:, None]).squeeze(1)
-            g = log_q1.exp_().mul_(1.0 - alpha)
+            total -= (1.0 - alpha) * log_q1.gather(1, target[:, None]).sum()
+            q1 = log_q1.exp()
+            g = q1 * (1.0 - alpha)
             g[torch.arange(g.shape[0], device=g.device), target] -= 1.0 - alpha
-            total += -(1.0 - alpha) * picked.sum()
             if alpha > 0:
-                log_q = torch.log_softmax(z / temperature, dim=-1)
+                t = pick(teacher_logits).float()
+                log_q, q = (log_q1, q1) if temperature == 1 else (torch.log_softmax(z / temperature, dim=-1), None)
                 log_p = torch.log_softmax(t / temperature, dim=-1)
                 p = log_p.exp()
                 total += alpha * temperature ** 2 * (p * (log_p - log_q)).sum()
-                g += (log_q.exp_() - p).mul_(alpha * temperature)  # d(T^2 KL)/dz = T (q - p)
-            grad_rows = grad[rows]
-            grad_rows[valid] = (g / denominator).to(grad.dtype)
-            grad[rows] = grad_rows
+                q = log_q.exp() if q is None else q
+                g += (q - p).mul_(alpha * temperature)  # d(T^2 KL)/dz = T (q - p)
+            g = (g / denominator).to(grad.dtype)
+            if whole:
+                grad[rows] = g
+            else:
+                grad[rows][valid] = g
         ctx.save_for_backward(grad)
         return total / denominator
 

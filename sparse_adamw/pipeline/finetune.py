@@ -5,12 +5,15 @@ model once (or reads the prune step's block_masks.pt and checks it against the m
 those blocks, and they are checked again after a resume, at every checkpoint and at the end.
 
 Defaults follow the user's guide: sequence length 1024, 30000 training sequences at most, 3 epochs, learning rate
-5e-5, batch 1 per device, effective batch 8 (gradient accumulation 8 / number of processes), logs every 10 steps
-(`Step 10: loss=2.5432`). On GPUs that support bf16: bf16 weights (SparseAdamW rounds them stochastically, so small
-updates are not lost) and bf16 autocast; fp32 on the CPU. With no --model, the model is the offline default:
-SmolLM2-135M pruned by `python -m sparse_adamw.pipeline.prune` (run first when its output is missing). On a CPU that
-default job is resized to finish in minutes (docs/design.md, "The offline default"): 40 steps of 4 sequences of 256
-tokens at learning rate 1e-4, perplexity on 16 windows of 256 tokens.
+5e-5, effective batch 8 (micro-batch x processes x gradient accumulation), logs every 10 steps (`Step 10:
+loss=2.5432`). On GPUs that support bf16: bf16 weights (SparseAdamW rounds them stochastically, so small updates
+are not lost) and bf16 autocast; fp32 on the CPU. On GPUs the micro-batch and gradient checkpointing are measured
+at the start (memory_plan.py) unless given, and Liger-Kernel is used where installed. Where the dense model the
+pruned one came from is at hand (prune_report.json names it), the loss distils from it (distill.py; --no_distill
+turns it off). With no --model, the model is the offline default: SmolLM2-135M pruned by `python -m
+sparse_adamw.pipeline.prune` (run first when its output is missing), trained at its own measured learning rate,
+5e-4. On a CPU that default job is resized to finish in minutes (docs/design.md, "The offline default"): 40 steps
+of 4 sequences of 256 tokens, perplexity on 16 windows of 256 tokens.
 
 Under torchrun the ranks train with DDP; --fsdp shards the weights, gradients and SparseAdamW's state over the
 GPUs with FSDP2 instead (accelerate's fully_shard through the Trainer; GPUs only). Either way the checkpoint's
