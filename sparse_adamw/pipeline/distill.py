@@ -81,20 +81,24 @@ class ChunkedDistillLoss(torch.autograd.Function):
                 continue
             pick = (lambda x: x[rows]) if whole else (lambda x: x[rows][valid])
             z, target = pick(logits).float(), pick(targets)
+            # Few passes over [chunk, vocab]: on a CPU these, not the arithmetic, are the cost.
             log_q1 = torch.log_softmax(z, dim=-1)  # the student at T = 1: the LM loss
             total -= (1.0 - alpha) * log_q1.gather(1, target[:, None]).sum()
-            q1 = log_q1.exp()
-            g = q1 * (1.0 - alpha)
-            g[torch.arange(g.shape[0], device=g.device), target] -= 1.0 - alpha
+            g = log_q1.exp()  # (1 - a)(q1 - onehot) + a T (q - p), assembled in place
             if alpha > 0:
                 t = pick(teacher_logits).float()
-                log_q, q = (log_q1, q1) if temperature == 1 else (torch.log_softmax(z / temperature, dim=-1), None)
-                log_p = torch.log_softmax(t / temperature, dim=-1)
+                log_p = torch.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
                 p = log_p.exp()
-                total += alpha * temperature ** 2 * (p * (log_p - log_q)).sum()
-                q = log_q.exp() if q is None else q
-                g += (q - p).mul_(alpha * temperature)  # d(T^2 KL)/dz = T (q - p)
-            g = (g / denominator).to(grad.dtype)
+                if temperature == 1:
+                    log_p.sub_(log_q1)
+                    g.sub_(p, alpha=alpha)  # q1 - a p, with q = q1
+                else:
+                    log_q = torch.log_softmax(z / temperature, dim=-1)
+                    log_p.sub_(log_q)
+                    g.mul_(1.0 - alpha).add_(log_q.exp_().sub_(p), alpha=alpha * temperature)
+                total += alpha * temperature ** 2 * torch.dot(p.view(-1), log_p.view(-1))  # KL(p || q)
+            g[torch.arange(g.shape[0], device=g.device), target] -= 1.0 - alpha
+            g = g.div_(denominator).to(grad.dtype)
             if whole:
                 grad[rows] = g
             else:
