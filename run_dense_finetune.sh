@@ -60,7 +60,8 @@ Gradient accumulation keeps the effective batch at 8: 1 GPU -> 8, 2 GPUs -> 4, 4
 Rerunning the same command resumes from the last checkpoint; Ctrl+C saves a checkpoint and stops.
 
 Performance:
-  No GPU, offline default (SmolLM2-135M, 2 CPU cores): ~8 minutes (benchmarks/RESULTS_cpu_finetune.md)
+  No GPU, offline default (SmolLM2-135M, 2 CPU cores): ~10 minutes, perplexity 316 -> 57
+    (benchmarks/RESULTS_cpu_finetune.md)
   SmolLM2-135M, the default (3 epochs, distilled) on one H200: 82 s of training, perplexity 375 -> 18.96
   LLaMA-2-7B shape, one H200 held to 80 GB: the memory plan trains at 14,160 tokens/s, 3.6x the guide's
     configuration (batch 1, checkpointing, gradient masking) (benchmarks/RESULTS.md)

@@ -1291,7 +1291,11 @@ def say_complete(plan: Plan) -> int:
     print(f"This run is already complete ({record['completed_steps']} steps): the fine-tuned model and "
           f"{REPORT_FILE} are in {out}")
     if report:
-        print(f"  perplexity {_before_after(report.get('perplexity'))} | sparsity (exact zeros) "
+        dense = (report.get("perplexity") or {}).get("dense")
+        print(f"  perplexity {_before_after(report.get('perplexity'))}"
+              + (f" (dense {dense:.4f}, {report['recovered_fraction']:.1%} of the loss recovered)"
+                 if dense is not None and report.get("recovered_fraction") is not None else "")
+              + " | sparsity (exact zeros) "
               f"{_before_after(report.get('sparsity'))} | pruned blocks "
               f"{_before_after(report.get('pruned_block_fraction'))}")
     kept = checkpoint_dirs(out)
