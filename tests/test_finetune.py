@@ -569,9 +569,11 @@ def test_a_real_ctrl_c_outside_training_exits_130_with_one_line(tiny, tmp_path):
         _nothing_half_written(tmp_path / point, point, tiny[1])
 
 
-def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path):
+@pytest.mark.parametrize("distill", [False, True], ids=["lm", "distilled"])
+def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_llama, distill):
     """DDP over gloo, 2 processes x accumulation 2 against 1 process x accumulation 4: the same 4 sequences per
     step (accelerate deals the sampler's batches out round-robin), so the losses agree to fp32 summation order.
+    Distilled, each rank holds its own teacher and the loss is normalized over both ranks' tokens.
 
     Tolerance: the two runs differ only in how the gradient sums are associated (two half-sums all-reduced
     against one running sum), a relative difference of ~1e-7 per step that Adam carries forward; 1e-4 relative on
@@ -579,6 +581,11 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path):
     """
     model_dir, masks, corpus = tiny
     common = ["--max_steps", 6, "--skip_eval", "--logging_steps", 1, "--max_train_samples", 64]
+    if distill:
+        from pipeline_helpers import save_tiny_model, tiny_tokenizer
+
+        common += ["--teacher", save_tiny_model(tmp_path / "teacher", tiny_llama(seed=1), tiny_tokenizer()),
+                   "--distill_alpha", 0.7]
     single = subprocess.run(
         [sys.executable, "-m", "sparse_adamw.pipeline.finetune",
          *tiny_run_args(model_dir, corpus, tmp_path / "one", *common, "--gradient_accumulation_steps", 4)],
@@ -591,6 +598,7 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path):
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "effective batch 4 (1 x 2 process(es) x 2)" in ddp.stdout
+    assert ("Distillation: 0.7 x KL" in ddp.stdout) == distill
     one, two = _losses(single.stdout), _losses(ddp.stdout)
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 7))
     for (step, a), (_, b) in zip(one, two):
