@@ -56,9 +56,15 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """What was tried and why the choice, a line each."""
-        lines = [f"Memory plan: {self.chosen}, gradient accumulation {self.gradient_accumulation_steps} "
-                 f"(budget {self.budget / GiB:.1f} GiB; held for later: "
-                 + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in self.reserved.items()) + ")"]
+        return "\n".join([f"Memory plan: {self.chosen}, gradient accumulation {self.gradient_accumulation_steps} "
+                          f"({self.setting()})"] + self.trial_lines())
+
+    def setting(self) -> str:
+        return f"budget {self.budget / GiB:.1f} GiB; held for later: " + ", ".join(
+            f"{k} {v / GiB:.1f} GiB" for k, v in self.reserved.items())
+
+    def trial_lines(self) -> List[str]:
+        lines = []
         for trial in self.trials:
             if trial.peak is None:
                 what = "out of memory"
@@ -67,7 +73,7 @@ class MemoryPlan:
                 what = f"peak {trial.peak / GiB:.1f} GiB ({fits}), {trial.tokens_per_s(self.seq_len):,.0f} tokens/s"
             mark = " <- fastest that fits" if trial.candidate == self.chosen else ""
             lines.append(f"  tried {trial.candidate}: {what}{mark}")
-        return "\n".join(lines)
+        return lines
 
 
 class NothingFits(RuntimeError):
@@ -164,10 +170,11 @@ def choose(run: Callable[[Candidate], None], *, per_process: int, seq_len: int,
                     best = trial
                 break
     if best is None:
-        raise NothingFits("no micro-batch fits in {:.1f} GiB:\n{}\nTry --fsdp over more GPUs, --no_distill, a shorter "
-                          "--block_size, or --max_memory_gb if the card has more free".format(
-                              budget / GiB, MemoryPlan(Candidate(0, False), 0, budget, reserved, trials,
-                                                       seq_len).describe()))
+        tried = MemoryPlan(Candidate(0, False), 0, budget, reserved, trials, seq_len)
+        raise NothingFits("\n".join(
+            [f"no micro-batch fits ({tried.setting()}):"] + tried.trial_lines()
+            + ["Try --state_dtype bfloat16 (half the optimizer state), --fsdp over more GPUs, --no_distill, a shorter "
+               "--block_size, or --max_memory_gb if the card has more free"]))
     return MemoryPlan(best.candidate, per_process // best.candidate.micro_batch, budget, reserved, trials, seq_len)
 
 
