@@ -25,15 +25,14 @@ from finetune_helpers import (
     tiny_run_args,
 )
 from sparse_adamw.pipeline.cli import CPU_BLOCK_SIZE
-from sparse_adamw.pipeline.finetune import (
+from sparse_adamw.pipeline.finetune import last_checkpoint, main
+from sparse_adamw.pipeline.finetune_config import (
+    _split,
     build_parser,
     format_lr,
     gradient_accumulation_for,
-    last_checkpoint,
-    main,
     parse_arguments,
     resolve_arguments,
-    _split,
 )
 from sparse_adamw.masks import MASKS_FILE, expand_block_mask, load_masks, save_masks
 
@@ -364,7 +363,7 @@ def test_the_cpu_demo_is_not_continued_under_the_defaults_of_a_model_run(tmp_pat
     """--model on the CPU means the defaults of a full run (1024 tokens, effective batch 8, epochs; for the packaged
     model its own lr), not the CPU demo's: a rerun of the demo's folder with --model is refused, naming what the
     defaults changed."""
-    from sparse_adamw.pipeline.finetune import inspect_output_dir, result_config, schedule_of
+    from sparse_adamw.pipeline.finetune_config import inspect_output_dir, result_config, schedule_of
     from sparse_adamw.pipeline.run_folder import RECORD_FORMAT, RUN_CONFIG
 
     monkeypatch.chdir(tmp_path)

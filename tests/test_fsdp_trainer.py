@@ -171,7 +171,7 @@ def test_fsdp1_is_refused(tiny_llama, tmp_path):
 
 
 def test_fsdp_on_the_cpu_is_refused_by_finetune():
-    from sparse_adamw.pipeline.finetune import _split, build_parser, resolve_arguments
+    from sparse_adamw.pipeline.finetune_config import _split, build_parser, resolve_arguments
 
     args, training = _split(build_parser().parse_args(["--model", "m", "--fsdp"]))
     with pytest.raises(ValueError, match="--fsdp needs GPUs"):
@@ -186,7 +186,7 @@ def test_fsdp_on_the_cpu_is_refused_by_finetune():
 
 
 def test_print_config_says_fsdp(capsys):
-    from sparse_adamw.pipeline.finetune import _split, build_parser, print_config, resolve_arguments
+    from sparse_adamw.pipeline.finetune_config import _split, build_parser, print_config, resolve_arguments
 
     for argv, expected in ((["--model", "m"], "FSDP=0"), (["--model", "m", "--fsdp"], "FSDP=1")):
         args, training = _split(build_parser().parse_args(argv))
