@@ -4,6 +4,7 @@ folder, a callback that logs the training losses."""
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -169,3 +170,14 @@ class LossLog(Logged):
     @property
     def losses(self):
         return self.values
+
+
+class SigintAt(TrainerCallback):
+    """Sends this process a real SIGINT at the end of optimizer step `step`, like a Ctrl+C."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)

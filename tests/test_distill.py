@@ -3,14 +3,13 @@ computation with torch's own cross_entropy and kl_div, alpha = 0 as the plain ru
 pruned blocks kept at zero, an exact resume, and the errors for a wrong teacher or weight."""
 import json
 import math
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
-from finetune_helpers import ArithmeticTokens as _Tokens, pruned_blocks_are_zero
+from finetune_helpers import ArithmeticTokens as _Tokens, SigintAt, pruned_blocks_are_zero
 from sparse_adamw.pipeline.distill import ChunkedDistillLoss, DistillConfig, distill_loss, shifted_labels
 from sparse_adamw.pipeline.prune import prune_magnitude
 from sparse_adamw.pipeline.trainer import SparseTrainer
@@ -170,16 +169,6 @@ def test_distilled_training_keeps_the_teacher_frozen_and_the_pruned_blocks_zero(
     assert any(not torch.equal(p, plain_weights[n]) for n, p in model.named_parameters())
 
 
-class _SigintAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            import os
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_a_resumed_distilled_run_ends_bitwise_where_an_uninterrupted_one_does(tiny_llama, tmp_path):
     config = DistillConfig(alpha=0.6, temperature=2.0, chunk_tokens=24)
 
@@ -189,7 +178,7 @@ def test_a_resumed_distilled_run_ends_bitwise_where_an_uninterrupted_one_does(ti
 
     reference = trainer(tmp_path / "a")
     reference.train()
-    interrupted = trainer(tmp_path / "b", callbacks=[_SigintAt(3)])
+    interrupted = trainer(tmp_path / "b", callbacks=[SigintAt(3)])
     interrupted.train()
     assert interrupted.interrupted
     resumed = trainer(tmp_path / "b")

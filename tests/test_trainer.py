@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune_helpers import ArithmeticTokens as _Tokens, Logged, LossLog, pruned_blocks_are_zero
+from finetune_helpers import ArithmeticTokens as _Tokens, Logged, LossLog, SigintAt, pruned_blocks_are_zero
 from sparse_adamw import SparseAdamW
 from sparse_adamw import masks as masks_module
 from sparse_adamw.masks import (apply_block_mask_, block_mask_from_zeros, expand_block_mask, random_block_mask,
@@ -198,17 +198,6 @@ def test_a_nonzero_pruned_block_stops_a_save(tiny_llama, tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-class _SigintAt(TrainerCallback):
-    """Sends this process a real SIGINT at the end of optimizer step `step`, like a Ctrl+C."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 class _StateAtStart(TrainerCallback):
     """A copy of the optimizer state when training (re)starts, after a checkpoint's state is loaded."""
 
@@ -233,7 +222,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tiny_llama, tmp_
     reference.train()
 
     interrupted = SparseTrainer(model=_pruned(tiny_llama)[0], args=_args(tmp_path / "b"), train_dataset=_Tokens(),
-                                callbacks=[_SigintAt(3)])
+                                callbacks=[SigintAt(3)])
     interrupted.train()
     assert interrupted.interrupted and interrupted.state.global_step == 3
     assert signal.getsignal(signal.SIGINT) == handler, "the SIGINT handler was not restored"
