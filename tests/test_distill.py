@@ -252,6 +252,10 @@ def test_the_fine_tune_distils_from_the_parent_its_prune_report_names(pruned_wit
     assert "dense (teacher)" in text and f"Recovered {expected:.1%}" in text
     config = json.loads((tmp_path / "out" / "run_config.json").read_text())["config"]
     assert config["distill"]["alpha"] == 0.7
+    # The rerun of the complete run says so, with the dense perplexity and the share recovered.
+    assert _run(model_dir, corpus, tmp_path / "out", "--distill_alpha", "0.7") == 0
+    rerun = capsys.readouterr().out
+    assert "This run is already complete" in rerun and f"(dense {ppl['dense']:.4f}, {expected:.1%} of" in rerun
 
     # --no_distill trains on the LM loss alone; as another configuration it needs its own folder.
     assert _run(model_dir, corpus, tmp_path / "plain", "--no_distill") == 0
