@@ -51,14 +51,14 @@ from sparse_adamw.masks import expand_block_mask  # noqa: E402
 from sparse_adamw.pipeline.distill import DistillConfig, distill_loss  # noqa: E402
 from sparse_adamw.pipeline.memory_plan import (budget_bytes, cap_memory, choose, optimizer_state_bytes,  # noqa: E402
                                                set_checkpointing)
+from sparse_adamw.pipeline.models import liger_supports  # noqa: E402
 
 
-def liger_supported() -> bool:
-    try:
-        import liger_kernel.transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def apply_liger(model) -> None:
+    """Liger-Kernel's fused kernels on this model instance, as the Trainer's use_liger_kernel applies them."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
 
 CONTENDERS = ("torch_fused", "wanda_gradmask", "gradmask_once_bool", "sparse_adamw", "sparse_adamw_bf16_state",
               "guide", "plan", "plan_no_liger", "plan_distill")
@@ -72,7 +72,7 @@ def matmul_tflops() -> float:
     return 2 * 8192 ** 3 / ms / 1e9
 
 
-def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0, liger=False):
+def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
     """A random-init LlamaForCausalLM with LLaMA-7B dims, and random block masks applied to its decoder Linears."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -82,10 +82,6 @@ def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0, liger=False):
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, dtype=param_dtype)
-    if liger:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model)
     set_checkpointing(model, grad_ckpt, {"use_reentrant": False})
     model.config.use_cache = False
     masks = prune_randomly(model, sparsity, seed)
@@ -101,12 +97,16 @@ class Contender:
         self.batch, self.ga, self.grad_ckpt = args.batch, args.ga, args.grad_ckpt
         if name == "guide":
             self.batch, self.ga, self.grad_ckpt = 1, args.effective_batch, True
-        self.liger = name in ("plan", "plan_distill") and liger_supported()
-        self.model, masks = build_model(args.layers, dtype, self.grad_ckpt, args.sparsity, liger=self.liger)
+        self.model, masks = build_model(args.layers, dtype, self.grad_ckpt, args.sparsity)
         self.teacher = None
         if name == "plan_distill":
-            self.teacher = build_model(args.layers, torch.bfloat16, False, 0.0, seed=1, liger=self.liger)[0]
+            self.teacher = build_model(args.layers, torch.bfloat16, False, 0.0, seed=1)[0]
             self.teacher.eval().requires_grad_(False)
+        self.liger = name in ("plan", "plan_distill") and liger_supports(self.model)
+        if self.liger:
+            apply_liger(self.model)
+            if self.teacher is not None:
+                apply_liger(self.teacher)
         params = self.model.parameters()
         if name.startswith(("sparse_adamw", "plan")):
             state_dtype = torch.bfloat16 if name.endswith("bf16_state") or name.startswith("plan") else torch.float32

@@ -66,10 +66,9 @@ def l2_fetch_granularity(n_bytes: Optional[int] = None) -> int:
     return value.value
 
 
-def environment() -> Dict[str, str]:
-    import triton
-
-    # The device machine gets a copy of the tree without .git: the caller passes the SHA there.
+def git_sha() -> str:
+    """The commit measured. The device machine's copy of the tree has no .git, or a stale one: the caller passes the
+    SHA there in SPARSE_ADAMW_GIT_SHA."""
     sha = os.environ.get("SPARSE_ADAMW_GIT_SHA", "")
     if not sha:
         try:
@@ -77,12 +76,18 @@ def environment() -> Dict[str, str]:
                                  cwd=os.path.dirname(__file__)).stdout.strip()
         except OSError:
             pass
+    return sha or "unknown"
+
+
+def environment() -> Dict[str, str]:
+    import triton
+
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git_sha": sha or "unknown",
+        "git_sha": git_sha(),
     }
 
 

@@ -12,7 +12,6 @@ small models leave a GPU mostly idle (launch-bound), so the perplexities are as 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -24,18 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-FIELDS = ["recipe", "flags", "device", "ppl_before", "ppl_after", "ppl_dense", "recovered", "steps", "train_s",
-          "total_s", "tokens_per_s", "parallel", "git_sha", "date"]
-
-
-def _git_sha() -> str:
-    if os.environ.get("SPARSE_ADAMW_GIT_SHA"):  # a copy of the tree whose .git is stale (the GPU machine's)
-        return os.environ["SPARSE_ADAMW_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SPARSE_ADAMW_GIT_SHA", "unknown")
+from common import append_csv, git_sha  # noqa: E402
 
 
 def _recipes(values):
@@ -55,7 +43,7 @@ def _row(name, flags, out: Path, parallel: int) -> dict:
             "ppl_after": ppl["after"], "ppl_dense": ppl.get("dense"), "recovered": report.get("recovered_fraction"),
             "steps": report["steps"], "train_s": round(timings.get("train_s", 0.0), 1),
             "total_s": round(timings.get("total_s", 0.0), 1), "tokens_per_s": report.get("tokens_per_s"),
-            "parallel": parallel, "git_sha": _git_sha(), "date": datetime.date.today().isoformat()}
+            "parallel": parallel, "git_sha": git_sha(), "date": datetime.date.today().isoformat()}
 
 
 def main(argv=None) -> int:
@@ -99,12 +87,7 @@ def main(argv=None) -> int:
             row = _row(name, flags, root / name, args.parallel)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            new = not Path(args.csv).exists()
-            with open(args.csv, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_csv(args.csv, [row])
     return 0 if len(rows) == len(recipes) else 1
 
 

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from pipeline_helpers import WORDS, save_tiny_model, tiny_tokenizer
 
@@ -181,3 +181,12 @@ class SigintAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def trainer_args(output_dir, **overrides):
+    """TrainingArguments for a short CPU run of a tiny model: 8 steps of 2 x 2 sequences, no checkpoints."""
+    values = dict(output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  max_steps=8, learning_rate=3e-3, weight_decay=0.01, save_strategy="no", logging_steps=100,
+                  report_to="none", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, seed=0)
+    values.update(overrides)
+    return TrainingArguments(**values)

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainingArguments
 
-from finetune_helpers import ArithmeticTokens as _Tokens, SigintAt, pruned_blocks_are_zero
+from finetune_helpers import ArithmeticTokens as _Tokens, SigintAt, pruned_blocks_are_zero, trainer_args
 from sparse_adamw.pipeline.distill import ChunkedDistillLoss, DistillConfig, distill_loss, shifted_labels
 from sparse_adamw.pipeline.prune import prune_magnitude
 from sparse_adamw.pipeline.trainer import SparseTrainer
@@ -120,11 +119,7 @@ def test_squarehead_term_is_the_mean_normalized_mse_of_the_layers(tiny_llama):
 
 # ------------------------------------------------------------------------------------------- in SparseTrainer
 def _args(output_dir, **overrides):
-    values = dict(output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                  max_steps=6, learning_rate=3e-3, weight_decay=0.01, save_strategy="no", logging_steps=100,
-                  report_to="none", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, seed=0)
-    values.update(overrides)
-    return TrainingArguments(**values)
+    return trainer_args(output_dir, **{"max_steps": 6, **overrides})
 
 
 def _student(tiny_llama):
@@ -248,7 +243,8 @@ def test_the_fine_tune_distils_from_the_parent_its_prune_report_names(pruned_wit
     assert ppl["dense"] is not None
     expected = (math.log(ppl["before"]) - math.log(ppl["after"])) / (math.log(ppl["before"]) - math.log(ppl["dense"]))
     assert report["recovered_fraction"] == pytest.approx(expected)
-    assert report["recipe"]["distillation"]["alpha"] == 0.7 and report["recipe"]["distillation"]["teacher"] == str(parent)
+    recipe = report["recipe"]["distillation"]
+    assert recipe["alpha"] == 0.7 and recipe["teacher"] == str(parent)
     assert "dense (teacher)" in text and f"Recovered {expected:.1%}" in text
     config = json.loads((tmp_path / "out" / "run_config.json").read_text())["config"]
     assert config["distill"]["alpha"] == 0.7
@@ -328,7 +324,8 @@ def _fsdp_worker(rank, world, port, out_dir):
     fully_shard(student)
     shard_teacher(teacher)
     assert all(p.to_local().numel() < p.numel() for p in teacher.parameters() if p.numel() > 1)  # sharded
-    loss = distill_loss(student, teacher, {"input_ids": ids, "labels": ids}, DistillConfig(alpha=0.6, hidden_weight=0.2))
+    loss = distill_loss(student, teacher, {"input_ids": ids, "labels": ids},
+                        DistillConfig(alpha=0.6, hidden_weight=0.2))
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in student.named_parameters()}
     if rank == 0:
@@ -361,7 +358,8 @@ def test_under_fsdp2_the_sharded_teacher_gives_the_one_process_loss_and_gradient
     mp.start_processes(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     student, teacher, ids = _fsdp_models()
-    loss = distill_loss(student, teacher, {"input_ids": ids, "labels": ids}, DistillConfig(alpha=0.6, hidden_weight=0.2))
+    loss = distill_loss(student, teacher, {"input_ids": ids, "labels": ids},
+                        DistillConfig(alpha=0.6, hidden_weight=0.2))
     loss.backward()
     torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
     for name, p in student.named_parameters():

@@ -15,9 +15,8 @@ import types
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers import TrainingArguments
 
-from finetune_helpers import ArithmeticTokens, LossLog, pruned_blocks_are_zero, pruned_tiny_model
+from finetune_helpers import ArithmeticTokens, LossLog, pruned_blocks_are_zero, pruned_tiny_model, trainer_args
 from sparse_adamw.pipeline.trainer import SparseTrainer
 
 STEPS, SAVE_AT = 6, 3
@@ -42,11 +41,8 @@ class _CpuFsdpTrainer(SparseTrainer):
 
 
 def _args(output_dir, **overrides):
-    values = dict(output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                  max_steps=STEPS, learning_rate=3e-3, weight_decay=0.01, save_strategy="no", logging_steps=1,
-                  report_to="none", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, seed=0)
-    values.update(overrides)
-    return TrainingArguments(**values)
+    return trainer_args(output_dir, **{"gradient_accumulation_steps": 1, "max_steps": STEPS, "logging_steps": 1,
+                                       **overrides})
 
 
 def _fsdp_args(output_dir, **config):

@@ -13,9 +13,10 @@ import types
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from finetune_helpers import ArithmeticTokens as _Tokens, Logged, LossLog, SigintAt, pruned_blocks_are_zero
+from finetune_helpers import trainer_args as _args
 from sparse_adamw import SparseAdamW
 from sparse_adamw import masks as masks_module
 from sparse_adamw.masks import (apply_block_mask_, block_mask_from_zeros, expand_block_mask, random_block_mask,
@@ -33,14 +34,6 @@ from sparse_adamw.pipeline.trainer import (
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _args(output_dir, **overrides):
-    values = dict(output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                  max_steps=8, learning_rate=3e-3, weight_decay=0.01, save_strategy="no", logging_steps=100,
-                  report_to="none", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, seed=0)
-    values.update(overrides)
-    return TrainingArguments(**values)
 
 
 def _pruned(tiny_llama, sparsity=0.25):

@@ -275,9 +275,8 @@ _TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 def _resolve_memory(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool) -> bool:
     """Whether the memory plan decides the micro-batch and checkpointing; fills the placeholders until it does."""
     if on_cpu:
-        for flag in ("max_memory_gb",):
-            if getattr(args, flag) is not None:
-                raise ValueError(f"--{flag} is for GPUs; this run is on the CPU")
+        if args.max_memory_gb is not None:
+            raise ValueError("--max_memory_gb is for GPUs; this run is on the CPU")
         if training.get("use_liger_kernel"):
             raise ValueError("--use_liger_kernel needs a GPU (Liger's kernels are Triton kernels for GPUs)")
         training["use_liger_kernel"] = False

@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .models import resolve_dtype
+
 GiB = 1024 ** 3
 MARGIN = 0.05  # of the budget, for what the trial does not see (allocator fragmentation over a long run)
 MAX_MICRO_BATCH = 64
@@ -57,23 +59,26 @@ class MemoryPlan:
     def describe(self) -> str:
         """What was tried and why the choice, a line each."""
         return "\n".join([f"Memory plan: {self.chosen}, gradient accumulation {self.gradient_accumulation_steps} "
-                          f"({self.setting()})"] + self.trial_lines())
+                          f"({_setting(self.budget, self.reserved)})"]
+                         + _trial_lines(self.trials, self.budget, self.seq_len, self.chosen))
 
-    def setting(self) -> str:
-        return f"budget {self.budget / GiB:.1f} GiB; held for later: " + ", ".join(
-            f"{k} {v / GiB:.1f} GiB" for k, v in self.reserved.items())
 
-    def trial_lines(self) -> List[str]:
-        lines = []
-        for trial in self.trials:
-            if trial.peak is None:
-                what = "out of memory"
-            else:
-                fits = "fits" if trial.peak <= self.budget else "over budget"
-                what = f"peak {trial.peak / GiB:.1f} GiB ({fits}), {trial.tokens_per_s(self.seq_len):,.0f} tokens/s"
-            mark = " <- fastest that fits" if trial.candidate == self.chosen else ""
-            lines.append(f"  tried {trial.candidate}: {what}{mark}")
-        return lines
+def _setting(budget: int, reserved: Dict[str, int]) -> str:
+    return f"budget {budget / GiB:.1f} GiB; held for later: " + ", ".join(
+        f"{k} {v / GiB:.1f} GiB" for k, v in reserved.items())
+
+
+def _trial_lines(trials: List[Trial], budget: int, seq_len: int, chosen: Optional[Candidate] = None) -> List[str]:
+    lines = []
+    for trial in trials:
+        if trial.peak is None:
+            what = "out of memory"
+        else:
+            fits = "fits" if trial.peak <= budget else "over budget"
+            what = f"peak {trial.peak / GiB:.1f} GiB ({fits}), {trial.tokens_per_s(seq_len):,.0f} tokens/s"
+        mark = " <- fastest that fits" if trial.candidate == chosen else ""
+        lines.append(f"  tried {trial.candidate}: {what}{mark}")
+    return lines
 
 
 class NothingFits(RuntimeError):
@@ -170,9 +175,8 @@ def choose(run: Callable[[Candidate], None], *, per_process: int, seq_len: int,
                     best = trial
                 break
     if best is None:
-        tried = MemoryPlan(Candidate(0, False), 0, budget, reserved, trials, seq_len)
         raise NothingFits("\n".join(
-            [f"no micro-batch fits ({tried.setting()}):"] + tried.trial_lines()
+            [f"no micro-batch fits ({_setting(budget, reserved)}):"] + _trial_lines(trials, budget, seq_len)
             + ["Try --state_dtype bfloat16 (half the optimizer state), --fsdp over more GPUs, --no_distill, a shorter "
                "--block_size, or --max_memory_gb if the card has more free"]))
     return MemoryPlan(best.candidate, per_process // best.candidate.micro_batch, budget, reserved, trials, seq_len)
@@ -198,9 +202,8 @@ def plan_trainer(trainer, *, seq_len: int, per_process: int, world_size: int, ma
     if max_memory_gb:
         cap_memory(device, max_memory_gb)
     model.to(device)  # FSDP2: the whole model (the Trainer shards it later), which overstates the memory
-    state_dtype = trainer.state_dtype if isinstance(trainer.state_dtype, torch.dtype) else getattr(
-        torch, trainer.state_dtype or "float32")
-    state = optimizer_state_bytes(model, trainer.masks, trainer.block_size, state_dtype)
+    state = optimizer_state_bytes(model, trainer.masks, trainer.block_size,
+                                  resolve_dtype(trainer.state_dtype or torch.float32))
     reserved = {"optimizer state": state // world_size if trainer.fsdp_version else state}
     if world_size > 1 and not trainer.fsdp_version:
         reserved["DDP gradient buckets"] = sum(p.numel() * p.element_size() for p in model.parameters()
