@@ -28,6 +28,7 @@ Options:
   --yes               Continue without asking when a GPU has less than ${MIN_GPU_MEMORY_GB} GB free
                       (without a terminal the script cannot ask, and stops unless --yes is given)
   --dry_run           Print the configuration and the command, then exit without training
+                      (--plan_only goes further: it loads the model and measures the GPU memory plan, then exits)
   --nnodes N          Machines in the run (default 1); run this script on each, the same flags on all, with
   --node_rank R         this machine's number, 0 to N-1, and where they meet:
   --master_addr HOST    node 0's address (and --master_port P, default 29500), or

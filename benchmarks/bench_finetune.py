@@ -1,4 +1,5 @@
-"""End-to-end training step of a LLaMA-7B-shaped model (random init, 20% of 16x16 blocks pruned), side by side.
+"""End-to-end training step of a LLaMA-7B-shaped (or SmolLM2-135M-shaped) model (random init, 20% of 16x16 blocks
+pruned), side by side.
 
 Contenders, in one process on one card:
   torch_fused        torch AdamW(fused=True), no masking (the speed and memory a dense fine-tune would have)
@@ -12,11 +13,12 @@ These take --batch, --ga and --grad_ckpt. Two more fix their own configuration, 
 --effective_batch sequences:
   guide              the user's guide as written: torch AdamW(fused=True) + `grad[W == 0] = 0` after every
                      backward, gradient checkpointing, batch 1, GA = effective batch
-  plan               the fine-tune's default: SparseAdamW with bf16 states, Liger-Kernel where installed, and the
-                     micro-batch and checkpointing its memory plan measures (sparse_adamw.pipeline.memory_plan)
-                     within --max_memory_gb (or the free memory)
-  plan_no_liger      the same without Liger-Kernel
-  plan_distill       plan, distilling from a dense bf16 teacher of the same shape (0.5 LM + 0.5 KL, chunked)
+  plan               the fine-tune's default: SparseAdamW with the fine-tune's default state dtype (fp32),
+                     Liger-Kernel where installed, and the micro-batch and checkpointing its memory plan measures
+                     (sparse_adamw.pipeline.memory_plan) within --max_memory_gb (or the free memory)
+  plan_bf16_state    the same with bf16 states (the fine-tune's --state_dtype bfloat16)
+  plan_no_liger      plan_bf16_state without Liger-Kernel
+  plan_distill       plan_bf16_state, distilling from a dense bf16 teacher of the same shape (0.5 LM + 0.5 KL)
 
 Reports tokens/s, forward+backward per micro-step, optimizer.step() (as timed in the loop, its host time
 included, and with that host time overlapped by earlier GPU work), gradient masking per optimizer step, and peak
@@ -27,8 +29,11 @@ memory. Prints a markdown table last and appends CSV rows.
     # issue 7: the whole 7B shape, bf16 params and grads, gradient checkpointing
     python benchmarks/bench_finetune.py --layers 32 --param_dtype bf16 --ga 1 --grad_ckpt
     # issue 15: the guide against the default plan on an 80 GB card (emulated: the allocator refuses more)
-    python benchmarks/bench_finetune.py --layers 32 --param_dtype bf16 --contenders guide plan plan_no_liger \
+    python benchmarks/bench_finetune.py --layers 32 --param_dtype bf16 --contenders guide plan plan_bf16_state \
         --max_memory_gb 80
+    # the SmolLM2-135M shape at batch 8: the fine-tune before the plan (no Liger) and with it
+    python benchmarks/bench_finetune.py --shape smollm2 --param_dtype bf16 --batch 8 --ga 1 \
+        --contenders sparse_adamw plan plan_no_liger
 
 Every row also gives % of the bf16 matrix rate measured in the same run (an 8192^3 matmul): 6 x parameters x
 tokens/s over that rate (attention's own FLOPs are not counted, so this understates the work done).
@@ -49,9 +54,12 @@ from common import append_csv, environment, markdown_table, median_ms, prune_ran
 from sparse_adamw import SparseAdamW  # noqa: E402
 from sparse_adamw.masks import expand_block_mask  # noqa: E402
 from sparse_adamw.pipeline.distill import DistillConfig, distill_loss  # noqa: E402
+from sparse_adamw.pipeline.finetune_config import FinetuneArguments  # noqa: E402
 from sparse_adamw.pipeline.memory_plan import (budget_bytes, cap_memory, choose, optimizer_state_bytes,  # noqa: E402
                                                set_checkpointing)
 from sparse_adamw.pipeline.models import liger_supports  # noqa: E402
+
+DEFAULT_STATE_DTYPE = FinetuneArguments.__dataclass_fields__["state_dtype"].default  # what `plan` uses
 
 
 def apply_liger(model) -> None:
@@ -61,7 +69,14 @@ def apply_liger(model) -> None:
     _apply_liger_kernel_to_instance(model=model)
 
 CONTENDERS = ("torch_fused", "wanda_gradmask", "gradmask_once_bool", "sparse_adamw", "sparse_adamw_bf16_state",
-              "guide", "plan", "plan_no_liger", "plan_distill")
+              "guide", "plan", "plan_bf16_state", "plan_no_liger", "plan_distill")
+# LlamaConfig fields, and the layer count when --layers is not given
+SHAPES = {
+    "llama7b": (dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                     vocab_size=32000, max_position_embeddings=4096), 4),
+    "smollm2": (dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                     vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True), 30),
+}
 
 
 def matmul_tflops() -> float:
@@ -72,13 +87,11 @@ def matmul_tflops() -> float:
     return 2 * 8192 ** 3 / ms / 1e9
 
 
-def build_model(layers, param_dtype, grad_ckpt, sparsity, seed=0):
-    """A random-init LlamaForCausalLM with LLaMA-7B dims, and random block masks applied to its decoder Linears."""
+def build_model(shape, layers, param_dtype, grad_ckpt, sparsity, seed=0):
+    """A random-init LlamaForCausalLM of `shape` (SHAPES), and random block masks applied to its decoder Linears."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                         max_position_embeddings=4096)
+    config = LlamaConfig(num_hidden_layers=layers, **SHAPES[shape][0])
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, dtype=param_dtype)
@@ -97,19 +110,22 @@ class Contender:
         self.batch, self.ga, self.grad_ckpt = args.batch, args.ga, args.grad_ckpt
         if name == "guide":
             self.batch, self.ga, self.grad_ckpt = 1, args.effective_batch, True
-        self.model, masks = build_model(args.layers, dtype, self.grad_ckpt, args.sparsity)
+        self.model, masks = build_model(args.shape, args.layers, dtype, self.grad_ckpt, args.sparsity)
+        self.vocab = self.model.config.vocab_size
         self.teacher = None
         if name == "plan_distill":
-            self.teacher = build_model(args.layers, torch.bfloat16, False, 0.0, seed=1)[0]
+            self.teacher = build_model(args.shape, args.layers, torch.bfloat16, False, 0.0, seed=1)[0]
             self.teacher.eval().requires_grad_(False)
-        self.liger = name in ("plan", "plan_distill") and liger_supports(self.model)
+        self.liger = name in ("plan", "plan_bf16_state", "plan_distill") and liger_supports(self.model)
         if self.liger:
             apply_liger(self.model)
             if self.teacher is not None:
                 apply_liger(self.teacher)
         params = self.model.parameters()
         if name.startswith(("sparse_adamw", "plan")):
-            state_dtype = torch.bfloat16 if name.endswith("bf16_state") or name.startswith("plan") else torch.float32
+            bf16_state = name.endswith("bf16_state") or name in ("plan_no_liger", "plan_distill") or (
+                name == "plan" and DEFAULT_STATE_DTYPE == "bfloat16")
+            state_dtype = torch.bfloat16 if bf16_state else torch.float32
             self.opt = SparseAdamW(params, lr=5e-5, weight_decay=0.0, masks=masks, state_dtype=state_dtype)
         else:
             self.opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
@@ -123,7 +139,7 @@ class Contender:
         self.masked = list(masks) if name in ("wanda_gradmask", "guide") else []
         self.pruned = ([(p, ~expand_block_mask(m, p.shape)) for p, m in masks.items()]  # 1 byte per weight
                        if name == "gradmask_once_bool" else [])
-        self.tokens = torch.randint(0, 32000, (self.batch, args.seq), device="cuda")
+        self.tokens = torch.randint(0, self.vocab, (self.batch, args.seq), device="cuda")
         self.timings = {"fwd_bwd": [], "mask": [], "opt": [], "step": []}
 
     def _measure_plan(self, masks, state_dtype):
@@ -134,7 +150,7 @@ class Contender:
 
         def run(candidate):
             set_checkpointing(self.model, candidate.checkpointing, {"use_reentrant": False})
-            ids = torch.randint(0, 32000, (candidate.micro_batch, self.args.seq), device="cuda")
+            ids = torch.randint(0, self.vocab, (candidate.micro_batch, self.args.seq), device="cuda")
             self.loss(ids).backward()
 
         plan = choose(run, per_process=self.args.effective_batch, seq_len=self.args.seq, device=torch.device("cuda"),
@@ -246,7 +262,8 @@ def run_interleaved(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama7b")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: llama7b 4, smollm2 30)")
     parser.add_argument("--param_dtype", choices=["fp32", "bf16"], default="fp32",
                         help="fp32 params train under bf16 autocast; bf16 params and grads train as they are")
     parser.add_argument("--ga", type=int, default=8, help="gradient accumulation steps")
@@ -265,6 +282,8 @@ def main():
                              "no per-contender peak memory)")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results", "bench_finetune.csv"))
     args = parser.parse_args()
+    if args.layers is None:
+        args.layers = SHAPES[args.shape][1]
 
     env = environment()
     if args.max_memory_gb:
@@ -272,12 +291,12 @@ def main():
     args.tflops = matmul_tflops()
     print(f"bf16 matrix rate measured here: {args.tflops:.0f} TFLOP/s", flush=True)
     results = run_interleaved(args) if args.interleave else run_sequential(args)
-    rows = [dict(env, layers=args.layers, param_dtype=args.param_dtype, seq=args.seq, interleaved=args.interleave,
+    rows = [dict(env, shape=args.shape, layers=args.layers, param_dtype=args.param_dtype, seq=args.seq, interleaved=args.interleave,
                  max_memory_gb=args.max_memory_gb or "", matrix_tflops=round(args.tflops), **r) for r in results]
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     append_csv(args.csv, rows)
     print()
-    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; LLaMA-7B dims, {args.layers} layers, "
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; {args.shape} dims, {args.layers} layers, "
           f"{args.param_dtype} params, seq {args.seq}, {args.sparsity:.0%} of 16x16 blocks pruned; cap "
           f"{args.max_memory_gb or 'none'} GiB; bf16 matrix rate {args.tflops:.0f} TFLOP/s")
     print(markdown_table(rows, ["contender", "batch", "ga", "grad_ckpt", "liger", "tokens_per_s", "pct_matrix_rate",

@@ -231,6 +231,10 @@ def test_a_short_run_learns_keeps_sparsity_and_saves_a_loadable_model(tiny, tmp_
     assert report["sparsity"]["before"] == report["sparsity"]["after"] == 0.25
     assert report["pruned_block_fraction"]["before"] == report["pruned_block_fraction"]["after"] == 0.25
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 12
+    # the checkpoints (steps 10 and 12) are timed apart from the steps: a short run's whole-run rate is mostly them
+    assert report["checkpoint_s"] > 0 and report["steady_tokens_per_s"] > 0
+    assert re.search(r"^Training: 12 steps, [\d.]+ s, [\d,]+ tokens/s \([\d,]+ once warm\), of which [\d.]+ s writing "
+                     r"checkpoints; total [\d.]+ s$", text, re.M), text
 
     model = AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
@@ -314,6 +318,24 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Resuming" not in text and [s for s, _ in _losses(text)] == [2]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_plan_only_says_what_the_run_would_use_and_touches_nothing(tiny, tmp_path, capsys):
+    """--plan_only: the run's micro-batch, accumulation and checkpointing (on the CPU, no memory plan), with the model
+    loaded; --overwrite_output_dir alongside deletes nothing."""
+    model_dir, _, corpus = tiny
+    out = tmp_path / "finetuned"
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--save_steps", 2, "--skip_eval",
+                              "--keep_checkpoints")) == 0
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--save_steps", 2, "--skip_eval",
+                              "--keep_checkpoints", "--overwrite_output_dir", "--plan_only")) == 0
+    text = capsys.readouterr().out
+    assert ("Plan only (the CPU: no memory plan): micro-batch 1 x 1 process(es) x gradient accumulation 8 = effective "
+            "batch 8, checkpointing off, Liger-Kernel off; nothing trained") in text, text
+    assert "Step 2:" not in text
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
 def test_a_rerun_of_a_complete_run_changes_nothing(tiny, tmp_path, capsys):

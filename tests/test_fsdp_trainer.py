@@ -1,4 +1,4 @@
-"""SparseTrainer under the Trainer's FSDP2 path (accelerate's fully_shard preparation) on 2 CPU processes with gloo:
+"""SparseTrainer under DDP's gradient buckets, and under the Trainer's FSDP2 path (accelerate's fully_shard preparation) on 2 CPU processes with gloo:
 the masks reach the DTensor shards that accelerate swaps into the optimizer, the pruned blocks stay exactly zero,
 the loss follows the one-process run, and a checkpoint (SparseAdamW.full_state_dict in optimizer.pt) resumes
 bit for bit (and from per-rank optimizer files with SHARDED_STATE_DICT).
@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 import torch.multiprocessing as mp
+from transformers import TrainerCallback
 
 from finetune_helpers import ArithmeticTokens, LossLog, pruned_blocks_are_zero, pruned_tiny_model, trainer_args
 from sparse_adamw.pipeline.trainer import SparseTrainer
@@ -149,6 +150,62 @@ def test_fsdp2_trainer_keeps_blocks_zero_follows_one_process_and_resumes_exactly
     for name, value in final.items():
         assert torch.equal(results[0]["resumed"][name], value), f"{name} differs after resuming under FSDP2"
         assert torch.equal(results[0]["resumed_sharded"][name], value), f"{name}: resumed from per-rank files"
+
+
+class _GradientStorage(TrainerCallback):
+    """Before each optimizer step: how many distinct storages hold the gradients, and how many gradients there are."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.seen.append((len({g.untyped_storage().data_ptr() for g in grads}), len(grads)))
+
+
+def _ddp_worker(rank, world, port, model_dir, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    model = _load(model_dir)
+    storage, losses = _GradientStorage(model), LossLog()
+    trainer = SparseTrainer(model=model, args=_args(out_dir, ddp_backend="gloo", per_device_train_batch_size=1,
+                                                         gradient_accumulation_steps=2), train_dataset=ArithmeticTokens(),
+                            callbacks=[storage, losses])
+    trainer.train()
+    result = {"seen": storage.seen, "losses": losses.losses, "checked": trainer.verify_sparsity(),
+              "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    torch.save(result, os.path.join(out_dir, f"result_rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+def test_under_ddp_the_gradients_live_in_ddps_buckets_and_training_follows_one_process(tiny_llama, tmp_path,
+                                                                                       one_thread):
+    """gradient_as_bucket_view: the gradients are views into DDP's few all-reduce buckets rather than one tensor
+    each (a second copy of every gradient), and the run still equals the one-process run on the same global batch,
+    accumulation included, with pruned blocks exactly zero."""
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
+    out_dir = tmp_path / "ddp"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(model_dir), str(out_dir)), nprocs=2, join=True,
+                       start_method="spawn")
+    results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
+    losses = LossLog()
+    reference = SparseTrainer(model=_load(model_dir), args=_args(tmp_path / "one", per_device_train_batch_size=4),
+                              train_dataset=ArithmeticTokens(), callbacks=[losses])
+    reference.train()
+    for rank, result in enumerate(results):
+        assert len(result["seen"]) == STEPS
+        for buckets, grads in result["seen"]:
+            assert grads == len(list(reference.model.parameters())) and buckets < grads / 4, (rank, buckets, grads)
+        assert result["checked"] == len(masks)
+        for name, mask in masks.items():
+            assert pruned_blocks_are_zero(result["final"][name], mask), f"{name}: a pruned block became nonzero"
+    assert results[0]["losses"] == pytest.approx(losses.losses, rel=1e-5), (results[0]["losses"], losses.losses)
+    for name, value in reference.model.named_parameters():
+        assert torch.equal(results[1]["final"][name], results[0]["final"][name])
+        torch.testing.assert_close(results[0]["final"][name], value.detach(), rtol=0, atol=5e-5)
 
 
 class _Fsdp1Trainer(SparseTrainer):

@@ -237,8 +237,15 @@ def test_the_fine_tune_on_a_gpu_measures_its_plan_and_reports_it(tmp_path):
     save_masks(tmp_path / "pruned_model" / MASKS_FILE, masks, (16, 16))
     corpus = learnable_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "out"
-    result = run_finetune(["--model", tmp_path / "pruned_model", "--dataset_path", corpus, "--block_size", "64",
-                           "--output_dir", out, "--max_steps", "4", "--skip_eval"])
+    run = ["--model", tmp_path / "pruned_model", "--dataset_path", corpus, "--block_size", "64", "--output_dir", out,
+           "--max_steps", "4", "--skip_eval"]
+    shown = run_finetune(run + ["--plan_only"])  # the same measurement, then nothing trained or written
+    assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
+    assert "Memory plan: micro-batch 8, gradient accumulation 1" in shown.stdout, shown.stdout
+    assert ("Plan only (measured above): micro-batch 8 x 1 process(es) x gradient accumulation 1 = effective batch 8, "
+            "checkpointing off") in shown.stdout, shown.stdout
+    assert not out.exists()
+    result = run_finetune(run)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Memory plan: micro-batch 8, gradient accumulation 1" in result.stdout, result.stdout
     report = json.loads((out / "finetune_report.json").read_text())

@@ -63,6 +63,7 @@ from .finetune_config import (
     parse_arguments,
     print_config,
 )
+from .memory_plan import CHECKPOINTING_ARGS
 from .models import DEFAULT_MODEL, liger_supports
 from .run_folder import (
     RECORD_FORMAT,
@@ -124,13 +125,19 @@ class LogAtCheckpoints(TrainerCallback):
 
 class StepClock(TrainerCallback):
     """When each optimizer step of this process ended: the steady rate leaves out the first steps (warm-up,
-    kernel compilation, the allocator growing)."""
+    kernel compilation, the allocator growing). Also how long the checkpoints took to write: on a 7B model with fp32
+    states each one is ~57 GB, which dominates the whole-run rate of a short run."""
 
     def __init__(self):
         self.ends: List[float] = []
+        self.checkpoint_seconds = 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(time.perf_counter())
+
+    def on_save(self, args, state, control, **kwargs):  # called once the checkpoint of this step is written
+        if self.ends:
+            self.checkpoint_seconds += time.perf_counter() - self.ends[-1]
 
     def steady_seconds_per_step(self) -> Optional[float]:
         skip = min(3, len(self.ends) // 3)
@@ -258,10 +265,10 @@ class _Job:
             _pause_here(pause)
 
 
-def _start(plan: Plan) -> Optional[_Job]:
+def _start(plan: Plan, touch_output: bool = True) -> Optional[_Job]:
     """Training arguments, seed, the offline default's pruned model, and the output folder made ready: afresh with
-    --overwrite_output_dir, else without what an interrupted run left half-written. None when torchrun's processes
-    did not come up as one distributed run."""
+    --overwrite_output_dir, else without what an interrupted run left half-written (unless not touch_output). None
+    when torchrun's processes did not come up as one distributed run."""
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -288,7 +295,7 @@ def _start(plan: Plan) -> Optional[_Job]:
         job.enter("pruning the model")
         with timed(job.timings, "prune_s"):
             _ensure_pruned_model(plan, training_args)
-    if job.main and job.output_dir.is_dir():
+    if touch_output and job.main and job.output_dir.is_dir():
         if job.args.overwrite_output_dir:
             clear_run(job.output_dir)
         clear_leftovers(job.output_dir)
@@ -580,7 +587,10 @@ def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> 
     steady = _steady_tokens_per_s(job)
     print(f"Training: {job.trainer.state.global_step} steps, {runtime:.1f} s"
           + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else "")
-          + (f" ({steady:,.0f} once warm)" if steady else "") + f"; total {job.timings['total_s']:.1f} s")
+          + (f" ({steady:,.0f} once warm)" if steady else "")
+          + (f", of which {job.clock.checkpoint_seconds:.1f} s writing checkpoints"
+             if job.clock is not None and job.clock.checkpoint_seconds > 0 else "")
+          + f"; total {job.timings['total_s']:.1f} s")
     print(f"Saved to {job.output_dir}")
     print("=" * 42)
 
@@ -622,6 +632,7 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "resumed_from": plan.resume_from, "timings_s": job.timings,
         "tokens_per_s": tokens_per_s,
         "steady_tokens_per_s": _steady_tokens_per_s(job),  # leaving out the first steps (StepClock)
+        "checkpoint_s": job.clock.checkpoint_seconds if job.clock is not None else None,  # within the training time
         "versions": versions(),
     }
     write_json(job.output_dir / REPORT_FILE, report)
@@ -727,6 +738,36 @@ def run(plan: Plan) -> int:
         return _interrupted(job.phase if job is not None else "starting", err)
 
 
+def plan_only(plan: Plan) -> int:
+    """--plan_only: what the run would train with, measured as the run would measure it; nothing trained or written
+    to the output folder."""
+    from .trainer import SparsityViolation
+
+    try:
+        job = _start(plan, touch_output=False)
+        if job is None:
+            return 2
+        try:
+            _load(job)
+            _make_trainer(job)
+            _check_masks_found(job)
+            if plan.memory_plan:
+                _plan_memory(job)
+        except (*LOAD_ERRORS, SparsityViolation) as err:
+            return _error(err)
+    except KeyboardInterrupt as err:
+        return _interrupted("measuring the memory plan", err)
+    t = job.training_args
+    why = ("measured above" if plan.memory_plan else "the CPU: no memory plan" if plan.on_cpu
+           else "as given on the command line (no memory plan)")
+    checkpointing = any(getattr(t, k, False) for k in CHECKPOINTING_ARGS)
+    job.say(f"Plan only ({why}): micro-batch {t.per_device_train_batch_size} x {plan.world_size} process(es) x "
+            f"gradient accumulation {t.gradient_accumulation_steps} = effective batch {plan.effective_batch_size}, "
+            f"checkpointing {'on' if checkpointing else 'off'}, Liger-Kernel {'on' if t.use_liger_kernel else 'off'}"
+            "; nothing trained")
+    return 0
+
+
 def _before_after(pair) -> str:
     if not isinstance(pair, dict) or pair.get("before") is None:
         return "skipped"
@@ -771,6 +812,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if plan.args.print_config:
                 print_config(plan)
                 return 0
+            if plan.args.plan_only:
+                return plan_only(plan)
             return say_complete(plan) if plan.status.complete else run(plan)
     except KeyboardInterrupt as err:
         return _interrupted("starting", err)

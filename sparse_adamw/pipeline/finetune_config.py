@@ -140,6 +140,9 @@ class FinetuneArguments:
     max_memory_gb: Optional[float] = field(default=None, metadata={"help": (
         "GPUs: use at most this many GiB per GPU (a shared card, or an 80 GB card emulated on a larger one); the "
         "memory plan fits in it, less 5%%, and the allocator refuses more (default: the free memory)")})
+    plan_only: bool = field(default=False, metadata={"help": (
+        "load the model and teacher, measure the memory plan as the run would (GPUs), print it and exit: nothing is "
+        "trained and --output_dir is left as it is")})
     print_config: bool = field(default=False, metadata={"help": (
         "resolve the defaults, print them as shell KEY=VALUE lines and exit (run_dense_finetune.sh uses it)")})
 

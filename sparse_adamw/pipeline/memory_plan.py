@@ -2,8 +2,8 @@
 
 At the start of a GPU run with none of --per_device_train_batch_size, --gradient_checkpointing or
 --gradient_accumulation_steps given, the fine-tune measures instead of guessing. With the real model (and the
-teacher, when distilling) on the GPU, it holds the memory training will add later (SparseAdamW's compact state, and
-DDP's gradient buckets) in a placeholder, then runs the real loss's forward and backward twice at each candidate
+teacher, when distilling) on the GPU, it holds the memory training will add later (SparseAdamW's compact state; DDP's
+buckets hold the gradients themselves, see SparseTrainer) in a placeholder, then runs the real loss's forward and backward twice at each candidate
 micro-batch, largest first, without and then with checkpointing, catching out-of-memory errors. A candidate fits when
 its peak (memory reserved by PyTorch's allocator) stays within the budget: the free memory (or --max_memory_gb) less
 a 5% margin. The fastest fitting candidate wins (tokens per second of the second, timed pass). Without
@@ -204,10 +204,9 @@ def plan_trainer(trainer, *, seq_len: int, per_process: int, world_size: int, ma
     model.to(device)  # FSDP2: the whole model (the Trainer shards it later), which overstates the memory
     state = optimizer_state_bytes(model, trainer.masks, trainer.block_size,
                                   resolve_dtype(trainer.state_dtype or torch.float32))
+    # DDP's all-reduce buckets need no placeholder: SparseTrainer makes the gradients views into them, so the
+    # trial's own gradients stand for them.
     reserved = {"optimizer state": state // world_size if trainer.fsdp_version else state}
-    if world_size > 1 and not trainer.fsdp_version:
-        reserved["DDP gradient buckets"] = sum(p.numel() * p.element_size() for p in model.parameters()
-                                               if p.requires_grad)
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator(device).manual_seed(0)  # the global RNG, and so the run, stays untouched
     kwargs = checkpointing_kwargs(args)

@@ -629,6 +629,18 @@ class SparseTrainer(Trainer):
         self.distill = distill if distill is not None or teacher is None else DistillConfig()
         self.teacher = None if teacher is None else self._place_teacher(teacher)
 
+    def create_accelerator_and_postprocess(self):
+        """Under DDP, gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view) rather than a
+        second copy of them: one gradient's worth of memory less per GPU (13.5 GB on a 7B model in bf16), which the
+        memory plan turns into a larger micro-batch or no checkpointing. SparseAdamW and the live-block clipping
+        only read and scale the gradients in place, which views allow."""
+        super().create_accelerator_and_postprocess()
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        if self.accelerator.ddp_handler is None:
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs()
+        self.accelerator.ddp_handler.gradient_as_bucket_view = True
+
     # ---------------------------------------------------------------------------------------- distillation
     def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         check_teacher(self.model, teacher, self.distill)
