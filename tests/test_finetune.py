@@ -76,6 +76,9 @@ def test_guide_defaults_on_gpus():
     assert (t["num_train_epochs"], t["max_steps"], t["learning_rate"]) == (3.0, -1, 5e-5)
     assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"], plan.effective_batch_size) == (1, 4, 8)
     assert t["bf16"] is True and a.dtype == "bfloat16" and not t.get("use_cpu")
+    assert a.state_dtype == "bfloat16"  # the optimizer states follow the weights, as torch AdamW's do
+    assert _resolve(["--model", model, "--state_dtype", "float32"], cuda=True, bf16=True).args.state_dtype == "float32"
+    assert _resolve(["--model", model, "--dtype", "float32"], cuda=True, bf16=True).args.state_dtype == "float32"
     assert t["output_dir"] == "out/llama2_7b/block_16x16_20sparsity/wanda/dense_finetuned_model"
     assert (t["logging_steps"], t["save_steps"]) == (10, 500)
     assert not plan.cpu_default and plan.resume_from is None
@@ -113,7 +116,7 @@ def test_cpu_offline_default_is_cpu_sized():
     assert plan.cpu_default and plan.on_cpu
     assert a.model == "out/smollm2-135m/block_16x16_20sparsity/wanda/pruned_model"
     assert t["output_dir"] == "out/smollm2-135m/block_16x16_20sparsity/wanda/dense_finetuned_model"
-    assert (a.block_size, a.max_eval_windows, a.dtype) == (CPU_BLOCK_SIZE, 16, "float32")
+    assert (a.block_size, a.max_eval_windows, a.dtype, a.state_dtype) == (CPU_BLOCK_SIZE, 16, "float32", "float32")
     assert (t["max_steps"], t["learning_rate"], t["gradient_accumulation_steps"]) == (40, 5e-4, 4)
     assert t["bf16"] is False and t["use_cpu"] is True
     # Explicit flags win over the CPU-sized defaults; a given --model is not the offline default.

@@ -265,10 +265,10 @@ class _Job:
             _pause_here(pause)
 
 
-def _start(plan: Plan, touch_output: bool = True) -> Optional[_Job]:
+def _start(plan: Plan) -> Optional[_Job]:
     """Training arguments, seed, the offline default's pruned model, and the output folder made ready: afresh with
-    --overwrite_output_dir, else without what an interrupted run left half-written (unless not touch_output). None
-    when torchrun's processes did not come up as one distributed run."""
+    --overwrite_output_dir, else without what an interrupted run left half-written. None when torchrun's processes
+    did not come up as one distributed run."""
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -295,7 +295,7 @@ def _start(plan: Plan, touch_output: bool = True) -> Optional[_Job]:
         job.enter("pruning the model")
         with timed(job.timings, "prune_s"):
             _ensure_pruned_model(plan, training_args)
-    if touch_output and job.main and job.output_dir.is_dir():
+    if job.main and job.output_dir.is_dir():
         if job.args.overwrite_output_dir:
             clear_run(job.output_dir)
         clear_leftovers(job.output_dir)
@@ -741,22 +741,27 @@ def run(plan: Plan) -> int:
 def plan_only(plan: Plan) -> int:
     """--plan_only: what the run would train with, measured as the run would measure it; nothing trained or written
     to the output folder."""
+    import tempfile
+
     from .trainer import SparsityViolation
 
-    try:
-        job = _start(plan, touch_output=False)
-        if job is None:
-            return 2
+    # What the Trainer writes on its own (on GPUs it makes its output folder) goes to a scratch folder.
+    with tempfile.TemporaryDirectory(prefix="plan_only_") as scratch:
+        plan.training["output_dir"] = scratch
         try:
-            _load(job)
-            _make_trainer(job)
-            _check_masks_found(job)
-            if plan.memory_plan:
-                _plan_memory(job)
-        except (*LOAD_ERRORS, SparsityViolation) as err:
-            return _error(err)
-    except KeyboardInterrupt as err:
-        return _interrupted("measuring the memory plan", err)
+            job = _start(plan)
+            if job is None:
+                return 2
+            try:
+                _load(job)
+                _make_trainer(job)
+                _check_masks_found(job)
+                if plan.memory_plan:
+                    _plan_memory(job)
+            except (*LOAD_ERRORS, SparsityViolation) as err:
+                return _error(err)
+        except KeyboardInterrupt as err:
+            return _interrupted("measuring the memory plan", err)
     t = job.training_args
     why = ("measured above" if plan.memory_plan else "the CPU: no memory plan" if plan.on_cpu
            else "as given on the command line (no memory plan)")
