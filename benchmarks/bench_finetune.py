@@ -7,6 +7,8 @@ Contenders, in one process on one card:
                      user's guide runs it)
   gradmask_once_bool torch AdamW(fused=True) + the gradients masked once per optimizer step with a bool mask (the
                      strongest version of gradient masking: accumulated gradients are linear)
+  reapply_bool       torch AdamW(fused=True) + the weights re-masked after every step with a bool mask (the strongest
+                     version of mask reapply)
   sparse_adamw       SparseAdamW with block masks (compact state; stochastic rounding for bf16 params)
   sparse_adamw_bf16_state   the same with bf16 exp_avg and exp_avg_sq
 These take --batch, --ga and --grad_ckpt. Two more fix their own configuration, for an effective batch of
@@ -21,7 +23,7 @@ These take --batch, --ga and --grad_ckpt. Two more fix their own configuration, 
   plan_distill       plan_bf16_state, distilling from a dense bf16 teacher of the same shape (0.5 LM + 0.5 KL)
 
 Reports tokens/s, forward+backward per micro-step, optimizer.step() (as timed in the loop, its host time
-included, and with that host time overlapped by earlier GPU work), gradient masking per optimizer step, and peak
+included, and with that host time overlapped by earlier GPU work), masking per optimizer step (gradients, or reapply_bool's weights), and peak
 memory. Prints a markdown table last and appends CSV rows.
 
     # issue 6: 4 layers, fp32 params under bf16 autocast, GA 8, contenders alternating step by step
@@ -68,7 +70,8 @@ def apply_liger(model) -> None:
 
     _apply_liger_kernel_to_instance(model=model)
 
-CONTENDERS = ("torch_fused", "wanda_gradmask", "gradmask_once_bool", "sparse_adamw", "sparse_adamw_bf16_state",
+CONTENDERS = ("torch_fused", "wanda_gradmask", "gradmask_once_bool", "reapply_bool", "sparse_adamw",
+              "sparse_adamw_bf16_state",
               "guide", "plan", "plan_bf16_state", "plan_no_liger", "plan_distill")
 # LlamaConfig fields, and the layer count when --layers is not given
 SHAPES = {
@@ -138,7 +141,7 @@ class Contender:
             set_checkpointing(self.model, self.grad_ckpt, {"use_reentrant": False})
         self.masked = list(masks) if name in ("wanda_gradmask", "guide") else []
         self.pruned = ([(p, ~expand_block_mask(m, p.shape)) for p, m in masks.items()]  # 1 byte per weight
-                       if name == "gradmask_once_bool" else [])
+                       if name in ("gradmask_once_bool", "reapply_bool") else [])
         self.tokens = torch.randint(0, self.vocab, (self.batch, args.seq), device="cuda")
         self.timings = {"fwd_bwd": [], "mask": [], "opt": [], "step": []}
 
@@ -186,7 +189,7 @@ class Contender:
             c.synchronize()
             fwd_bwd += a.elapsed_time(b)
             mask += b.elapsed_time(c)
-        if self.pruned:  # once per optimizer step, on the accumulated gradients
+        if self.pruned and self.name == "gradmask_once_bool":  # once per optimizer step, on the accumulated grads
             m0 = event()
             for p, pruned in self.pruned:
                 p.grad.masked_fill_(pruned, 0)
@@ -195,12 +198,18 @@ class Contender:
             mask += m0.elapsed_time(m1)
         o0 = event()
         self.opt.step()
-        o1 = event()
+        o1 = end = event()
+        if self.name == "reapply_bool":  # the weights, after the step
+            for p, pruned in self.pruned:
+                p.data.masked_fill_(pruned, 0)
+            end = event()
+            end.synchronize()
+            mask += o1.elapsed_time(end)
         o1.synchronize()
         self.opt.zero_grad(set_to_none=True)
         if record:
             for key, value in (("fwd_bwd", fwd_bwd / ga), ("mask", mask), ("opt", o0.elapsed_time(o1)),
-                               ("step", start.elapsed_time(o1))):
+                               ("step", start.elapsed_time(end))):
                 self.timings[key].append(value)
 
     def opt_device_ms(self) -> float:
