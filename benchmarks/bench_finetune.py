@@ -15,16 +15,17 @@ These take --batch, --ga and --grad_ckpt. Two more fix their own configuration, 
 --effective_batch sequences:
   guide              the user's guide as written: torch AdamW(fused=True) + `grad[W == 0] = 0` after every
                      backward, gradient checkpointing, batch 1, GA = effective batch
-  plan               the fine-tune's default: SparseAdamW with the fine-tune's default state dtype (fp32),
-                     Liger-Kernel where installed, and the micro-batch and checkpointing its memory plan measures
-                     (sparse_adamw.pipeline.memory_plan) within --max_memory_gb (or the free memory)
-  plan_bf16_state    the same with bf16 states (the fine-tune's --state_dtype bfloat16)
+  plan               the fine-tune's default: SparseAdamW with states in the params' dtype (bf16 for --param_dtype
+                     bf16; fp32 states were the default before commit 3f1f814), Liger-Kernel where installed, and
+                     the micro-batch and checkpointing its memory plan measures (sparse_adamw.pipeline.memory_plan)
+                     within --max_memory_gb (or the free memory)
+  plan_bf16_state    the same with bf16 states whatever the params' dtype (the fine-tune's --state_dtype bfloat16)
   plan_no_liger      plan_bf16_state without Liger-Kernel
   plan_distill       plan_bf16_state, distilling from a dense bf16 teacher of the same shape (0.5 LM + 0.5 KL)
 
 Reports tokens/s, forward+backward per micro-step, optimizer.step() (as timed in the loop, its host time
-included, and with that host time overlapped by earlier GPU work), masking per optimizer step (gradients, or reapply_bool's weights), and peak
-memory. Prints a markdown table last and appends CSV rows.
+included, and with that host time overlapped by earlier GPU work), masking per optimizer step (gradients, or
+reapply_bool's weights), and peak memory. Prints a markdown table last and appends CSV rows.
 
     # issue 6: 4 layers, fp32 params under bf16 autocast, GA 8, contenders alternating step by step
     python benchmarks/bench_finetune.py --layers 4 --param_dtype fp32 --ga 8 --interleave
@@ -56,12 +57,9 @@ from common import append_csv, environment, markdown_table, median_ms, prune_ran
 from sparse_adamw import SparseAdamW  # noqa: E402
 from sparse_adamw.masks import expand_block_mask  # noqa: E402
 from sparse_adamw.pipeline.distill import DistillConfig, distill_loss  # noqa: E402
-from sparse_adamw.pipeline.finetune_config import FinetuneArguments  # noqa: E402
 from sparse_adamw.pipeline.memory_plan import (budget_bytes, cap_memory, choose, optimizer_state_bytes,  # noqa: E402
                                                set_checkpointing)
 from sparse_adamw.pipeline.models import liger_supports  # noqa: E402
-
-DEFAULT_STATE_DTYPE = FinetuneArguments.__dataclass_fields__["state_dtype"].default  # what `plan` uses
 
 
 def apply_liger(model) -> None:
@@ -126,8 +124,9 @@ class Contender:
                 apply_liger(self.teacher)
         params = self.model.parameters()
         if name.startswith(("sparse_adamw", "plan")):
+            # `plan` as the fine-tune defaults: the states take the weights' dtype
             bf16_state = name.endswith("bf16_state") or name in ("plan_no_liger", "plan_distill") or (
-                name == "plan" and DEFAULT_STATE_DTYPE == "bfloat16")
+                name == "plan" and dtype == torch.bfloat16)
             state_dtype = torch.bfloat16 if bf16_state else torch.float32
             self.opt = SparseAdamW(params, lr=5e-5, weight_decay=0.0, masks=masks, state_dtype=state_dtype)
         else:
@@ -300,8 +299,9 @@ def main():
     args.tflops = matmul_tflops()
     print(f"bf16 matrix rate measured here: {args.tflops:.0f} TFLOP/s", flush=True)
     results = run_interleaved(args) if args.interleave else run_sequential(args)
-    rows = [dict(env, shape=args.shape, layers=args.layers, param_dtype=args.param_dtype, seq=args.seq, interleaved=args.interleave,
-                 max_memory_gb=args.max_memory_gb or "", matrix_tflops=round(args.tflops), **r) for r in results]
+    rows = [dict(env, shape=args.shape, layers=args.layers, param_dtype=args.param_dtype, seq=args.seq,
+                 interleaved=args.interleave, max_memory_gb=args.max_memory_gb or "", matrix_tflops=round(args.tflops),
+                 **r) for r in results]
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     append_csv(args.csv, rows)
     print()

@@ -1,7 +1,8 @@
-"""SparseTrainer under DDP's gradient buckets, and under the Trainer's FSDP2 path (accelerate's fully_shard preparation) on 2 CPU processes with gloo:
-the masks reach the DTensor shards that accelerate swaps into the optimizer, the pruned blocks stay exactly zero,
-the loss follows the one-process run, and a checkpoint (SparseAdamW.full_state_dict in optimizer.pt) resumes
-bit for bit (and from per-rank optimizer files with SHARDED_STATE_DICT).
+"""SparseTrainer on 2 CPU processes with gloo: under DDP, its gradients live in DDP's buckets; under the Trainer's
+FSDP2 path (accelerate's fully_shard preparation), the masks reach the DTensor shards that accelerate swaps into the
+optimizer, the pruned blocks stay exactly zero, the loss follows the one-process run, and a checkpoint
+(SparseAdamW.full_state_dict in optimizer.pt) resumes bit for bit (and from per-rank optimizer files with
+SHARDED_STATE_DICT).
 
 accelerate runs FSDP on accelerators only: on the CPU its AcceleratorState quietly drops the FSDP plugin and
 trains with DDP. `_CpuFsdpTrainer` puts the plugin back after the Accelerator is made; everything after that
@@ -169,9 +170,8 @@ def _ddp_worker(rank, world, port, model_dir, out_dir):
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     model = _load(model_dir)
     storage, losses = _GradientStorage(model), LossLog()
-    trainer = SparseTrainer(model=model, args=_args(out_dir, ddp_backend="gloo", per_device_train_batch_size=1,
-                                                         gradient_accumulation_steps=2), train_dataset=ArithmeticTokens(),
-                            callbacks=[storage, losses])
+    args = _args(out_dir, ddp_backend="gloo", per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=ArithmeticTokens(), callbacks=[storage, losses])
     trainer.train()
     result = {"seen": storage.seen, "losses": losses.losses, "checked": trainer.verify_sparsity(),
               "final": {n: p.detach().clone() for n, p in model.named_parameters()}}

@@ -2,15 +2,16 @@
 
 At the start of a GPU run with none of --per_device_train_batch_size, --gradient_checkpointing or
 --gradient_accumulation_steps given, the fine-tune measures instead of guessing. With the real model (and the
-teacher, when distilling) on the GPU, it holds the memory training will add later (SparseAdamW's compact state; DDP's
-buckets hold the gradients themselves, see SparseTrainer) in a placeholder, then runs the real loss's forward and backward twice at each candidate
-micro-batch, largest first, without and then with checkpointing, catching out-of-memory errors. A candidate fits when
-its peak (memory reserved by PyTorch's allocator) stays within the budget: the free memory (or --max_memory_gb) less
-a 5% margin. The fastest fitting candidate wins (tokens per second of the second, timed pass). Without
-checkpointing, a larger micro-batch is never slower, so each mode stops at its first fit; checkpointing is tried
-only at micro-batches larger than the best fit without it. The effective batch stays the user's: gradient
-accumulation = effective batch / (micro-batch x processes). Under DDP every rank measures and the ranks agree on the
-worst peak and the slowest time; under FSDP2 the trial runs on the whole model, which only overstates the memory.
+teacher, when distilling) on the GPU, it holds the memory training will add later (SparseAdamW's compact state;
+DDP's buckets hold the gradients themselves, see SparseTrainer) in a placeholder, then runs the real loss's forward
+and backward twice at each candidate micro-batch, largest first, without and then with checkpointing, catching
+out-of-memory errors. A candidate fits when its peak (memory reserved by PyTorch's allocator) stays within the
+budget: the free memory (or --max_memory_gb) less a 5% margin. The fastest fitting candidate wins (tokens per second
+of the second, timed pass). Without checkpointing, a larger micro-batch is never slower, so each mode stops at its
+first fit; checkpointing is tried only at micro-batches larger than the best fit without it. The effective batch
+stays the user's: gradient accumulation = effective batch / (micro-batch x processes). Under DDP every rank measures
+and the ranks agree on the worst peak and the slowest time; under FSDP2 the trial runs on the whole model, which
+only overstates the memory.
 """
 from __future__ import annotations
 
