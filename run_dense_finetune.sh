@@ -57,15 +57,17 @@ Examples:
                             (the same on node1 with --node_rank 1)
   No GPU: the default command (no --num_gpus, no --gpu_ids) runs the offline demo on the CPU, in one process.
 
-Gradient accumulation keeps the effective batch at 8: 1 GPU -> 8, 2 GPUs -> 4, 4 GPUs -> 2 (8 GPUs -> 1).
+Gradient accumulation keeps the effective batch at 8: 1 GPU -> 8, 2 GPUs -> 4, 4 GPUs -> 2 (8 GPUs -> 1) at
+micro-batch 1; on GPUs the memory plan picks the micro-batch, and accumulation = 8 / (micro-batch x GPUs).
 Rerunning the same command resumes from the last checkpoint; Ctrl+C saves a checkpoint and stops.
 
 Performance:
   No GPU, offline default (SmolLM2-135M, 2 CPU cores): ~10 minutes, perplexity 316 -> 57
     (benchmarks/RESULTS_cpu_finetune.md)
-  SmolLM2-135M, the default (3 epochs, distilled) on one H200: 82 s of training, perplexity 375 -> 18.96
+  SmolLM2-135M, the default (3 epochs, distilled) on one H200: 75 s of training, perplexity 375 -> 18.99
   LLaMA-2-7B shape, one H200 held to 80 GB: the memory plan trains at 14,160 tokens/s, 3.6x the guide's
-    configuration (batch 1, checkpointing, gradient masking) (benchmarks/RESULTS.md)
+    configuration (batch 1, checkpointing, gradient masking); 2 H200s (DDP): 1.67x one
+    (benchmarks/RESULTS.md)
   LLaMA-2-7B, the guide's estimates on A100 80GB (not measured here):
   1 GPU: ~24-36 hours
   2 GPUs: ~14-20 hours (1.7x speedup)
