@@ -64,10 +64,28 @@ def _whole_params(model):
     return {name: full_tensor(p).detach().clone() for name, p in model.named_parameters()}  # every rank gathers
 
 
-def _worker(rank, world, port, model_dir, out_dir):
+def _become_rank(rank, world, port):
+    """What torchrun would set for this spawned process."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+
+
+def _two_ranks_and_one_process(worker, model_dir, out_dir, tmp_path):
+    """`worker` on 2 spawned ranks (their saved results), and the one-process run on the same global batch of 4 (the
+    trainer and its logged losses)."""
+    mp.start_processes(worker, args=(2, _free_port(), str(model_dir), str(out_dir)), nprocs=2, join=True,
+                       start_method="spawn")
+    results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
+    losses = LossLog()
+    reference = SparseTrainer(model=_load(model_dir), args=_args(tmp_path / "one", per_device_train_batch_size=4),
+                              train_dataset=ArithmeticTokens(), callbacks=[losses])
+    reference.train()
+    return results, reference, losses
+
+
+def _worker(rank, world, port, model_dir, out_dir):
+    _become_rank(rank, world, port)
     result = {}
     losses = LossLog()
     trainer = _CpuFsdpTrainer(model=_load(model_dir), args=_fsdp_args(out_dir), train_dataset=ArithmeticTokens(),
@@ -113,16 +131,8 @@ def _free_port():
 
 def test_fsdp2_trainer_keeps_blocks_zero_follows_one_process_and_resumes_exactly(tiny_llama, tmp_path, one_thread):
     model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
-    out_dir = tmp_path / "fsdp"
-    mp.start_processes(_worker, args=(2, _free_port(), str(model_dir), str(out_dir)), nprocs=2, join=True,
-                       start_method="spawn")
-    results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
-
-    # The same global batch of 4 in one process, without FSDP.
-    losses = LossLog()
-    reference = SparseTrainer(model=_load(model_dir), args=_args(tmp_path / "one", per_device_train_batch_size=4),
-                              train_dataset=ArithmeticTokens(), callbacks=[losses])
-    reference.train()
+    # FSDP2 on 2 ranks, and the same global batch of 4 in one process without FSDP
+    results, reference, losses = _two_ranks_and_one_process(_worker, model_dir, tmp_path / "fsdp", tmp_path)
     expected = {n: p.detach() for n, p in reference.model.named_parameters()}
 
     for rank, result in enumerate(results):
@@ -165,9 +175,7 @@ class _GradientStorage(TrainerCallback):
 
 
 def _ddp_worker(rank, world, port, model_dir, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    _become_rank(rank, world, port)
     model = _load(model_dir)
     storage, losses = _GradientStorage(model), LossLog()
     args = _args(out_dir, ddp_backend="gloo", per_device_train_batch_size=1, gradient_accumulation_steps=2)
@@ -187,14 +195,7 @@ def test_under_ddp_the_gradients_live_in_ddps_buckets_and_training_follows_one_p
     each (a second copy of every gradient), and the run still equals the one-process run on the same global batch,
     accumulation included, with pruned blocks exactly zero."""
     model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
-    out_dir = tmp_path / "ddp"
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(model_dir), str(out_dir)), nprocs=2, join=True,
-                       start_method="spawn")
-    results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
-    losses = LossLog()
-    reference = SparseTrainer(model=_load(model_dir), args=_args(tmp_path / "one", per_device_train_batch_size=4),
-                              train_dataset=ArithmeticTokens(), callbacks=[losses])
-    reference.train()
+    results, reference, losses = _two_ranks_and_one_process(_ddp_worker, model_dir, tmp_path / "ddp", tmp_path)
     for rank, result in enumerate(results):
         assert len(result["seen"]) == STEPS
         for buckets, grads in result["seen"]:

@@ -685,13 +685,15 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _prepare(job: _Job) -> Optional[int]:
-    """Record the run, load, make the trainer: an exit status when the user's input is wrong, else None."""
+def _prepare(job: _Job, record: bool = True) -> Optional[int]:
+    """Record the run (unless not `record`), load, make the trainer, measure the memory plan: an exit status when the
+    user's input is wrong, else None."""
     from .trainer import SparsityViolation
 
     try:
-        job.enter("checking the starting weights")
-        _record_start(job)
+        if record:
+            job.enter("checking the starting weights")
+            _record_start(job)
         job.enter("loading the model and data", "load")
         _load(job)
         _make_trainer(job)
@@ -743,25 +745,19 @@ def plan_only(plan: Plan) -> int:
     to the output folder."""
     import tempfile
 
-    from .trainer import SparsityViolation
-
     # What the Trainer writes on its own (on GPUs it makes its output folder) goes to a scratch folder.
     with tempfile.TemporaryDirectory(prefix="plan_only_") as scratch:
         plan.training["output_dir"] = scratch
+        job = None
         try:
             job = _start(plan)
             if job is None:
                 return 2
-            try:
-                _load(job)
-                _make_trainer(job)
-                _check_masks_found(job)
-                if plan.memory_plan:
-                    _plan_memory(job)
-            except (*LOAD_ERRORS, SparsityViolation) as err:
-                return _error(err)
+            failed = _prepare(job, record=False)
+            if failed is not None:
+                return failed
         except KeyboardInterrupt as err:
-            return _interrupted("measuring the memory plan", err)
+            return _interrupted(job.phase if job is not None else "starting", err)
     t = job.training_args
     why = ("measured above" if plan.memory_plan else "the CPU: no memory plan" if plan.on_cpu
            else "as given on the command line (no memory plan)")
