@@ -76,8 +76,9 @@ class FastPlan:
         flags = [_flags(group) for group in param_groups]
         return cls(groups, flags, list(rows), launches)
 
-    def step(self, param_groups) -> bool:
-        """One step on the plan; False (nothing changed) where this step differs from the plan's."""
+    def step(self, param_groups, grad_scale=None) -> bool:
+        """One step on the plan; False (nothing changed) where this step differs from the plan's. `grad_scale`:
+        None, or a one-element tensor on the params' device that multiplies every gradient as it is read."""
         grad_ptrs = self._gradients(param_groups)
         if grad_ptrs is None:
             return False
@@ -93,7 +94,7 @@ class FastPlan:
             rows.append(StepRow(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], step + done,
                                 group["seed"] if group["stochastic_rounding"] is not False else None))
         for prepared, slots in self.launches:
-            prepared.run(grad_ptrs if slots is None else [grad_ptrs[i] for i in slots], rows)
+            prepared.run(grad_ptrs if slots is None else [grad_ptrs[i] for i in slots], rows, grad_scale)
         return True
 
     def _gradients(self, param_groups) -> Optional[List[int]]:

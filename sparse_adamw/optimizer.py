@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, List, Optional, Union
 
 import torch
 
 from . import full_state
 from .dtensor import full_tensor, is_dtensor, local_tensor, row_offset
-from .backends import LaunchConfig, ParamUpdate, requested_impl, select_backend
+from .backends import LaunchConfig, ParamUpdate, load_backend, requested_impl, select_backend
 from .fast_path import FastPlan, Planned
 from .layout import BlockLayout, compact_to_dense, new_state
 from .masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, normalize_block_size
@@ -40,6 +41,9 @@ class SparseAdamW(torch.optim.Optimizer):
 
     Pruned blocks are never read or written: they stay bitwise as they are whatever their gradient holds, and
     they have no optimizer state (see `sparse_adamw.layout` for the compact state format).
+
+    Clipping: `clip_grad_norm_(max_norm)` in place of torch.nn.utils.clip_grad_norm_ measures the live blocks' norm
+    and has the next step() scale the gradients as it reads them, with no pass that rewrites them.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._kernel_cache: Dict = {}
         self._backends: Dict = {}
         self._fast: Optional[FastPlan] = None  # step()'s fast path (sparse_adamw.fast_path)
+        self._grad_scale: Optional[torch.Tensor] = None  # clip_grad_norm_'s coefficient, for the next step()
         super().__init__(params, defaults)
         if masks is not None:
             self._set_masks(masks)
@@ -241,7 +246,8 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._fast_step():
+        grad_scale, self._grad_scale = self._grad_scale, None
+        if self._fast_step(grad_scale):
             return loss
         self._fast = None
         # The general path: every check and every fact per tensor, in Python. When every update of this step
@@ -277,7 +283,8 @@ class SparseAdamW(torch.optim.Optimizer):
                 key = (p.device, p.dtype, grad.dtype, exp_avg.dtype, layout.block, stochastic)
                 batches.setdefault(key, []).append(Planned(update, group_number, position, qualifies))
         for key, planned in batches.items():
-            self._batch_backend(key).step([item.update for item in planned], self._kernel_cache, self.launch)
+            self._batch_backend(key).step([item.update for item in planned], self._kernel_cache, self.launch,
+                                          None if grad_scale is None else grad_scale.to(key[0]))
         self._fast = self._prepare_fast(batches)
         return loss
 
@@ -291,8 +298,8 @@ class SparseAdamW(torch.optim.Optimizer):
         self._launch = launch
         self._fast = None  # its launches were prepared with the old one
 
-    def _fast_step(self) -> bool:
-        return self._fast is not None and self._fast.step(self.param_groups)
+    def _fast_step(self, grad_scale) -> bool:
+        return self._fast is not None and self._fast.step(self.param_groups, grad_scale)
 
     def _prepare_fast(self, batches) -> Optional[FastPlan]:
         return FastPlan.prepare(self.param_groups, self.state, batches, self._batch_backend, self._kernel_cache,
@@ -301,6 +308,71 @@ class SparseAdamW(torch.optim.Optimizer):
     def _batch_backend(self, key: tuple):
         """The backend of a batch of step(), keyed (device, param, grad and state dtypes, block, rounding)."""
         return self._backend(key[0], tuple(key[1:4]))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_scale = None  # a pending clip_grad_norm_ was measured on these gradients
+        super().zero_grad(set_to_none)
+
+    # ------------------------------------------------------------------------------------------------ clipping
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """The L2 norm (fp32, on the first gradient's device) of the live blocks of the parameters' gradients; a
+        parameter without a mask counts whole.
+
+        What torch.nn.utils.clip_grad_norm_ measures, less the pruned blocks: step() never reads them, so NaN or inf
+        there does not count. One read of the live blocks, one launch per batch of gradients on the Triton backend.
+        DDP: call it once the gradients are reduced. FSDP2 (DTensor gradients): each rank sums its rows and one
+        all-reduce per mesh dimension joins them, so every rank must call it, with the same parameters holding
+        gradients.
+        """
+        batches: Dict[tuple, tuple] = {}  # (device, dtype, block, sharding) -> (local gradients, their layouts)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                local = local_tensor(p.grad).contiguous()
+                key = (local.device, local.dtype, group["block_size"], _sharding(p.grad))
+                grads, layouts = batches.setdefault(key, ([], []))
+                grads.append(local)
+                layouts.append(self._layout(p, group))
+        if not batches:
+            return torch.zeros(())
+        device = next(iter(batches))[0]
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        sharded: List[list] = []  # [mesh, dims, partial sum]: one all-reduce per mesh dimension, not per tensor
+        for (batch_device, dtype, _, sharding), (grads, layouts) in batches.items():
+            backend = self._backend(batch_device, (dtype,))
+            square_sum = getattr(backend, "square_sum", None) or load_backend("torch").square_sum
+            square = square_sum(grads, layouts, self._kernel_cache, self.launch).to(device)
+            if sharding is None:
+                total += square
+                continue
+            entry = next((e for e in sharded if e[0] is sharding[0] and e[1] == sharding[1]), None)
+            if entry is None:
+                sharded.append([*sharding, square])
+            else:
+                entry[2] = entry[2] + square
+        for mesh, dims, partial in sharded:
+            for dim in dims:
+                torch.distributed.all_reduce(partial, group=mesh.get_group(dim))
+            total += partial
+        return total.sqrt()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_(params, max_norm) over the live blocks, fused into the next step.
+
+        Measures `grad_norm()` and returns it (before clipping, as torch does); the next step() then multiplies
+        every gradient by torch's coefficient min(1, max_norm / (norm + 1e-6)) as it reads it. Nothing else
+        touches the gradients: p.grad keeps the unclipped values, and no pass rewrites them (the Triton backend
+        scales inside its kernel; the others scale the gradients in place just before their update). zero_grad()
+        drops a pending coefficient, a later clip_grad_norm_ replaces it, and max_norm=inf only measures. The
+        coefficient stays on the device: no host synchronisation.
+        """
+        norm = self.grad_norm()
+        max_norm = float(max_norm)
+        self._grad_scale = None if math.isinf(max_norm) else (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        return norm
 
     # ----------------------------------------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict) -> None:
@@ -377,6 +449,14 @@ class SparseAdamW(torch.optim.Optimizer):
         """Bytes held in exp_avg and exp_avg_sq over all parameters."""
         return sum(s[k].numel() * s[k].element_size() for s in self.state.values()
                    for k in ("exp_avg", "exp_avg_sq") if k in s)
+
+
+def _sharding(grad: torch.Tensor):
+    """(mesh, the mesh dims a DTensor is sharded over), or None for a plain or replicated tensor."""
+    if not is_dtensor(grad):
+        return None
+    dims = tuple(i for i, placement in enumerate(grad.placements) if placement.is_shard())
+    return (grad.device_mesh, dims) if dims else None
 
 
 def _state_dtype(state_dtype) -> torch.dtype:

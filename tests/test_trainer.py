@@ -7,7 +7,6 @@ import math
 import os
 import re
 import signal
-import socket
 import sys
 import types
 
@@ -19,8 +18,7 @@ from finetune_helpers import ArithmeticTokens as _Tokens, Logged, LossLog, Sigin
 from finetune_helpers import trainer_args as _args
 from sparse_adamw import SparseAdamW
 from sparse_adamw import masks as masks_module
-from sparse_adamw.masks import (apply_block_mask_, block_mask_from_zeros, expand_block_mask, random_block_mask,
-                                save_masks)
+from sparse_adamw.masks import (block_mask_from_zeros, expand_block_mask, save_masks)
 from sparse_adamw.pipeline.prune import prune_magnitude
 from sparse_adamw.pipeline.trainer import (
     SigintCheckpointCallback,
@@ -28,7 +26,6 @@ from sparse_adamw.pipeline.trainer import (
     SparseTrainer,
     SparsityViolation,
     StepLogCallback,
-    clip_live_grad_norm_,
     linear_block_masks,
 )
 
@@ -377,101 +374,6 @@ def test_nan_and_inf_in_pruned_gradients_do_not_reach_the_live_weights(tiny_llam
         assert logged == pytest.approx(trainer.live_norms, rel=1e-5)
         assert all(norm > 0.1 for norm in logged)  # with max_grad_norm 0.1, every step was clipped
     assert norms == clean_norms
-
-
-def test_clip_live_grad_norm_on_ragged_shapes(tiny_llama):
-    """Weights that are no whole number of 16x16 blocks (70x40, 37x70: padded), an unmasked bias: the norm counts
-    the live blocks and the bias, and every live gradient is scaled as torch.nn.utils.clip_grad_norm_ would."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.GELU(), torch.nn.Linear(70, 37, bias=False))
-    gen = torch.Generator().manual_seed(1)
-    for lin in (model[0], model[2]):
-        apply_block_mask_(lin.weight.data, random_block_mask(lin.weight.shape, 0.4, generator=gen))
-    optimizer = SparseAdamW(model.parameters(), lr=1e-3, masks="auto")
-    masks = {name: optimizer.state[p]["block_mask"] for name, p in model.named_parameters()
-             if "block_mask" in optimizer.state.get(p, {})}
-    assert set(masks) == {"0.weight", "2.weight"} and not all(m.all() for m in masks.values())
-    model(torch.randn(8, 40)).square().sum().backward()
-    clean = {name: p.grad.clone() for name, p in model.named_parameters()}
-    for name, mask in masks.items():
-        _params(model)[name].grad.masked_fill_(~expand_block_mask(mask, clean[name].shape), math.nan)
-    expected = _live_norm(model, masks)
-    norm = clip_live_grad_norm_(model.parameters(), 0.5, optimizer)
-    assert float(norm) == pytest.approx(expected, rel=1e-6) and expected > 0.5
-    coefficient = 0.5 / (float(norm) + 1e-6)
-    for name, p in model.named_parameters():
-        live = expand_block_mask(masks[name], p.shape) if name in masks else torch.ones_like(p, dtype=torch.bool)
-        torch.testing.assert_close(p.grad[live], clean[name][live] * coefficient, rtol=1e-6, atol=0)
-    # max_norm inf: measures, changes nothing.
-    before = {name: p.grad.clone() for name, p in model.named_parameters()}
-    assert float(clip_live_grad_norm_(model.parameters(), math.inf, optimizer)) == pytest.approx(0.5, rel=1e-5)
-    for name, p in model.named_parameters():
-        assert torch.equal(p.grad.nan_to_num(), before[name].nan_to_num()), name
-
-
-def _clip_worker(rank, world, port, out_dir):
-    """Rank `rank` of 2: FSDP2 row shards of 70 rows (rank 1 starts three rows into a block row), NaN in the pruned
-    blocks of its gradient rows, then clip_live_grad_norm_."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    from sparse_adamw.dtensor import local_tensor, row_offset
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    model, batch = _ragged_model_and_batch()
-    for lin in (model[0], model[2]):
-        fully_shard(lin)
-    fully_shard(model)
-    optimizer = SparseAdamW(model.parameters(), lr=1e-3, masks="auto")
-    model(batch).square().sum().backward()
-    for p in model.parameters():
-        mask = optimizer.state[p].get("block_mask")
-        if mask is not None:
-            local, offset = local_tensor(p.grad), row_offset(p.grad)
-            pruned = ~expand_block_mask(mask, p.shape)[offset:offset + local.shape[0]]
-            local.masked_fill_(pruned, math.nan)
-    norm = clip_live_grad_norm_(model.parameters(), 0.5, optimizer)
-    grads = [p.grad.full_tensor() for p in model.parameters()]
-    if rank == 0:
-        torch.save({"norm": norm, "grads": grads}, os.path.join(out_dir, "clip.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # as in test_distributed: no interpreter teardown after the work is saved
-
-
-def _ragged_model_and_batch():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.GELU(), torch.nn.Linear(70, 37))
-    gen = torch.Generator().manual_seed(1)
-    for lin in (model[0], model[2]):
-        apply_block_mask_(lin.weight.data, random_block_mask(lin.weight.shape, 0.4, generator=gen))
-    return model, torch.randn(6, 40, generator=gen)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_clip_live_grad_norm_on_fsdp2_shards(tmp_path):
-    """Each rank sums its rows' live blocks, an all-reduce joins them: the one-process norm and clipped gradients."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_clip_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    result = torch.load(tmp_path / "clip.pt", weights_only=True)
-    model, batch = _ragged_model_and_batch()
-    optimizer = SparseAdamW(model.parameters(), lr=1e-3, masks="auto")
-    model(batch).square().sum().backward()
-    expected = clip_live_grad_norm_(model.parameters(), 0.5, optimizer)
-    assert float(expected) > 0.5
-    torch.testing.assert_close(result["norm"], expected, rtol=1e-6, atol=0)
-    for p, grad in zip(model.parameters(), result["grads"]):
-        mask = optimizer.state[p].get("block_mask")
-        live = expand_block_mask(mask, p.shape) if mask is not None else torch.ones_like(p, dtype=torch.bool)
-        torch.testing.assert_close(grad[live], p.grad[live], rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------------------- SIGTERM

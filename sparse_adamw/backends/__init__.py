@@ -1,8 +1,10 @@
 """Backend selection. Every backend takes a list of `ParamUpdate`s (`common`) and updates them in place.
 
-A backend module has `step(updates, cache, launch)`, a `DTYPES` tuple, optionally `load(name)` (run when it is
-selected) and `PreparedStep` (the optimizer's fast path, where the backend can keep a launch from one step to the
-next).
+A backend module has `step(updates, cache, launch, grad_scale)` (grad_scale: None, or a one-element tensor that
+multiplies every gradient, which is how SparseAdamW.clip_grad_norm_ clips), a `DTYPES` tuple, optionally
+`load(name)` (run when it is selected), `PreparedStep` (the optimizer's fast path, where the backend can keep a
+launch from one step to the next) and `square_sum(grads, layouts, cache, launch)` (the live blocks' sum of squares,
+for clipping; the torch backend's serves the others).
 
 Backends: "torch" (vectorised PyTorch, any device), "triton" (CUDA; CPU tensors only under TRITON_INTERPRET=1),
 "cuda" (the compiled CUDA kernel) and "cpp" (the compiled CPU kernel); the last two share the extension

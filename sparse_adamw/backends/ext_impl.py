@@ -26,11 +26,14 @@ def blocks_per_program(block, launch: LaunchConfig) -> int:
     return launch.blocks_per_program or max(1, 2048 // (block[0] * block[1]))
 
 
-def step(updates, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH) -> None:
-    """Update `updates` (one device, param dtype, grad dtype and state dtype) in one call."""
+def step(updates, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH, grad_scale=None) -> None:
+    """Update `updates` (one device, param dtype, grad dtype and state dtype) in one call. The compiled kernels take
+    no `grad_scale`: the gradients are multiplied by it in place first (one more pass over them)."""
     updates = [u for u in updates if u.layout.numel and u.layout.n_live]
     if not updates:
         return
+    if grad_scale is not None:
+        torch._foreach_mul_([u.grad for u in updates], grad_scale)
     first = updates[0]
     ext = build.extension(cuda=first.param.device.type == "cuda")
     block = first.layout.block

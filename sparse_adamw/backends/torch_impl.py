@@ -7,6 +7,7 @@ scatter; pruned blocks are never written.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, NamedTuple
 
 import torch
@@ -74,8 +75,9 @@ def _round_param(u, p: torch.Tensor, index) -> torch.Tensor:
     return p.to(u.param.dtype)
 
 
-def _math(u, p, g, m, v):
-    return adamw_math(p.float(), g.float(), m.float(), v.float(), u.constants)
+def _math(u, p, g, m, v, grad_scale):
+    g = g.float() if grad_scale is None else g.float() * grad_scale
+    return adamw_math(p.float(), g, m.float(), v.float(), u.constants)
 
 
 def _element_index(reg: _Region, layout: BlockLayout, device) -> torch.Tensor:
@@ -87,10 +89,11 @@ def _element_index(reg: _Region, layout: BlockLayout, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def step(updates, cache: Dict, launch=None) -> None:
+def step(updates, cache: Dict, launch=None, grad_scale=None) -> None:
+    """Update `updates`; `grad_scale` (None or a one-element tensor) multiplies every gradient as it is read."""
     for u in updates:
         if u.layout.mask is None:
-            p, m, v = _math(u, u.param, u.grad, u.exp_avg, u.exp_avg_sq)
+            p, m, v = _math(u, u.param, u.grad, u.exp_avg, u.exp_avg_sq, grad_scale)
             index = lambda: u.layout.index_base + torch.arange(p.numel(), device=p.device).view(p.shape)  # noqa: E731
             u.param.copy_(_round_param(u, p, index))
             u.exp_avg.copy_(m)
@@ -104,7 +107,35 @@ def step(updates, cache: Dict, launch=None) -> None:
             gv = u.grad[reg.rows, reg.cols].view(reg.block)
             r, w = slice(reg.state_row, reg.state_row + reg.block[1]), reg.block[3]
             i, j, s = reg.block_rows, reg.block_cols, reg.slots
-            p, m, v = _math(u, pv[i, :, j, :], gv[i, :, j, :], u.exp_avg[s, r, :w], u.exp_avg_sq[s, r, :w])
+            p, m, v = _math(u, pv[i, :, j, :], gv[i, :, j, :], u.exp_avg[s, r, :w], u.exp_avg_sq[s, r, :w],
+                            grad_scale)
             pv[i, :, j, :] = _round_param(u, p, lambda: _element_index(reg, u.layout, p.device))
             u.exp_avg[s, r, :w] = m.to(u.exp_avg.dtype)
             u.exp_avg_sq[s, r, :w] = v.to(u.exp_avg_sq.dtype)
+
+
+@torch.no_grad()
+def square_sum(grads, layouts, cache=None, launch=None) -> torch.Tensor:
+    """The fp32 sum of squares of the live blocks of `grads` (one device), each laid out by its layout; a 0-dim
+    tensor. Each masked gradient is read once as (block rows, bh, block cols, bw), after a zero-padded copy where it
+    is no whole number of blocks or is a row shard that starts mid-block; pruned blocks are dropped with where(), so
+    NaN or inf there does not count."""
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for grad, layout in zip(grads, layouts):
+        if layout.mask is None:
+            total += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        elif grad.numel():
+            squares = _block_square_norms(grad, layout.row_shift, layout.block)
+            total += torch.where(layout.mask.to(squares.device), squares, 0.0).sum()
+    return total
+
+
+def _block_square_norms(grad: torch.Tensor, top: int, block) -> torch.Tensor:
+    """Squared L2 norms, fp32, of the (bh, bw) blocks of `grad`, whose first row lies `top` rows into its first
+    block row."""
+    bh, bw = block
+    rows, cols = grad.shape
+    nbr, nbc = math.ceil((top + rows) / bh), math.ceil(cols / bw)
+    if top or top + rows != nbr * bh or cols != nbc * bw:
+        grad = torch.nn.functional.pad(grad, (0, nbc * bw - cols, top, nbr * bh - top - rows))
+    return torch.linalg.vector_norm(grad.reshape(nbr, bh, nbc, bw), dim=(1, 3), dtype=torch.float32).square()

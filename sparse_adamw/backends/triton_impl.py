@@ -70,22 +70,27 @@ class _Dtypes(NamedTuple):
         return cls(u.param.dtype, u.grad.dtype, u.exp_avg.dtype, u.seed is not None and u.param.dtype == torch.bfloat16)
 
 
-def _run(plan, dtypes: _Dtypes, tables, aligned: bool, launch: LaunchConfig) -> None:
+def _run(plan, dtypes: _Dtypes, tables, aligned: bool, launch: LaunchConfig, grad_scale) -> None:
     kernel.launch(
-        plan.device_shapes, *tables, plan.prog_tensor, plan.block_ids,
+        plan.device_shapes, *tables, plan.prog_tensor, plan.block_ids, grad_scale,
         param_dtype=dtypes.param, grad_dtype=dtypes.grad, state_dtype=dtypes.state,
         block=plan.layouts[0].block, blocks_per_program=plan.blocks_per_program, index_64=plan.index_64,
-        check_edges=not plan.whole_blocks or any(x & (x - 1) for x in plan.layouts[0].block),
+        check_edges=_check_edges(plan),
         aligned=aligned and plan.rows_aligned, stochastic=dtypes.stochastic,
         exact_bf16=os.environ.get("TRITON_INTERPRET") == "1", num_warps=launch.num_warps)
+
+
+def _check_edges(plan) -> bool:
+    return not plan.whole_blocks or any(x & (x - 1) for x in plan.layouts[0].block)
 
 
 def _live(updates) -> List[int]:
     return [i for i, u in enumerate(updates) if u.layout.numel and u.layout.n_live]
 
 
-def step(updates, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH) -> None:
-    """Update `updates` (one device, param dtype, grad dtype and state dtype) in one launch."""
+def step(updates, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH, grad_scale=None) -> None:
+    """Update `updates` (one device, param dtype, grad dtype and state dtype) in one launch; `grad_scale` (None or
+    an fp32 one-element tensor on their device) multiplies every gradient as the kernel reads it."""
     updates = [updates[i] for i in _live(updates)]
     if not updates:
         return
@@ -99,7 +104,32 @@ def step(updates, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH) -> None:
         addresses |= p | g | m | v
         dyn.extend((p, g, m, v, index_mix(u.index), row))
     tables = _upload(dyn, list(rows), updates[0].param.device)
-    _run(plan, _Dtypes.of(updates[0]), tables, addresses % 16 == 0, launch)
+    _run(plan, _Dtypes.of(updates[0]), tables, addresses % 16 == 0, launch, grad_scale)
+
+
+def square_sum(grads, layouts, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH) -> torch.Tensor:
+    """The fp32 sum of squares of the live blocks of `grads` (one device and dtype, contiguous, each laid out by its
+    layout: a row shard by its own), in one launch that reads nothing else; a 0-dim tensor on their device."""
+    device = grads[0].device
+    keep = [i for i, lay in enumerate(layouts) if lay.numel and lay.n_live]
+    if not keep:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    layouts = [layouts[i] for i in keep]
+    ptrs = [grads[i].data_ptr() for i in keep]
+    plan = launch_plan(layouts, device, blocks_per_program(layouts[0].block, launch), cache, launch.index_64)
+    table = torch.tensor(ptrs, dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    out = torch.empty(plan.prog_tensor.numel(), dtype=torch.float32, device=device)
+    addresses = 0
+    for ptr in ptrs:
+        addresses |= ptr
+    kernel.launch_square_sum(
+        plan.device_shapes, table, plan.prog_tensor, plan.block_ids, out, grad_dtype=grads[0].dtype,
+        block=plan.layouts[0].block, blocks_per_program=plan.blocks_per_program, index_64=plan.index_64,
+        check_edges=_check_edges(plan), aligned=addresses % 16 == 0 and plan.rows_aligned,
+        num_warps=launch.num_warps)
+    return out.sum()
 
 
 class PreparedStep:
@@ -128,8 +158,9 @@ class PreparedStep:
         if len(self.kept) == len(updates):
             self.kept = None  # run() need not pick
 
-    def run(self, grad_ptrs: List[int], rows: Sequence[StepRow]) -> None:
-        """grad_ptrs: of all the updates given at construction, in their order; rows: this step's rows."""
+    def run(self, grad_ptrs: List[int], rows: Sequence[StepRow], grad_scale=None) -> None:
+        """grad_ptrs: of all the updates given at construction, in their order; rows: this step's rows; grad_scale
+        as for `step`."""
         if self.plan is None:
             return
         if self.kept is not None:
@@ -139,4 +170,6 @@ class PreparedStep:
         addresses = self.static_addresses
         for g in grad_ptrs:
             addresses |= g
-        _run(self.plan, self.dtypes, _upload(dyn, rows, self.device), addresses % 16 == 0, self.launch)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(self.device)
+        _run(self.plan, self.dtypes, _upload(dyn, rows, self.device), addresses % 16 == 0, self.launch, grad_scale)

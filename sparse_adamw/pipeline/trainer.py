@@ -6,8 +6,9 @@
 - creates SparseAdamW with the Trainer's usual param groups (no weight decay on biases and norms) and those masks;
 - checks that every pruned block is still exactly zero when training resumes from a checkpoint, at every save and
   at the end, and raises `SparsityViolation` otherwise;
-- clips the gradients by the norm of the live blocks only (`clip_live_grad_norm_`), so NaN or inf in a pruned
-  block's gradient, which SparseAdamW never reads, cannot poison the live weights; that norm is the logged grad_norm;
+- clips the gradients by the norm of the live blocks only (`SparseAdamW.clip_grad_norm_`, which the step applies
+  as it reads them), so NaN or inf in a pruned block's gradient, which SparseAdamW never reads, cannot poison the
+  live weights; that norm is the logged grad_norm;
 - turns the first Ctrl+C (SIGINT) or SIGTERM (what batch schedulers send before they kill) into a checkpoint at the
   end of the current optimizer step and a clean stop (`trainer.interrupted` is then True); a second one raises
   `TrainingAborted` (a KeyboardInterrupt) at once, even in the middle of the save: that checkpoint stays incomplete
@@ -46,16 +47,16 @@ And in a plain PyTorch loop, with gradient accumulation and clipping:
         loss = model(**batch).loss / accumulation
         loss.backward()
         if (step + 1) % accumulation == 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.clip_grad_norm_(1.0)   # the live blocks' norm; the step scales as it reads
             optimizer.step()             # pruned blocks are neither read nor written
             optimizer.zero_grad(set_to_none=True)
     torch.save(optimizer.state_dict(), "optimizer.pt")   # masks, m, v and step; load_state_dict restores them
 
 Gradients of pruned blocks are not masked (that would cost a pass over every gradient). torch's clip_grad_norm_
 counts them in the norm, which only rescales the whole step, unless one of them is NaN or inf: then every weight
-becomes NaN. `clip_live_grad_norm_(model.parameters(), 1.0, optimizer)` from this module counts only the live
-blocks, as SparseTrainer does. SparseTrainer runs in one process, under DDP (torchrun), or
-under the Trainer's FSDP2 (torchrun on GPUs):
+becomes NaN; it also costs two passes over every gradient. `optimizer.clip_grad_norm_(1.0)` reads only the live
+blocks once and leaves the scaling to the step, as SparseTrainer does. SparseTrainer runs in one process, under DDP
+(torchrun), or under the Trainer's FSDP2 (torchrun on GPUs):
 
     # what `python -m sparse_adamw.pipeline.finetune --fsdp` sets
     args = TrainingArguments(..., fsdp=True, fsdp_config={"version": 2})
@@ -74,7 +75,6 @@ FSDP on accelerators only; on the CPU it trains with DDP instead (SparseTrainer 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -88,7 +88,7 @@ from typing import Dict, Optional, Union
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..dtensor import full_tensor, is_dtensor, local_tensor, row_offset
+from ..dtensor import full_tensor, is_dtensor
 from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
 from ..optimizer import SparseAdamW
 from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher, shard_teacher
@@ -110,7 +110,6 @@ __all__ = [
     "SparsityViolation",
     "StepLogCallback",
     "TrainingAborted",
-    "clip_live_grad_norm_",
     "linear_block_masks",
     "verify_block_sparsity",
 ]
@@ -177,91 +176,6 @@ def _sparse_optimizer(optimizer) -> Optional[SparseAdamW]:
     while optimizer is not None and not isinstance(optimizer, SparseAdamW):
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
-
-
-# ------------------------------------------------------------------------------ clipping by the live blocks' norm
-def _block_square_norms(local: torch.Tensor, top: int, block) -> torch.Tensor:
-    """Squared L2 norms, fp32, of the (bh, bw) blocks of `local`: rows of a gradient whose first row lies `top` rows
-    into its first block row (0 unless it is an FSDP2 shard that starts mid-block)."""
-    bh, bw = block
-    rows, cols = local.shape
-    nbr, nbc = math.ceil((top + rows) / bh), math.ceil(cols / bw)
-    if top or top + rows != nbr * bh or cols != nbc * bw:
-        # A ragged edge or a shard that starts mid-block: one zero-padded copy of this gradient.
-        local = torch.nn.functional.pad(local, (0, nbc * bw - cols, top, nbr * bh - top - rows))
-    # A view of the (contiguous) gradient, reduced in one read pass with no temporary: the output is (nbr, nbc).
-    # Without dtype=: the cast would copy a bf16 gradient (the reduction accumulates in fp32 anyway).
-    norms = torch.linalg.vector_norm(local.reshape(nbr, bh, nbc, bw), dim=(1, 3))
-    return norms.float().square()
-
-
-def _live_square_norm(grad: torch.Tensor, mask: Optional[torch.Tensor], block) -> torch.Tensor:
-    """Sum of squares (fp32) of this rank's part of `grad`: whole without a mask, else its live blocks only."""
-    local = local_tensor(grad)
-    if mask is None:
-        return torch.linalg.vector_norm(local).float().square()
-    if local.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=local.device)
-    offset = row_offset(grad, "a gradient")
-    first = offset // block[0]
-    squares = _block_square_norms(local, offset - first * block[0], block)
-    live = mask[first:first + squares.shape[0]].to(squares.device)
-    # where, not indexing: no host sync, and a pruned block's NaN or inf is dropped, not multiplied by 0.
-    return torch.where(live, squares, 0.0).sum()
-
-
-def _sharded_dims(grad: torch.Tensor):
-    """(mesh, mesh dims the DTensor is sharded over), or None for a plain or replicated tensor."""
-    if not is_dtensor(grad):
-        return None
-    dims = tuple(i for i, placement in enumerate(grad.placements) if placement.is_shard())
-    return (grad.device_mesh, dims) if dims else None
-
-
-@torch.no_grad()
-def clip_live_grad_norm_(parameters, max_norm: float, optimizer) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the live blocks only; returns their total L2 norm (before clipping).
-
-    `optimizer` (a SparseAdamW, or accelerate's wrapper of one) gives each parameter's block mask and block shape;
-    a parameter without a mask counts whole. One read pass per gradient; a gradient whose shape is not a whole number
-    of blocks, or an FSDP2 shard that starts mid-block, is padded first (one copy). The grads are then scaled in
-    place by min(1, max_norm / (norm + 1e-6)), as torch does; `max_norm=inf` only measures. Pruned blocks are
-    scaled too (NaN stays NaN): harmless, SparseAdamW never reads them. DDP: call it after the gradients are reduced.
-    FSDP2 (DTensor grads): each rank sums its rows, one all-reduce per mesh dimension joins them, so every rank must
-    call it, with the parameters in the same order.
-    """
-    sparse = _sparse_optimizer(optimizer)
-    masks = {id(p): (sparse.state[p]["block_mask"], group["block_size"])
-             for group in sparse.param_groups for p in group["params"]
-             if "block_mask" in sparse.state.get(p, {})}
-    grads = [(p.grad, *masks.get(id(p), (None, None))) for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    device = local_tensor(grads[0][0]).device
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    sharded = []  # [[mesh, dims, partial sum]]: one all-reduce per group, not per parameter
-    for grad, mask, block in grads:
-        square = _live_square_norm(grad, mask, block).to(device)
-        key = _sharded_dims(grad)
-        if key is None:
-            total += square
-            continue
-        entry = next((e for e in sharded if e[0] is key[0] and e[1] == key[1]), None)
-        if entry is None:
-            sharded.append([*key, square])
-        else:
-            entry[2] = entry[2] + square
-    for mesh, dims, partial in sharded:
-        for dim in dims:
-            torch.distributed.all_reduce(partial, group=mesh.get_group(dim))
-        total += partial
-    total_norm = total.sqrt()
-    if max_norm != float("inf"):
-        coefficient = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-        for grad, _, _ in grads:
-            local = local_tensor(grad)
-            local.mul_(coefficient.to(local.device))
-    return total_norm
 
 
 # ------------------------------------------------------------------------------------- Ctrl+C and SIGTERM
@@ -808,20 +722,21 @@ class SparseTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------- clipping and loading
     def _clip_grad_norm(self, model):
-        """Clip by the norm of the live blocks (clip_live_grad_norm_): NaN or inf in a pruned block's gradient, which
-        SparseAdamW never reads, would make torch's whole-gradient norm NaN, and with it every weight."""
+        """Clip by the norm of the live blocks (SparseAdamW.clip_grad_norm_): NaN or inf in a pruned block's
+        gradient, which SparseAdamW never reads, would make torch's whole-gradient norm NaN, and with it every
+        weight. The step applies the coefficient as it reads the gradients: no pass rewrites them."""
         optimizer = self.sparse_optimizer
         if optimizer is None:
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()  # fp16: what accelerator.clip_grad_norm_ does first
-        return clip_live_grad_norm_(model.parameters(), self.args.max_grad_norm, optimizer)
+        return optimizer.clip_grad_norm_(self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
         # Without clipping (max_grad_norm 0), the logged grad_norm is the live blocks' norm too.
         optimizer = self.sparse_optimizer
         if grad_norm is None and optimizer is not None:
             self.accelerator.unscale_gradients()
-            grad_norm = clip_live_grad_norm_(model.parameters(), float("inf"), optimizer)
+            grad_norm = optimizer.grad_norm()
         return super()._get_grad_norm(model, grad_norm)
 
     def _issue_warnings_after_load(self, load_result) -> None:

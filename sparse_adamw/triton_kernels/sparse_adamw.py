@@ -62,22 +62,10 @@ def _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, ep
 
 
 @triton.jit
-def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tensor_ptr, block_ids_ptr,
-                         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                         BH: tl.constexpr, BW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                         K: tl.constexpr, INDEX_64: tl.constexpr, CHECK_EDGES: tl.constexpr,
-                         EXACT_BF16: tl.constexpr, ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr):
-    # The tables are described in `launch`. block_ids holds K block ids per program, so that load does not wait for
-    # the tables.
-    pid = tl.program_id(0)
-    t = tl.load(prog_tensor_ptr + pid)
-    block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
-    dyn = dyn_ptr + t * 6
-    shape = shape_ptr + t * 8
-    p_ptr = tl.load(dyn + 0).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(dyn + 1).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(dyn + 2).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(dyn + 3).to(tl.pointer_type(S_DTYPE))
+def _tile(shape, pid, block_id, BH: tl.constexpr, BW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+          K: tl.constexpr, INDEX_64: tl.constexpr, CHECK_EDGES: tl.constexpr, ALIGNED: tl.constexpr):
+    """A program's [K, TILE_H, TILE_W] tile of K live blocks of one tensor (its row `shape` of the shape table):
+    element offsets in the tensor, offsets in its compact state, and which elements exist."""
     # int32 index math unless some tensor of this launch is too large for it: half the registers and ops.
     idx = tl.int64 if INDEX_64 else tl.int32
     rows = tl.load(shape + 0).to(idx)
@@ -88,23 +76,7 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
     prog0 = tl.load(shape + 5).to(idx)
     row_shift = tl.load(shape + 6).to(idx)
     if ALIGNED:
-        # Addresses cast from integers carry no alignment; without these hints every access is scalar.
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
         cols = tl.multiple_of(cols, 16)
-
-    row = tl.load(dyn + 5)
-    hyper = hyper_ptr + row * 8
-    decay = tl.load(hyper + 0)
-    beta1 = tl.load(hyper + 1)
-    one_minus_beta1 = tl.load(hyper + 2)
-    beta2 = tl.load(hyper + 3)
-    one_minus_beta2 = tl.load(hyper + 4)
-    eps = tl.load(hyper + 5)
-    step_size = tl.load(hyper + 6)
-    inv_bc2_sqrt = tl.load(hyper + 7)
 
     # Ordinals of this program's blocks among the parameter's live blocks = their compact-state slots.
     slot = (pid.to(idx) - prog0) * K + tl.arange(0, K).to(idx)
@@ -125,9 +97,51 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
     ok = slot_ok[:, None, None]
     if CHECK_EDGES:  # partial blocks somewhere in this launch
         ok = ok & (r3 < BH) & (c < BW) & (row3 >= 0) & (row3 < rows) & (col3 < cols) & (offs < numel)
+    return offs, state_offs, ok
 
+
+@triton.jit
+def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tensor_ptr, block_ids_ptr,
+                         grad_scale_ptr,
+                         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                         BH: tl.constexpr, BW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                         K: tl.constexpr, INDEX_64: tl.constexpr, CHECK_EDGES: tl.constexpr,
+                         EXACT_BF16: tl.constexpr, ALIGNED: tl.constexpr, STOCHASTIC: tl.constexpr,
+                         SCALE_GRAD: tl.constexpr):
+    # The tables are described in `launch`. block_ids holds K block ids per program, so that load does not wait for
+    # the tables.
+    pid = tl.program_id(0)
+    t = tl.load(prog_tensor_ptr + pid)
+    block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
+    dyn = dyn_ptr + t * 6
+    shape = shape_ptr + t * 8
+    p_ptr = tl.load(dyn + 0).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(dyn + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(dyn + 2).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(dyn + 3).to(tl.pointer_type(S_DTYPE))
+    if ALIGNED:
+        # Addresses cast from integers carry no alignment; without these hints every access is scalar.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+
+    row = tl.load(dyn + 5)
+    hyper = hyper_ptr + row * 8
+    decay = tl.load(hyper + 0)
+    beta1 = tl.load(hyper + 1)
+    one_minus_beta1 = tl.load(hyper + 2)
+    beta2 = tl.load(hyper + 3)
+    one_minus_beta2 = tl.load(hyper + 4)
+    eps = tl.load(hyper + 5)
+    step_size = tl.load(hyper + 6)
+    inv_bc2_sqrt = tl.load(hyper + 7)
+
+    offs, state_offs, ok = _tile(shape, pid, block_id, BH, BW, TILE_H, TILE_W, K, INDEX_64, CHECK_EDGES, ALIGNED)
     p = tl.load(p_ptr + offs, mask=ok).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
+    if SCALE_GRAD:  # clipping (SparseAdamW.clip_grad_norm_), applied as the gradient is read
+        g = g * tl.load(grad_scale_ptr)
     m = tl.load(m_ptr + state_offs, mask=ok).to(tl.float32)
     v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
 
@@ -142,8 +156,38 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
     _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
 
 
-def launch(shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids, *, param_dtype, grad_dtype, state_dtype,
-           block, blocks_per_program, index_64, check_edges, aligned, stochastic, exact_bf16, num_warps) -> None:
+@triton.jit
+def _live_square_sum_kernel(shape_ptr, grad_ptrs_ptr, prog_tensor_ptr, block_ids_ptr, out_ptr,
+                            G_DTYPE: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TILE_H: tl.constexpr,
+                            TILE_W: tl.constexpr, K: tl.constexpr, INDEX_64: tl.constexpr,
+                            CHECK_EDGES: tl.constexpr, ALIGNED: tl.constexpr):
+    # The step kernel's tiles, gradients only: each program writes the fp32 sum of squares of its K live blocks.
+    pid = tl.program_id(0)
+    t = tl.load(prog_tensor_ptr + pid)
+    block_id = tl.load(block_ids_ptr + pid.to(tl.int64) * K + tl.arange(0, K))
+    g_ptr = tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(G_DTYPE))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    offs, _, ok = _tile(shape_ptr + t * 8, pid, block_id, BH, BW, TILE_H, TILE_W, K, INDEX_64, CHECK_EDGES, ALIGNED)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(g * g))
+
+
+def launch_square_sum(shapes, grad_ptrs, prog_tensor, block_ids, out, *, grad_dtype, block, blocks_per_program,
+                      index_64, check_edges, aligned, num_warps) -> None:
+    """out[i] = the sum of squares, in fp32, of program i's live blocks of the gradients; `shapes`, `prog_tensor`
+    and `block_ids` as for `launch`, grad_ptrs int64 (T,): each tensor's gradient address. Pruned blocks are not
+    read, so NaN or inf there does not count."""
+    bh, bw = block
+    _live_square_sum_kernel[(prog_tensor.numel(),)](
+        shapes, grad_ptrs, prog_tensor, block_ids, out, G_DTYPE=TL_DTYPES[grad_dtype], BH=bh, BW=bw,
+        TILE_H=triton.next_power_of_2(bh), TILE_W=triton.next_power_of_2(bw), K=blocks_per_program,
+        INDEX_64=index_64, CHECK_EDGES=check_edges, ALIGNED=aligned, num_warps=num_warps)
+
+
+def launch(shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids, grad_scale=None, *, param_dtype, grad_dtype,
+           state_dtype, block, blocks_per_program, index_64, check_edges, aligned, stochastic, exact_bf16,
+           num_warps) -> None:
     """One launch over the tables, all on the params' device:
 
     shapes      int64 (T, 8), per tensor t: rows, cols, numel, block columns, live blocks, first program, row shift
@@ -155,14 +199,15 @@ def launch(shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids, *, param_dtyp
                 kernel multiplies where the reference divides (within an ulp, like its fast sqrt and division).
                 Dividing, even once per program, measured 4% slower in fp32 on an H200 (benchmarks/RESULTS.md)
     prog_tensor int32 (n_programs,): the tensor of each program; block_ids int32 (n_programs * K,): its live blocks
+    grad_scale  None, or an fp32 tensor of one element that every gradient is multiplied by as it is read
 
     exact_bf16 rounds fp32 -> bf16 to nearest by hand (Triton's interpreter truncates); aligned promises 16-byte
     aligned addresses and column counts (vector loads).
     """
     bh, bw = block
     _sparse_adamw_kernel[(prog_tensor.numel(),)](
-        shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids,
+        shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids, hyper if grad_scale is None else grad_scale,
         P_DTYPE=TL_DTYPES[param_dtype], G_DTYPE=TL_DTYPES[grad_dtype], S_DTYPE=TL_DTYPES[state_dtype],
         BH=bh, BW=bw, TILE_H=triton.next_power_of_2(bh), TILE_W=triton.next_power_of_2(bw), K=blocks_per_program,
         INDEX_64=index_64, CHECK_EDGES=check_edges, EXACT_BF16=exact_bf16, ALIGNED=aligned, STOCHASTIC=stochastic,
-        num_warps=num_warps)
+        SCALE_GRAD=grad_scale is not None, num_warps=num_warps)
