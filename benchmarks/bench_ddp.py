@@ -7,11 +7,13 @@ it), clipping and the optimizer step, per rank, against the same work with no co
 The model is the fine-tune's on a GPU under the 7B plan: bf16 weights and gradients, SparseAdamW with bf16 states,
 20% of 16x16 blocks pruned at random, Liger-Kernel where installed, no checkpointing, micro-batch 4 and the
 effective batch 8 (GA = 8 / (micro-batch x ranks)), the gradients of DDP's buckets used in place
-(gradient_as_bucket_view), clipping by the live blocks' norm (clip_live_grad_norm_) as the Trainer does.
+(gradient_as_bucket_view), clipping by the live blocks' norm as the Trainer does (`--clips fused`:
+SparseAdamW.clip_grad_norm_, the step scales as it reads) or as a stock Trainer does (`torch`:
+torch.nn.utils.clip_grad_norm_ over every gradient, two passes).
 
 Per step, CUDA events on the compute stream time each phase; `ddp` steps all-reduce, `no_comm` steps run the same
-micro-steps under no_sync() (nothing is reduced), interleaved step by step. The difference of their backward times is
-what communication costs the step. `--profile` also records two `ddp` steps with torch.profiler and reports the
+micro-steps under no_sync() (nothing is reduced); every variant (and clipping) is interleaved step by step. The
+difference of the backward times of `ddp` and `no_comm` is what communication costs the step. `--profile` also records two `ddp` steps with torch.profiler and reports the
 NCCL kernels' time, how much of it no compute kernel overlaps, and how much longer the compute kernels ran than in
 a `no_comm` step (NCCL's kernels take SMs and memory bandwidth from the backward). `--allreduce` times all-reduces of
 the gradients' size alone, in buckets of --bucket_cap_mb.
@@ -34,7 +36,6 @@ from common import environment  # noqa: E402
 
 from sparse_adamw import SparseAdamW  # noqa: E402
 from sparse_adamw.pipeline.models import liger_supports  # noqa: E402
-from sparse_adamw.pipeline.trainer import clip_live_grad_norm_  # noqa: E402
 
 PHASES = ("forward", "backward", "clip", "step", "total")
 
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--bucket_cap_mb", type=float, default=25.0)
     p.add_argument("--no_liger", action="store_true")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--clips", nargs="+", choices=("fused", "torch"), default=["fused"],
+                   help="clipping contenders, interleaved: fused = SparseAdamW.clip_grad_norm_, torch = "
+                        "torch.nn.utils.clip_grad_norm_")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--allreduce", action="store_true")
     p.add_argument("--json", help="append one line of results (rank 0) to this file")
@@ -80,7 +84,7 @@ class Rank:
         self.ids = torch.randint(0, vocab, (args.batch, args.seq), device="cuda")
         self.times = {}
 
-    def step(self, variant: str, record: bool = True) -> None:
+    def step(self, variant: str, clip: str = "fused", record: bool = True) -> None:
         """One optimizer step: GA micro-steps, clipping, SparseAdamW; `no_comm` reduces nothing."""
         def event():
             e = torch.cuda.Event(enable_timing=True)
@@ -101,8 +105,11 @@ class Rank:
                 loss.backward()
                 c = event()
             marks.append((a, b, c))
-        clip = event()
-        clip_live_grad_norm_(self.model.parameters(), self.args.max_grad_norm, self.opt)
+        clipped = event()
+        if clip == "fused":
+            self.opt.clip_grad_norm_(self.args.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm, foreach=True)
         stepped = event()
         self.opt.step()
         end = event()
@@ -113,9 +120,9 @@ class Rank:
         for a, b, c in marks:
             forward += a.elapsed_time(b)
             backward += b.elapsed_time(c)
-        for phase, ms in zip(PHASES, (forward, backward, clip.elapsed_time(stepped), stepped.elapsed_time(end),
+        for phase, ms in zip(PHASES, (forward, backward, clipped.elapsed_time(stepped), stepped.elapsed_time(end),
                                       start.elapsed_time(end))):
-            self.times.setdefault(variant, {}).setdefault(phase, []).append(ms)
+            self.times.setdefault(f"{variant}/{clip}", {}).setdefault(phase, []).append(ms)
 
     def medians(self):
         return {v: {p: round(statistics.median(ts), 2) for p, ts in phases.items()} for v, phases in self.times.items()}
@@ -192,32 +199,31 @@ def main(argv=None):
         dist.init_process_group("nccl")
     rank = dist.get_rank() if dist.is_initialized() else 0
     r = Rank(args)
-    variants = ("ddp", "no_comm") if r.world > 1 else ("single",)
+    variants = [(comm, clip) for comm in (("ddp", "no_comm") if r.world > 1 else ("single",)) for clip in args.clips]
     for _ in range(args.warmup):
         for v in variants:
-            r.step(v, record=False)
+            r.step(*v, record=False)
     for _ in range(args.steps):
         for v in variants:
-            r.step(v)
+            r.step(*v)
     result = dict(tag=args.tag, world=r.world, batch=args.batch, ga=r.ga, layers=args.layers, liger=r.liger,
                   bucket_cap_mb=args.bucket_cap_mb, medians=r.medians(),
                   nccl_env={k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL"))},
                   **environment())
-    main_variant = variants[0]
-    total = result["medians"][main_variant]["total"]
-    result["tokens_per_s"] = round(args.effective_batch * args.seq / total * 1e3)
+    result["tokens_per_s"] = {name: round(args.effective_batch * args.seq / m["total"] * 1e3)
+                              for name, m in result["medians"].items()}
     if args.profile and r.world > 1:
         from torch.profiler import ProfilerActivity, profile
 
         trace = f"/tmp/bench_ddp_trace_rank{rank}.json"
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            r.step("ddp", record=False)
-            r.step("ddp", record=False)
+            r.step("ddp", args.clips[0], record=False)
+            r.step("ddp", args.clips[0], record=False)
         prof.export_chrome_trace(trace)
         result["profile_2_ddp_steps"] = kernel_overlap(trace)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            r.step("no_comm", record=False)
-            r.step("no_comm", record=False)
+            r.step("no_comm", args.clips[0], record=False)
+            r.step("no_comm", args.clips[0], record=False)
         prof.export_chrome_trace(trace + ".nocomm")
         result["profile_2_no_comm_steps"] = kernel_overlap(trace + ".nocomm")
         out = os.environ.get("OUT")

@@ -67,8 +67,8 @@ def _record_paths(opt):
     """After each step, `paths` says whether that step took the fast path."""
     paths, inner, step = [], opt._fast_step, opt.step
 
-    def fast_step():
-        paths[-1] = inner()
+    def fast_step(*args):
+        paths[-1] = inner(*args)
         return paths[-1]
 
     def recorded_step(*args, **kwargs):
