@@ -64,9 +64,9 @@ Rerunning the same command resumes from the last checkpoint; Ctrl+C saves a chec
 Performance:
   No GPU, offline default (SmolLM2-135M, 2 CPU cores): ~10 minutes, perplexity 316 -> 57
     (benchmarks/RESULTS_cpu_finetune.md)
-  SmolLM2-135M, the default (3 epochs, distilled) on one H200: 75 s of training, perplexity 375 -> 18.99
+  SmolLM2-135M, the default (3 epochs, distilled) on one H200: 60 s of training, perplexity 375 -> 18.95
   LLaMA-2-7B shape, one H200 held to 80 GB: the memory plan trains at 14,160 tokens/s, 3.6x the guide's
-    configuration (batch 1, checkpointing, gradient masking); 2 H200s (DDP): 1.67x one
+    configuration (batch 1, checkpointing, gradient masking); 2 H200s (DDP): 1.77x one
     (benchmarks/RESULTS.md)
   LLaMA-2-7B, the guide's estimates on A100 80GB (not measured here):
   1 GPU: ~24-36 hours

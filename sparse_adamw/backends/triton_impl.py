@@ -6,7 +6,7 @@ of layouts. Per step: each tensor's addresses (grads are reallocated) and, per d
 one row of step constants and one rounding-seed mix (a scheduler changes them), all in one copy.
 
 `step` builds the per-step tables from scratch; `PreparedStep` keeps all of them but the gradient addresses, for
-SparseAdamW's fast path (sparse_adamw.fast_path).
+SparseAdamW's fast path (sparse_adamw.fast_path). `square_sum` is clipping's norm over the same launch plan.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 A leaf: it knows only torch, triton and the tables `launch` describes; sparse_adamw.backends.triton_impl builds
 them from the optimizer's updates. Each program updates K live blocks of one parameter, a [K, BH, BW] tile; pruned
 blocks are not in the live list, so no program reads or writes them. The tables are plain data: a new learning
-rate, step or gradient address recompiles nothing.
+rate, step or gradient address recompiles nothing. For clipping, `launch_square_sum` reads the gradients' live
+blocks through the same tables, and the step can multiply each gradient by a scale held on the device.
 """
 from __future__ import annotations
 
