@@ -325,7 +325,8 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny, tmp_path, capsys):
 
 def test_plan_only_says_what_the_run_would_use_and_touches_nothing(tiny, tmp_path, capsys):
     """--plan_only: the run's micro-batch, accumulation and checkpointing (on the CPU, no memory plan), with the model
-    loaded; --overwrite_output_dir alongside deletes nothing."""
+    loaded; --overwrite_output_dir alongside deletes nothing, and a folder that holds a run with other flags is no
+    reason to refuse (a run with those flags would be)."""
     model_dir, _, corpus = tiny
     out = tmp_path / "finetuned"
     assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--save_steps", 2, "--skip_eval",
@@ -338,6 +339,14 @@ def test_plan_only_says_what_the_run_would_use_and_touches_nothing(tiny, tmp_pat
     assert ("Plan only (the CPU: no memory plan): micro-batch 1 x 1 process(es) x gradient accumulation 8 = effective "
             "batch 8, checkpointing off, Liger-Kernel off; nothing trained") in text, text
     assert "Step 2:" not in text
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    other = ["--max_steps", 2, "--save_steps", 2, "--skip_eval", "--keep_checkpoints", "--learning_rate", "1e-3"]
+    with pytest.raises(SystemExit) as refused:
+        main(tiny_run_args(model_dir, corpus, out, *other))
+    assert refused.value.code == 2
+    capsys.readouterr()
+    assert main(tiny_run_args(model_dir, corpus, out, *other, "--plan_only")) == 0
+    assert "nothing trained" in capsys.readouterr().out
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 

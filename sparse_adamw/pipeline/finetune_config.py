@@ -491,9 +491,10 @@ def schedule_of(training: Dict[str, object]) -> Dict[str, Any]:
 
 
 def inspect_output_dir(plan: Plan) -> None:
-    """What --output_dir holds for this run (run_folder.inspect): raises RunFolderError when it must not run."""
+    """What --output_dir holds for this run (run_folder.inspect): raises RunFolderError when it must not run.
+    --plan_only writes nothing there, so whatever the folder holds does not matter to it."""
     plan.config, plan.schedule = result_config(plan), schedule_of(plan.training)
-    if not plan.args.overwrite_output_dir:
+    if not plan.args.overwrite_output_dir and not plan.args.plan_only:
         plan.status = inspect(plan.training["output_dir"], plan.config, plan.schedule)
     plan.resume_from = plan.status.resume_from
 
