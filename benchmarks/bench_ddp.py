@@ -21,6 +21,7 @@ the gradients' size alone, in buckets of --bucket_cap_mb.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -97,7 +98,7 @@ class Rank:
         for micro in range(self.ga):
             last = micro == self.ga - 1
             sync = variant == "ddp" and last
-            context = self.wrapped.no_sync() if self.world > 1 and not sync else _null()
+            context = self.wrapped.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
             with context:
                 a = event()
                 loss = self.wrapped(input_ids=self.ids, labels=self.ids).loss / self.ga
@@ -126,14 +127,6 @@ class Rank:
 
     def medians(self):
         return {v: {p: round(statistics.median(ts), 2) for p, ts in phases.items()} for v, phases in self.times.items()}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def allreduce_ms(n_elements: int, bucket_elements: int, reps: int = 5) -> dict:

@@ -22,6 +22,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def sharded_mesh_dims(t):
+    """(mesh, the mesh dims a DTensor is sharded over), or None for a plain or replicated tensor."""
+    if not is_dtensor(t):
+        return None
+    dims = tuple(i for i, placement in enumerate(t.placements) if placement.is_shard())
+    return (t.device_mesh, dims) if dims else None
+
+
 def row_offset(p: torch.Tensor, what: str = "a parameter") -> int:
     """First row of this rank's shard of `p` in the whole parameter (0 for plain tensors).
 

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from . import full_state
-from .dtensor import full_tensor, is_dtensor, local_tensor, row_offset
+from .dtensor import full_tensor, is_dtensor, local_tensor, row_offset, sharded_mesh_dims
 from .backends import LaunchConfig, ParamUpdate, load_backend, requested_impl, select_backend
 from .fast_path import FastPlan, Planned
 from .layout import BlockLayout, compact_to_dense, new_state
@@ -331,7 +331,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 local = local_tensor(p.grad).contiguous()
-                key = (local.device, local.dtype, group["block_size"], _sharding(p.grad))
+                key = (local.device, local.dtype, group["block_size"], sharded_mesh_dims(p.grad))
                 grads, layouts = batches.setdefault(key, ([], []))
                 grads.append(local)
                 layouts.append(self._layout(p, group))
@@ -339,20 +339,16 @@ class SparseAdamW(torch.optim.Optimizer):
             return torch.zeros(())
         device = next(iter(batches))[0]
         total = torch.zeros((), dtype=torch.float32, device=device)
-        sharded: List[list] = []  # [mesh, dims, partial sum]: one all-reduce per mesh dimension, not per tensor
+        sharded: Dict[tuple, torch.Tensor] = {}  # (mesh, dims) -> partial sum: one all-reduce per mesh dimension
         for (batch_device, dtype, _, sharding), (grads, layouts) in batches.items():
             backend = self._backend(batch_device, (dtype,))
             square_sum = getattr(backend, "square_sum", None) or load_backend("torch").square_sum
             square = square_sum(grads, layouts, self._kernel_cache, self.launch).to(device)
             if sharding is None:
                 total += square
-                continue
-            entry = next((e for e in sharded if e[0] is sharding[0] and e[1] == sharding[1]), None)
-            if entry is None:
-                sharded.append([*sharding, square])
             else:
-                entry[2] = entry[2] + square
-        for mesh, dims, partial in sharded:
+                sharded[sharding] = sharded[sharding] + square if sharding in sharded else square
+        for (mesh, dims), partial in sharded.items():
             for dim in dims:
                 torch.distributed.all_reduce(partial, group=mesh.get_group(dim))
             total += partial
@@ -449,14 +445,6 @@ class SparseAdamW(torch.optim.Optimizer):
         """Bytes held in exp_avg and exp_avg_sq over all parameters."""
         return sum(s[k].numel() * s[k].element_size() for s in self.state.values()
                    for k in ("exp_avg", "exp_avg_sq") if k in s)
-
-
-def _sharding(grad: torch.Tensor):
-    """(mesh, the mesh dims a DTensor is sharded over), or None for a plain or replicated tensor."""
-    if not is_dtensor(grad):
-        return None
-    dims = tuple(i for i, placement in enumerate(grad.placements) if placement.is_shard())
-    return (grad.device_mesh, dims) if dims else None
 
 
 def _state_dtype(state_dtype) -> torch.dtype:

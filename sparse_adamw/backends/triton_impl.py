@@ -43,16 +43,20 @@ def _hyper_row(row: StepRow) -> tuple:
     return (*c[:-1], 1 / c.bc2_sqrt)
 
 
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
 def _upload(dyn: array, rows: Sequence[StepRow], device: torch.device):
     """The step's tables in one copy (each copy costs host time): int64 step rows, int64 seed mixes, fp32 step
     constants. Python arrays, not tensor ops: a small torch op costs 10 to 20 us of host time on a slow CPU."""
     mixes = [0 if r.seed is None else seed_mix(r.seed, r.step) for r in rows]
     data = bytearray(dyn.tobytes() + array("q", mixes).tobytes()
                      + array("f", [x for r in rows for x in _hyper_row(r)]).tobytes())
-    tables = torch.frombuffer(data, dtype=torch.int64)
-    if device.type == "cuda":
-        # Pinned and non-blocking: a pageable copy would wait for the whole stream (the backward pass) to finish.
-        tables = tables.pin_memory().to(device, non_blocking=True)
+    tables = _to_device(torch.frombuffer(data, dtype=torch.int64), device)
     n_dyn, n_rows = len(dyn), len(rows)
     return tables[:n_dyn], tables[n_dyn:n_dyn + n_rows], tables[n_dyn + n_rows:].view(torch.float32)
 
@@ -117,9 +121,7 @@ def square_sum(grads, layouts, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNC
     layouts = [layouts[i] for i in keep]
     ptrs = [grads[i].data_ptr() for i in keep]
     plan = launch_plan(layouts, device, blocks_per_program(layouts[0].block, launch), cache, launch.index_64)
-    table = torch.tensor(ptrs, dtype=torch.int64)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
+    table = _to_device(torch.tensor(ptrs, dtype=torch.int64), device)
     out = torch.empty(plan.prog_tensor.numel(), dtype=torch.float32, device=device)
     addresses = 0
     for ptr in ptrs:

@@ -546,8 +546,8 @@ class SparseTrainer(Trainer):
     def create_accelerator_and_postprocess(self):
         """Under DDP, gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view) rather than a
         second copy of them: one gradient's worth of memory less per GPU (13.5 GB on a 7B model in bf16), which the
-        memory plan turns into a larger micro-batch or no checkpointing. SparseAdamW and the live-block clipping
-        only read and scale the gradients in place, which views allow."""
+        memory plan turns into a larger micro-batch or no checkpointing. SparseAdamW and its clipping only read
+        the gradients (the compiled backends scale them in place), which views allow."""
         super().create_accelerator_and_postprocess()
         from accelerate.utils import DistributedDataParallelKwargs
 
