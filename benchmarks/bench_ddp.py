@@ -56,6 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--clips", nargs="+", choices=("fused", "torch"), default=["fused"],
                    help="clipping contenders, interleaved: fused = SparseAdamW.clip_grad_norm_, torch = "
                         "torch.nn.utils.clip_grad_norm_")
+    p.add_argument("--blas", choices=("default", "cublaslt"), default="default",
+                   help="torch.backends.cuda.preferred_blas_library for every matmul")
+    p.add_argument("--sm_carveout", type=int, default=0,
+                   help="SMs cuBLASLt matmuls leave free during the backwards that all-reduce (0: none)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--allreduce", action="store_true")
     p.add_argument("--json", help="append one line of results (rank 0) to this file")
@@ -103,7 +107,12 @@ class Rank:
                 a = event()
                 loss = self.wrapped(input_ids=self.ids, labels=self.ids).loss / self.ga
                 b = event()
+                carve = sync and self.args.sm_carveout > 0
+                if carve:
+                    torch._C._set_sm_carveout_experimental(self.args.sm_carveout)
                 loss.backward()
+                if carve:
+                    torch._C._set_sm_carveout_experimental(None)
                 c = event()
             marks.append((a, b, c))
         clipped = event()
@@ -191,6 +200,8 @@ def main(argv=None):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl")
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     r = Rank(args)
     variants = [(comm, clip) for comm in (("ddp", "no_comm") if r.world > 1 else ("single",)) for clip in args.clips]
     for _ in range(args.warmup):
@@ -200,7 +211,8 @@ def main(argv=None):
         for v in variants:
             r.step(*v)
     result = dict(tag=args.tag, world=r.world, batch=args.batch, ga=r.ga, layers=args.layers, liger=r.liger,
-                  bucket_cap_mb=args.bucket_cap_mb, medians=r.medians(),
+                  bucket_cap_mb=args.bucket_cap_mb, blas=args.blas, sm_carveout=args.sm_carveout,
+                  medians=r.medians(),
                   nccl_env={k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL"))},
                   **environment())
     result["tokens_per_s"] = {name: round(args.effective_batch * args.seq / m["total"] * 1e3)
