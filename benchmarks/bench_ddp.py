@@ -236,9 +236,10 @@ def main(argv=None):
             import gzip
             import shutil
 
-            with open(trace, "rb") as src, gzip.open(os.path.join(out, f"bench_ddp_trace_{args.tag or 'ddp'}.json.gz"),
-                                                     "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            for path, name in ((trace, "ddp"), (trace + ".nocomm", "no_comm")):
+                with open(path, "rb") as src, gzip.open(os.path.join(out, f"bench_ddp_trace_{args.tag}_{name}.json.gz"),
+                                                        "wb") as dst:
+                    shutil.copyfileobj(src, dst)
     if args.allreduce and r.world > 1:
         n = sum(p.numel() for p in r.model.parameters())
         result["allreduce_alone"] = allreduce_ms(n, int(args.bucket_cap_mb * 2**20 / 2))
