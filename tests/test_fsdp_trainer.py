@@ -209,6 +209,61 @@ def test_under_ddp_the_gradients_live_in_ddps_buckets_and_training_follows_one_p
         torch.testing.assert_close(results[0]["final"][name], value.detach(), rtol=0, atol=5e-5)
 
 
+def _liger_gpu_args(output_dir, **overrides):
+    return _args(output_dir, use_cpu=False, use_liger_kernel=True, **overrides)
+
+
+def _liger_gpu_worker(rank, world, port, model_dir, out_dir, mode):
+    """DDP or FSDP2 over NCCL with Liger-Kernel, one GPU per rank; each rank saves the whole trained weights."""
+    _become_rank(rank, world, port)
+    torch.cuda.set_device(rank)
+    sharding = {"fsdp": True, "fsdp_config": {"version": 2}} if mode == "fsdp2" else {}
+    losses = LossLog()
+    trainer = SparseTrainer(model=_load(model_dir), args=_liger_gpu_args(os.path.join(out_dir, mode), **sharding),
+                            train_dataset=ArithmeticTokens(), callbacks=[losses])
+    trainer.train()
+    result = {"losses": losses.losses, "final": {n: p.cpu() for n, p in _whole_params(trainer.model).items()},
+              "liger_norm": type(trainer.model.model.norm).__name__}
+    torch.save(result, os.path.join(out_dir, f"{mode}_rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fsdp2", "ddp"])
+def test_liger_on_two_gpus_trains_lm_head_like_one_process(mode, tiny_llama, tmp_path):
+    """Liger's fused linear cross-entropy reads lm_head.weight without calling lm_head, and accelerate shards
+    [final norm, lm_head] as one FSDP2 unit, so FSDP2 warns that lm_head "did not run forward before backward".
+    The unit is still gathered (the norm runs) and its gradients still reduced: every weight, lm_head included,
+    ends where one process with Liger on the same global batch of 4 ends, and pruned blocks stay exactly zero."""
+    pytest.importorskip("liger_kernel")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
+    initial = {n: p.detach().clone() for n, p in _load(model_dir).named_parameters()}
+    mp.start_processes(_liger_gpu_worker, args=(2, _free_port(), str(model_dir), str(tmp_path), mode), nprocs=2,
+                       join=True, start_method="spawn")
+    results = [torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
+    losses = LossLog()
+    reference = SparseTrainer(model=_load(model_dir), train_dataset=ArithmeticTokens(), callbacks=[losses],
+                              args=_liger_gpu_args(tmp_path / "one", per_device_train_batch_size=4))
+    reference.train()
+    assert "Liger" in type(reference.model.model.norm).__name__
+    assert all("Liger" in result["liger_norm"] for result in results), [r["liger_norm"] for r in results]
+    assert results[0]["losses"] == pytest.approx(losses.losses, rel=1e-3), (results[0]["losses"], losses.losses)
+    final = results[0]["final"]
+    for name, value in reference.model.named_parameters():
+        expected, start = value.detach().cpu(), initial[name]
+        assert torch.equal(results[1]["final"][name], final[name]), f"{name} differs between the ranks"
+        # GPU matmuls of 2 x 2 and of 4 sequences round differently: compare each weight's change over the run.
+        moved = (expected - start).norm()
+        assert moved > 0, name
+        assert ((final[name] - expected).norm() / moved).item() < 1e-2, f"{name} under {mode} with Liger"
+        if name in masks:
+            assert pruned_blocks_are_zero(final[name], masks[name]), f"{name}: a pruned block became nonzero"
+
+
 class _Fsdp1Trainer(SparseTrainer):
     """What SparseTrainer sees under FSDP1: accelerate's FSDP1 plugin cannot even be built without a GPU, so only
     the version it reports is faked here."""
