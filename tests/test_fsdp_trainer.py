@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from transformers import TrainerCallback
 
 from finetune_helpers import ArithmeticTokens, LossLog, pruned_blocks_are_zero, pruned_tiny_model, trainer_args
-from sparse_adamw.pipeline.trainer import DDP_BUCKET_MB, SparseTrainer
+from sparse_adamw.pipeline.trainer import SparseTrainer
 
 STEPS, SAVE_AT = 6, 3
 # hidden 48, intermediate 80: rank 1's shard of every Linear weight starts mid-block (row 24, 12 or 40).
@@ -182,8 +182,7 @@ def _ddp_worker(rank, world, port, model_dir, out_dir):
     trainer = SparseTrainer(model=model, args=args, train_dataset=ArithmeticTokens(), callbacks=[storage, losses])
     trainer.train()
     result = {"seen": storage.seen, "losses": losses.losses, "checked": trainer.verify_sparsity(),
-              "final": {n: p.detach().clone() for n, p in model.named_parameters()},
-              "bucket_bytes": trainer.model_wrapped.bucket_bytes_cap}
+              "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
     torch.save(result, os.path.join(out_dir, f"result_rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -198,7 +197,6 @@ def test_under_ddp_the_gradients_live_in_ddps_buckets_and_training_follows_one_p
     model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
     results, reference, losses = _two_ranks_and_one_process(_ddp_worker, model_dir, tmp_path / "ddp", tmp_path)
     for rank, result in enumerate(results):
-        assert result["bucket_bytes"] == DDP_BUCKET_MB * 2**20
         assert len(result["seen"]) == STEPS
         for buckets, grads in result["seen"]:
             assert grads == len(list(reference.model.parameters())) and buckets < grads / 4, (rank, buckets, grads)
@@ -209,6 +207,11 @@ def test_under_ddp_the_gradients_live_in_ddps_buckets_and_training_follows_one_p
     for name, value in reference.model.named_parameters():
         assert torch.equal(results[1]["final"][name], results[0]["final"][name])
         torch.testing.assert_close(results[0]["final"][name], value.detach(), rtol=0, atol=5e-5)
+
+
+def _forward_module(model):
+    """Where the model's forward comes from: Liger rebinds it on the instance (the class keeps its name)."""
+    return model.forward.__func__.__module__
 
 
 def _liger_gpu_args(output_dir, **overrides):
@@ -225,7 +228,7 @@ def _liger_gpu_worker(rank, world, port, model_dir, out_dir, mode):
                             train_dataset=ArithmeticTokens(), callbacks=[losses])
     trainer.train()
     result = {"losses": losses.losses, "final": {n: p.cpu() for n, p in _whole_params(trainer.model).items()},
-              "liger_norm": type(trainer.model.model.norm).__name__}
+              "forward": _forward_module(trainer.model)}
     torch.save(result, os.path.join(out_dir, f"{mode}_rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -252,8 +255,8 @@ def test_liger_on_two_gpus_trains_lm_head_like_one_process(mode, tiny_llama, tmp
     args._n_gpu = 1  # one process on one GPU of several: without this the Trainer would wrap it in DataParallel
     reference = SparseTrainer(model=_load(model_dir), train_dataset=ArithmeticTokens(), callbacks=[losses], args=args)
     reference.train()
-    assert "Liger" in type(reference.model.model.norm).__name__
-    assert all("Liger" in result["liger_norm"] for result in results), [r["liger_norm"] for r in results]
+    assert _forward_module(reference.model).startswith("liger_kernel"), _forward_module(reference.model)
+    assert all(r["forward"].startswith("liger_kernel") for r in results), [r["forward"] for r in results]
     assert results[0]["losses"] == pytest.approx(losses.losses, rel=1e-3), (results[0]["losses"], losses.losses)
     final = results[0]["final"]
     for name, value in reference.model.named_parameters():
@@ -275,15 +278,6 @@ class _Fsdp1Trainer(SparseTrainer):
         super().create_accelerator_and_postprocess()
         self.accelerator.state.fsdp_plugin = types.SimpleNamespace(fsdp_version=1)
         self.is_fsdp_enabled = True
-
-
-@pytest.mark.parametrize("given", [None, 50])
-def test_ddp_buckets_are_large_unless_the_arguments_size_them(given, tiny_llama, tmp_path):
-    trainer = SparseTrainer(model=tiny_llama(), args=_args(tmp_path, ddp_bucket_cap_mb=given),
-                            train_dataset=ArithmeticTokens())
-    handler = trainer.accelerator.ddp_handler
-    assert handler.gradient_as_bucket_view
-    assert handler.to_kwargs()["bucket_cap_mb"] == (DDP_BUCKET_MB if given is None else given)
 
 
 def test_fsdp1_is_refused(tiny_llama, tmp_path):

@@ -97,10 +97,6 @@ logger = logging.getLogger("sparse_adamw")
 
 OPTIMIZER_FILE = "optimizer.pt"  # the Trainer's name; under FSDP2 it holds SparseAdamW.full_state_dict()
 SCHEDULER_FILE = "scheduler.pt"
-# DDP's all-reduce bucket size unless --ddp_bucket_cap_mb says otherwise. Fewer, larger all-reduces run closer to
-# NCCL's peak, so they share the GPU with the backward for less time (benchmarks/RESULTS.md, "Where a DDP step's
-# time goes"); the buckets hold the gradients themselves, so their size costs no memory.
-DDP_BUCKET_MB = 400
 
 
 def sharded_optimizer_file(rank: int, world_size: int) -> str:
@@ -551,16 +547,13 @@ class SparseTrainer(Trainer):
         """Under DDP, gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view) rather than a
         second copy of them: one gradient's worth of memory less per GPU (13.5 GB on a 7B model in bf16), which the
         memory plan turns into a larger micro-batch or no checkpointing. SparseAdamW and its clipping only read
-        the gradients (the compiled backends scale them in place), which views allow. The buckets are
-        DDP_BUCKET_MB unless the arguments give ddp_bucket_cap_mb."""
+        the gradients (the compiled backends scale them in place), which views allow."""
         super().create_accelerator_and_postprocess()
         from accelerate.utils import DistributedDataParallelKwargs
 
         if self.accelerator.ddp_handler is None:
             self.accelerator.ddp_handler = DistributedDataParallelKwargs()
         self.accelerator.ddp_handler.gradient_as_bucket_view = True
-        if self.args.ddp_bucket_cap_mb is None:
-            self.accelerator.ddp_handler.bucket_cap_mb = DDP_BUCKET_MB
 
     # ---------------------------------------------------------------------------------------- distillation
     def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
