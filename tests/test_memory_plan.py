@@ -113,7 +113,7 @@ def test_apply_plan_sets_what_the_trainer_reads_in_train(tiny_llama, tmp_path):
     trainer.train()
     assert trainer.state.global_step == 2 and trainer.state.train_batch_size == 4
     assert Substeps.count == 2 * (2 - 1)  # one micro-step before each optimizer step's last
-    assert trainer.model.is_gradient_checkpointing
+    assert trainer.model.is_activation_checkpointing
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

@@ -254,8 +254,9 @@ def checkpointing_kwargs(args) -> Optional[dict]:
 
 
 def checkpointing_on(model) -> bool:
-    return bool(getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing",
-                                                                                False))
+    # transformers 5 renamed is_gradient_checkpointing (deprecated, it warns) to is_activation_checkpointing
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def set_checkpointing(model, on: bool, kwargs: Optional[dict]) -> None:
