@@ -7,7 +7,8 @@ SHARDED_STATE_DICT).
 accelerate runs FSDP on accelerators only: on the CPU its AcceleratorState quietly drops the FSDP plugin and
 trains with DDP. `_CpuFsdpTrainer` puts the plugin back after the Accelerator is made; everything after that
 (prepare, fully_shard, the optimizer swap, clipping, the FSDP checkpoint files) is accelerate's and
-transformers' own code. What this cannot cover, NCCL and CUDA, the GPU hosts run (README, "Several GPUs").
+transformers' own code. What this cannot cover, NCCL and CUDA, the GPU hosts run (README, "Several GPUs"); the
+one GPU test here trains with Liger-Kernel under DDP and FSDP2 over NCCL.
 """
 import os
 import socket
