@@ -50,7 +50,7 @@ Hyper hyper_row(const double* row, size_t i) {
 //   shapes       int64 CPU (T, 8): rows, cols, numel, block columns, live blocks, first program, row shift, index
 //                base of each tensor (sparse_adamw.backends.LaunchPlan, the table the Triton kernel reads too)
 //   hyper        float64 CPU (T, 8): each tensor's sparse_adamw.reference.StepConstants
-//   seeds        int64 CPU (T,): stochastic rounding seeds of bf16 params; empty: round to nearest
+//   seeds        int64 CPU (T,): stochastic rounding seeds of bf16 params and exp_avg_sq; empty: round to nearest
 //   prog_tensor  int32 (n_prog,) on the params' device: the tensor of each program, in tensor order
 //   block_ids    int32 (n_prog * blocks_per_program,): each program's live block ids (row-major), zero-padded
 void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -80,8 +80,9 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
   launch.blocks_per_program = blocks_per_program;
   launch.stochastic = seeds.numel() > 0;
   launch.threads = threads;
-  TORCH_CHECK(!launch.stochastic || launch.param_dtype == at::kBFloat16,
-              "sparse_adamw: stochastic rounding is for bfloat16 params, got ", launch.param_dtype);
+  TORCH_CHECK(!launch.stochastic || launch.param_dtype == at::kBFloat16 || launch.state_dtype == at::kBFloat16,
+              "sparse_adamw: stochastic rounding is for bfloat16 params or states, got ", launch.param_dtype,
+              " params and ", launch.state_dtype, " states");
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cpu() || device.is_cuda(), "sparse_adamw: params on ", device, " (CPU or CUDA only)");
   for (const auto* ids : {&prog_tensor, &block_ids}) {

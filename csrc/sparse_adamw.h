@@ -38,14 +38,14 @@ struct TensorArgs {
   int64_t index_base;     // flat index of element 0 in the whole parameter: stochastic rounding's counter
   int64_t first_program;  // programs (K live blocks each) before this tensor's in the launch
   Hyper hyper;
-  uint32_t seed;  // stochastic rounding seed (bf16 params only)
+  uint32_t seed;  // stochastic rounding seed (bf16 params and exp_avg_sq)
 };
 
 // Launch-wide settings, checked by the binding.
 struct Launch {
   at::ScalarType param_dtype, grad_dtype, state_dtype;
   int64_t block_h, block_w, blocks_per_program;
-  bool stochastic;  // round bf16 params stochastically with each tensor's seed
+  bool stochastic;  // round bf16 params and exp_avg_sq stochastically with each tensor's seed
   bool index_64;    // 64-bit offsets in the CUDA kernel (chosen by size; forced by tests)
   int64_t threads;  // CUDA threads per program
 };
@@ -103,23 +103,29 @@ C10_HOST_DEVICE inline float to_float(T x) {
   }
 }
 
-// fp32 -> T. Round to nearest even, or for bf16 with STOCHASTIC, add 16 random bits below bf16's last mantissa bit
-// and truncate (reference.round_to_bf16_stochastic). Branch-free, so that the CPU loops vectorise.
-template <typename T, bool STOCHASTIC = false>
-C10_HOST_DEVICE inline T from_float(float x, uint32_t index = 0, uint32_t seed = 0) {
+// fp32 -> T, rounding to nearest even. Branch-free, so that the CPU loops vectorise.
+template <typename T>
+C10_HOST_DEVICE inline T from_float(float x) {
   if constexpr (std::is_same_v<T, float>) {
     return x;
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     uint32_t bits = float_bits(x);
-    if constexpr (STOCHASTIC) {
-      bits += hash32(index, seed) & 0xFFFFu;
-    } else {
-      bits = x != x ? 0x7FC00000u : bits + 0x7FFFu + ((bits >> 16) & 1u);  // NaN stays a quiet NaN
-    }
+    bits = x != x ? 0x7FC00000u : bits + 0x7FFFu + ((bits >> 16) & 1u);  // NaN stays a quiet NaN
     return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
   } else {
     static_assert(std::is_same_v<T, c10::Half>, "params are float, bfloat16 or half");
     return c10::Half(x);
+  }
+}
+
+// fp32 -> T; a bf16 T rounds stochastically: add `random16` (16 random bits) below bf16's last mantissa bit and
+// truncate (reference.round_to_bf16_stochastic). Other types round to nearest.
+template <typename T>
+C10_HOST_DEVICE inline T from_float_stochastic(float x, uint32_t random16) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return c10::BFloat16(static_cast<uint16_t>((float_bits(x) + random16) >> 16), c10::BFloat16::from_bits());
+  } else {
+    return from_float<T>(x);
   }
 }
 

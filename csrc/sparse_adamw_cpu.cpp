@@ -27,9 +27,15 @@ C10_ALWAYS_INLINE void update_span(P* __restrict__ p, const G* __restrict__ g, S
     float mj = to_float(m[j]);
     float vj = to_float(v[j]);
     adamw_update(pj, mj, vj, to_float(g[j]), h);
-    p[j] = from_float<P, STOCHASTIC>(pj, index + static_cast<uint32_t>(j), seed);
+    if constexpr (STOCHASTIC) {  // one hash per element: its low half rounds p, its high half v
+      const uint32_t random = hash32(index + static_cast<uint32_t>(j), seed);
+      p[j] = from_float_stochastic<P>(pj, random & 0xFFFFu);
+      v[j] = from_float_stochastic<S>(vj, random >> 16);
+    } else {
+      p[j] = from_float<P>(pj);
+      v[j] = from_float<S>(vj);
+    }
     m[j] = from_float<S>(mj);
-    v[j] = from_float<S>(vj);
   }
 }
 
@@ -97,7 +103,7 @@ void step_cpu(const std::vector<TensorArgs>& tensors, const at::Tensor& prog_ten
     using P = decltype(p_tag);
     using G = decltype(g_tag);
     using S = decltype(s_tag);
-    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if constexpr (std::is_same_v<P, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>) {
       if (launch.stochastic) {
         return run<P, G, S, true>(tensors, progs, ids, n_prog, launch);
       }

@@ -82,15 +82,22 @@ __global__ void __launch_bounds__(1024) sparse_adamw_kernel(const TensorArgs* __
       float m = to_float(m_in.val[j]);
       float v = to_float(v_in.val[j]);
       adamw_update(p, m, v, to_float(g_in.val[j]), hyper);
-      if constexpr (std::is_same_v<P, c10::BFloat16>) {
-        // The hash counts elements of the whole parameter modulo 2**32, as the reference and the Triton kernel do.
-        const uint32_t index = static_cast<uint32_t>(t.index_base) + static_cast<uint32_t>(off + j);
-        p_out.val[j] = stochastic ? from_float<P, true>(p, index, t.seed) : from_float<P>(p);
+      if constexpr (std::is_same_v<P, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>) {
+        if (stochastic) {
+          // The hash counts elements of the whole parameter modulo 2**32, as the reference and the Triton kernel
+          // do; its low half rounds p, its high half v.
+          const uint32_t random = hash32(static_cast<uint32_t>(t.index_base) + static_cast<uint32_t>(off + j), t.seed);
+          p_out.val[j] = from_float_stochastic<P>(p, random & 0xFFFFu);
+          v_out.val[j] = from_float_stochastic<S>(v, random >> 16);
+        } else {
+          p_out.val[j] = from_float<P>(p);
+          v_out.val[j] = from_float<S>(v);
+        }
       } else {
         p_out.val[j] = from_float<P>(p);
+        v_out.val[j] = from_float<S>(v);
       }
       m_out.val[j] = from_float<S>(m);
-      v_out.val[j] = from_float<S>(v);
     }
     *reinterpret_cast<Pack<P, VEC>*>(p_ptr + off) = p_out;
     *reinterpret_cast<Pack<S, VEC>*>(m_ptr + state_off) = m_out;

@@ -32,9 +32,10 @@ class SparseAdamW(torch.optim.Optimizer):
         impl: "auto", "triton", "cuda", "cpp" or "torch" (sparse_adamw.backends says how "auto" chooses); "auto"
             honours the SPARSE_ADAMW_IMPL environment variable.
         state_dtype: dtype of exp_avg / exp_avg_sq: torch.float32 (default) or torch.bfloat16.
-        stochastic_rounding: round updated bf16 params up with probability equal to the dropped fraction, so that
-            updates smaller than half a bf16 ulp are kept in expectation. None (default) = on for bf16 params.
-            float16 params always round to nearest.
+        stochastic_rounding: round updated bf16 params and a bf16 exp_avg_sq up with probability equal to the
+            dropped fraction, so that updates smaller than half a bf16 ulp are kept in expectation (rounded to
+            nearest, a bf16 exp_avg_sq could never decrease with beta2 = 0.999). None (default) = on.
+            float16 params and exp_avg always round to nearest.
         seed: seeds the rounding's counter-based random bits (per parameter and step): runs are reproducible.
         launch: how the fused kernels split the work (`sparse_adamw.backends.LaunchConfig`); the default is the
             measured best, so this is for tuning and tests.

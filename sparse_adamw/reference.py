@@ -8,7 +8,8 @@ Three parts every backend shares, so that they all compute the same bits:
 - `step_constants`: a step's scalars (bias corrections folded in), computed once in double precision; each
   backend rounds them to fp32 and applies them in `adamw_math`'s order;
 - `rounding_seed` and its parts: which random bits a parameter's stochastic rounding uses at a step;
-- `hash32`: the random bits of one element.
+- `hash32`: the random bits of one element. Its low 16 bits round a bf16 param, its high 16 bits a bf16
+  exp_avg_sq.
 """
 from __future__ import annotations
 
@@ -38,14 +39,17 @@ def hash32(index: torch.Tensor, seed: int) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def round_to_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
+def round_to_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed: int, high: bool = False) -> torch.Tensor:
     """Round fp32 `x` to bf16, up (in magnitude) with probability equal to the dropped fraction.
 
     Adding 16 random bits below bf16's last mantissa bit and truncating is unbiased: E[result] = x. `index` is each
-    element's flat offset in its parameter, so a seed fixes every decision. NaN and inf pass through.
+    element's flat offset in its parameter, so a seed fixes every decision. The bits are the low half of
+    `hash32(index, seed)`, or with `high` its high half: a param and its exp_avg_sq share one hash per element
+    and round independently. NaN and inf pass through.
     """
+    h = hash32(index, seed)
     bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _M32
-    bits = (bits + (hash32(index, seed) & 0xFFFF)) & _M32
+    bits = (bits + ((h >> 16) if high else (h & 0xFFFF))) & _M32
     upper = (bits >> 16).to(torch.int32)
     upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit pattern
     return upper.to(torch.int16).view(torch.bfloat16)
@@ -126,17 +130,25 @@ def sparse_adamw_reference(
 
     `exp_avg` and `exp_avg_sq` are param-shaped here. `block_mask` (True = live) of shape
     (ceil(R/bh), ceil(C/bw)) restricts the update to live blocks; None means every element is live.
-    With `rounding_seed`, a bf16 param is rounded stochastically (`round_to_bf16_stochastic`).
+    With `rounding_seed`, a bf16 param and a bf16 exp_avg_sq are rounded stochastically
+    (`round_to_bf16_stochastic`); exp_avg always to nearest. Rounded to nearest, a bf16 exp_avg_sq could never
+    decrease with beta2 = 0.999: one step lowers it by at most 0.1%, less than half a bf16 step (docs/design.md,
+    "bf16 optimizer states").
     """
     p, m, v = adamw_math(
         param.to(compute_dtype), grad.to(compute_dtype), exp_avg.to(compute_dtype), exp_avg_sq.to(compute_dtype),
         step_constants(lr, beta1, beta2, eps, weight_decay, step),
     )
+    index = torch.arange(p.numel()).reshape(p.shape)
     if rounding_seed is not None and param.dtype == torch.bfloat16:
-        new_p = round_to_bf16_stochastic(p, torch.arange(p.numel()).reshape(p.shape), rounding_seed)
+        new_p = round_to_bf16_stochastic(p, index, rounding_seed)
     else:
         new_p = p.to(param.dtype)
-    new = (new_p, m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype))
+    if rounding_seed is not None and exp_avg_sq.dtype == torch.bfloat16:
+        new_v = round_to_bf16_stochastic(v, index, rounding_seed, high=True)
+    else:
+        new_v = v.to(exp_avg_sq.dtype)
+    new = (new_p, m.to(exp_avg.dtype), new_v)
     if block_mask is None:
         return new
     live = expand_block_mask(block_mask.to(param.device), param.shape, block_size)

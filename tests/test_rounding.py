@@ -1,18 +1,23 @@
-"""bf16 params: stochastic rounding is unbiased, identical across backends, and is what lets bf16 training move."""
+"""bf16 params and states: stochastic rounding is unbiased, identical across backends, and is what lets bf16
+training move and a bf16 exp_avg_sq follow an fp32 one."""
 import pytest
 import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask, sparse_adamw_reference
+from sparse_adamw.layout import compact_to_dense
+from sparse_adamw.masks import expand_block_mask
 from sparse_adamw.reference import rounding_seed
 from sparse_adamw.reference import round_to_bf16_stochastic
 from tests.test_kernels import BACKENDS, CPU_BACKENDS, DEVICES, _skip_unrunnable
 
 
-def test_stochastic_rounding_is_unbiased():
+@pytest.mark.parametrize("high", [False, True])
+def test_stochastic_rounding_is_unbiased(high):
+    """With either half of the element hash: the low half rounds params, the high half exp_avg_sq."""
     n = 6000
     x = torch.randn(64) * torch.logspace(-3, 3, 64)
     for k, value in enumerate(x.tolist()):
-        rounded = round_to_bf16_stochastic(torch.full((n,), value), torch.arange(n) + k * n, 11)
+        rounded = round_to_bf16_stochastic(torch.full((n,), value), torch.arange(n) + k * n, 11, high=high)
         values = rounded.unique()
         # Only the two bf16 neighbours of x, adjacent bit patterns, bracketing x.
         assert values.numel() <= 2
@@ -35,21 +40,24 @@ def test_stochastic_rounding_special_values():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", BACKENDS)
-def test_backends_round_exactly_like_the_reference(device, impl):
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
+def test_backends_round_exactly_like_the_reference(device, impl, dtype, state_dtype):
     """Counter-based random bits: every backend makes the same rounding decisions as the reference, for every
     parameter of two groups with their own seeds (a seed mixes optimizer seed, step and position), on the general
-    path (step 1) and on Triton's prepared launch (the steps after)."""
+    path (step 1) and on Triton's prepared launch (the steps after); bf16 params and bf16 exp_avg_sq alike."""
     _skip_unrunnable(impl, device)
     shapes = [(45, 70), (32, 48), (19, 33)]
     masks = [random_block_mask(shape, 0.3, device=device) for shape in shapes]
-    params = [apply_block_mask_((torch.randn(shape) * 0.02).bfloat16().to(device), mask)
+    params = [apply_block_mask_((torch.randn(shape) * 0.02).to(dtype).to(device), mask)
               for shape, mask in zip(shapes, masks)]
     groups = [{"params": params[:2], "seed": 7}, {"params": params[2:], "seed": 123456789012}]
-    opt = SparseAdamW(groups, lr=1e-4, masks=dict(zip(params, masks)), impl=impl)
+    opt = SparseAdamW(groups, lr=1e-4, masks=dict(zip(params, masks)), impl=impl, state_dtype=state_dtype)
     seeds = [7, 7, 123456789012]
-    refs = [(p.detach().cpu().clone(), torch.zeros(p.shape), torch.zeros(p.shape)) for p in params]
+    refs = [(p.detach().cpu().clone(), torch.zeros(p.shape, dtype=state_dtype), torch.zeros(p.shape, dtype=state_dtype))
+            for p in params]
     for step in range(1, 8):
-        grads = [torch.randn(p.shape).bfloat16() for p in params]
+        grads = [torch.randn(p.shape).to(dtype) for p in params]
         for param, grad in zip(params, grads):
             param.grad = grad.to(device)
         opt.step()
@@ -59,7 +67,16 @@ def test_backends_round_exactly_like_the_reference(device, impl):
                                              weight_decay=0.01, block_mask=mask.cpu(),
                                              rounding_seed=rounding_seed(seeds[index], step, index))
             refs[index] = (p, m, v)
-            assert torch.equal(param.detach().cpu(), p), f"step {step}, parameter {index}"
+            live = expand_block_mask(mask.cpu(), p.shape, 16)
+            state = opt.state[param]
+            if dtype == torch.bfloat16:
+                assert torch.equal(param.detach().cpu(), p), f"step {step}, parameter {index}"
+            else:  # fp32 params, rounded by no one: within an ulp or two of the reference's sqrt (test_backends)
+                eps = torch.finfo(torch.float32).eps
+                torch.testing.assert_close(param.detach().cpu(), p, rtol=2 * eps, atol=2 * eps * p.abs().max().item())
+            for got, want in ((state["exp_avg"], m), (state["exp_avg_sq"], v)):  # compact: the live blocks' values
+                dense = compact_to_dense(got.cpu(), mask.cpu(), p.shape, (16, 16))
+                assert torch.equal(dense[live], want[live]), f"step {step}, parameter {index}'s state"
 
 
 @pytest.mark.parametrize("impl", CPU_BACKENDS)
@@ -88,6 +105,32 @@ def test_bf16_training_stalls_without_stochastic_rounding(impl):
     assert moved_fp32 > 0.8 * 100 * 5e-5  # Adam moves about lr per step on a steady gradient
     assert torch.equal(nearest, start)  # stalled: not one update survived rounding
     assert (start - stochastic).mean().item() == pytest.approx(moved_fp32, rel=0.05)
+
+
+def _exp_avg_sq_after(impl, state_dtype, stochastic, steps=1500, shape=(32, 64)):
+    """exp_avg_sq, as fp32, after `steps` steps on fp32 params whose gradients' scale falls 10x over the run."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = SparseAdamW([w], lr=1e-4, weight_decay=0.0, impl=impl, state_dtype=state_dtype,
+                      stochastic_rounding=stochastic, seed=2)
+    for t in range(steps):
+        w.grad = torch.randn(shape) * 10 ** (-t / steps)
+        opt.step()
+    return opt.state[w]["exp_avg_sq"].float()
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])  # Triton's bits equal the reference's (above); interpreted, slow
+def test_bf16_exp_avg_sq_follows_fp32_over_a_long_run(impl):
+    """With beta2 = 0.999 a step lowers exp_avg_sq by at most 0.1%, under half a bf16 step: rounded to nearest, a
+    bf16 exp_avg_sq never decreases, and as the gradients fall it stays behind at twice the fp32 value (negative
+    control). Rounded stochastically it follows the fp32 one: unbiased, each element within a few % of it."""
+    fp32 = _exp_avg_sq_after("torch", torch.float32, None)
+    nearest = _exp_avg_sq_after(impl, torch.bfloat16, False) / fp32
+    stochastic = _exp_avg_sq_after(impl, torch.bfloat16, None) / fp32  # the default
+    assert nearest.median() > 1.8, nearest.median()
+    assert abs(stochastic.median().item() - 1) < 0.02, stochastic.median()
+    assert 0.8 < stochastic.quantile(0.01) and stochastic.quantile(0.99) < 1.2, stochastic.quantile(
+        torch.tensor([0.01, 0.99]))
 
 
 def _ulps_moved(device, impl, steps, n_tensors=2, shape=(64, 64), seed=0):

@@ -28,12 +28,17 @@ class ParamUpdate(NamedTuple):
     beta2: float
     eps: float
     weight_decay: float
-    seed: Optional[int]  # None: round to nearest; else stochastic rounding of bf16 params, the optimizer's seed
+    seed: Optional[int]  # None: round to nearest; else stochastic rounding of bf16 params and exp_avg_sq
     index: int = 0  # the parameter's position in the optimizer: with seed and step, it makes the rounding seed
 
     @property
     def rounding_seed(self) -> Optional[int]:
         return None if self.seed is None else rounding_seed(self.seed, self.step, self.index)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether anything is rounded stochastically: a seed, and a bf16 param or exp_avg_sq."""
+        return self.seed is not None and torch.bfloat16 in (self.param.dtype, self.exp_avg_sq.dtype)
 
     @property
     def row(self) -> "StepRow":

@@ -40,8 +40,7 @@ def step(updates, cache: Dict, launch: LaunchConfig = DEFAULT_LAUNCH, grad_scale
     plan = launch_plan([u.layout for u in updates], first.param.device, blocks_per_program(block, launch), cache,
                        launch.index_64)
     constants = torch.tensor([u.constants for u in updates], dtype=torch.float64)
-    stochastic = first.seed is not None and first.param.dtype == torch.bfloat16
-    seeds = torch.tensor([u.rounding_seed for u in updates] if stochastic else [], dtype=torch.int64)
+    seeds = torch.tensor([u.rounding_seed for u in updates] if first.stochastic else [], dtype=torch.int64)
     ext.step([u.param for u in updates], [u.grad for u in updates], [u.exp_avg for u in updates],
              [u.exp_avg_sq for u in updates], plan.shapes, constants, seeds, plan.prog_tensor, plan.block_ids,
              block[0], block[1], plan.blocks_per_program, launch.threads, plan.index_64)

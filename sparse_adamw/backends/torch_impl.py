@@ -68,11 +68,12 @@ def _regions(layout: BlockLayout) -> List[_Region]:
     return regions
 
 
-def _round_param(u, p: torch.Tensor, index) -> torch.Tensor:
-    """fp32 -> the param's dtype; `index` (a callable: flat element offsets) only for stochastic rounding."""
-    if u.rounding_seed is not None and u.param.dtype == torch.bfloat16:
-        return round_to_bf16_stochastic(p, index(), u.rounding_seed)
-    return p.to(u.param.dtype)
+def _round(u, x: torch.Tensor, dtype: torch.dtype, index, high: bool) -> torch.Tensor:
+    """fp32 -> `dtype` (the param's, or exp_avg_sq's with `high`: the reference's rule); `index` (a callable: flat
+    element offsets in the param) only for stochastic rounding."""
+    if u.rounding_seed is not None and dtype == torch.bfloat16:
+        return round_to_bf16_stochastic(x, index(), u.rounding_seed, high=high)
+    return x.to(dtype)
 
 
 def _math(u, p, g, m, v, grad_scale):
@@ -95,9 +96,9 @@ def step(updates, cache: Dict, launch=None, grad_scale=None) -> None:
         if u.layout.mask is None:
             p, m, v = _math(u, u.param, u.grad, u.exp_avg, u.exp_avg_sq, grad_scale)
             index = lambda: u.layout.index_base + torch.arange(p.numel(), device=p.device).view(p.shape)  # noqa: E731
-            u.param.copy_(_round_param(u, p, index))
+            u.param.copy_(_round(u, p, u.param.dtype, index, high=False))
             u.exp_avg.copy_(m)
-            u.exp_avg_sq.copy_(v)
+            u.exp_avg_sq.copy_(_round(u, v, u.exp_avg_sq.dtype, index, high=True))
             continue
         key = ("torch_regions", id(u.layout))
         if cache.get(key, (None,))[0] is not u.layout:
@@ -109,9 +110,10 @@ def step(updates, cache: Dict, launch=None, grad_scale=None) -> None:
             i, j, s = reg.block_rows, reg.block_cols, reg.slots
             p, m, v = _math(u, pv[i, :, j, :], gv[i, :, j, :], u.exp_avg[s, r, :w], u.exp_avg_sq[s, r, :w],
                             grad_scale)
-            pv[i, :, j, :] = _round_param(u, p, lambda: _element_index(reg, u.layout, p.device))
+            index = lambda: _element_index(reg, u.layout, p.device)  # noqa: E731
+            pv[i, :, j, :] = _round(u, p, u.param.dtype, index, high=False)
             u.exp_avg[s, r, :w] = m.to(u.exp_avg.dtype)
-            u.exp_avg_sq[s, r, :w] = v.to(u.exp_avg_sq.dtype)
+            u.exp_avg_sq[s, r, :w] = _round(u, v, u.exp_avg_sq.dtype, index, high=True)
 
 
 @torch.no_grad()

@@ -71,7 +71,7 @@ class _Dtypes(NamedTuple):
 
     @classmethod
     def of(cls, u) -> "_Dtypes":
-        return cls(u.param.dtype, u.grad.dtype, u.exp_avg.dtype, u.seed is not None and u.param.dtype == torch.bfloat16)
+        return cls(u.param.dtype, u.grad.dtype, u.exp_avg.dtype, u.stochastic)
 
 
 def _run(plan, dtypes: _Dtypes, tables, aligned: bool, launch: LaunchConfig, grad_scale) -> None:

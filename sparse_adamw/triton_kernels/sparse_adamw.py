@@ -32,9 +32,10 @@ def _fmix32(h):
 
 
 @triton.jit
-def _store_bf16_stochastic(ptr, x, mask, index, seed):
-    """Round to bf16 up with probability equal to the dropped fraction (reference.round_to_bf16_stochastic)."""
-    bits = x.to(tl.uint32, bitcast=True) + (_hash32(index, seed) & 0xFFFF)
+def _store_bf16_stochastic(ptr, x, mask, random16):
+    """Round to bf16 up with probability equal to the dropped fraction, given 16 random bits per element
+    (reference.round_to_bf16_stochastic)."""
+    bits = x.to(tl.uint32, bitcast=True) + random16
     tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
 
 
@@ -147,14 +148,22 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
     v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
 
     p, m, v = _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_bc2_sqrt)
-    if STOCHASTIC:
+    if STOCHASTIC:  # bf16 params or states: one hash per element, its low half for p, its high half for v
         seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # reference.rounding_seed
         index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
-        _store_bf16_stochastic(p_ptr + offs, p, ok, index, seed)
+        random = _hash32(index, seed)
+        if P_DTYPE == tl.bfloat16:
+            _store_bf16_stochastic(p_ptr + offs, p, ok, random & 0xFFFF)
+        else:
+            _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
+        if S_DTYPE == tl.bfloat16:
+            _store_bf16_stochastic(v_ptr + state_offs, v, ok, random >> 16)
+        else:
+            _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
     else:
         _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
+        _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
     _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
-    _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
 
 
 @triton.jit
