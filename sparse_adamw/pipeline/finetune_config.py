@@ -121,7 +121,8 @@ class FinetuneArguments:
         "stochastic rounding, which halves the weight and gradient memory; float32 on CPU)")})
     state_dtype: Optional[str] = field(default=None, metadata={"choices": ("float32", "bfloat16"), "help": (
         "dtype of SparseAdamW's exp_avg and exp_avg_sq (default: the weights' dtype, as torch AdamW does: bfloat16 "
-        "on GPUs, half the state memory of float32 and the same perplexity on the packaged model's recipe)")})
+        "on GPUs, half the state memory of float32 and the same perplexity on the packaged model's recipe; a "
+        "bfloat16 exp_avg_sq is rounded stochastically)")})
     optimizer_impl: str = field(default="auto", metadata={"choices": IMPLS, "help": "SparseAdamW backend"})
     num_processes: Optional[int] = field(default=None, metadata={"help": (
         "processes the run uses, for the default gradient accumulation (default: WORLD_SIZE, set by torchrun, or 1)")})
