@@ -304,7 +304,7 @@ def _run_steps(impl, device, dtype, state_dtype, steps=5):
 
 
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-               (torch.bfloat16, torch.float32)]
+               (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("impl,device", COMPILED)
