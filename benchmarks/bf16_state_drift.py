@@ -5,7 +5,7 @@
 
 With beta2 = 0.999, one step can lower exp_avg_sq by at most 0.1% of its value. Rounding to nearest in bf16
 undoes any change smaller than half a bf16 step, which is 0.2% to 0.4% of the value, so a bf16 exp_avg_sq never
-decreases. It only rises, when a squared gradient exceeds about 5 times it. SparseAdamW therefore rounds a bf16
+decreases. It only rises, when a squared gradient exceeds 3 to 5 times it. SparseAdamW therefore rounds a bf16
 exp_avg_sq stochastically (docs/design.md, "bf16 optimizer states"). Here SparseAdamW with fp32 states, with bf16
 states rounded to nearest (`stochastic_rounding=False`) and with bf16 states rounded stochastically (the
 default), fp32 params otherwise alike, step the same random gradients, whose scale stays at 1 (`steady`) or
