@@ -82,17 +82,14 @@ __global__ void __launch_bounds__(1024) sparse_adamw_kernel(const TensorArgs* __
       float m = to_float(m_in.val[j]);
       float v = to_float(v_in.val[j]);
       adamw_update(p, m, v, to_float(g_in.val[j]), hyper);
-      if constexpr (std::is_same_v<P, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>) {
-        if (stochastic) {
-          // The hash counts elements of the whole parameter modulo 2**32, as the reference and the Triton kernel
-          // do; its low half rounds p, its high half v.
-          const uint32_t random = hash32(static_cast<uint32_t>(t.index_base) + static_cast<uint32_t>(off + j), t.seed);
-          p_out.val[j] = from_float_stochastic<P>(p, random & 0xFFFFu);
-          v_out.val[j] = from_float_stochastic<S>(v, random >> 16);
-        } else {
-          p_out.val[j] = from_float<P>(p);
-          v_out.val[j] = from_float<S>(v);
-        }
+      // Only bf16 rounds stochastically: without a bf16 P or S the compiler drops this branch.
+      constexpr bool kAnyBf16 = std::is_same_v<P, c10::BFloat16> || std::is_same_v<S, c10::BFloat16>;
+      if (kAnyBf16 && stochastic) {
+        // The hash counts elements of the whole parameter modulo 2**32, as the reference and the Triton kernel do;
+        // its low half rounds p, its high half v.
+        const uint32_t random = hash32(static_cast<uint32_t>(t.index_base) + static_cast<uint32_t>(off + j), t.seed);
+        p_out.val[j] = from_float_stochastic<P>(p, random & 0xFFFFu);
+        v_out.val[j] = from_float_stochastic<S>(v, random >> 16);
       } else {
         p_out.val[j] = from_float<P>(p);
         v_out.val[j] = from_float<S>(v);

@@ -48,8 +48,13 @@ def round_to_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed: int, hi
     and round independently. NaN and inf pass through.
     """
     h = hash32(index, seed)
+    return round_to_bf16_with_bits(x, (h >> 16) if high else (h & 0xFFFF))
+
+
+def round_to_bf16_with_bits(x: torch.Tensor, random16: torch.Tensor) -> torch.Tensor:
+    """`round_to_bf16_stochastic` given each element's 16 random bits (int64 in [0, 2**16))."""
     bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _M32
-    bits = (bits + ((h >> 16) if high else (h & 0xFFFF))) & _M32
+    bits = (bits + random16) & _M32
     upper = (bits >> 16).to(torch.int32)
     upper = torch.where(upper >= 0x8000, upper - 0x10000, upper)  # as a signed 16-bit pattern
     return upper.to(torch.int16).view(torch.bfloat16)

@@ -13,7 +13,7 @@ from typing import Dict, List, NamedTuple
 import torch
 
 from ..layout import BlockLayout
-from ..reference import adamw_math, round_to_bf16_stochastic
+from ..reference import adamw_math, hash32, round_to_bf16_with_bits
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -68,12 +68,16 @@ def _regions(layout: BlockLayout) -> List[_Region]:
     return regions
 
 
-def _round(u, x: torch.Tensor, dtype: torch.dtype, index, high: bool) -> torch.Tensor:
-    """fp32 -> `dtype` (the param's, or exp_avg_sq's with `high`: the reference's rule); `index` (a callable: flat
-    element offsets in the param) only for stochastic rounding."""
-    if u.rounding_seed is not None and dtype == torch.bfloat16:
-        return round_to_bf16_stochastic(x, index(), u.rounding_seed, high=high)
-    return x.to(dtype)
+def _round(u, p: torch.Tensor, v: torch.Tensor, index):
+    """fp32 p and v -> the param's and exp_avg_sq's dtypes, by the reference's rule: with a rounding seed, a bf16
+    one rounds stochastically, p with the low and v with the high half of one hash per element. `index` (a
+    callable: flat element offsets in the param) is called only then."""
+    seed = u.rounding_seed
+    p_random = seed is not None and u.param.dtype == torch.bfloat16
+    v_random = seed is not None and u.exp_avg_sq.dtype == torch.bfloat16
+    h = hash32(index(), seed) if p_random or v_random else None
+    return (round_to_bf16_with_bits(p, h & 0xFFFF) if p_random else p.to(u.param.dtype),
+            round_to_bf16_with_bits(v, h >> 16) if v_random else v.to(u.exp_avg_sq.dtype))
 
 
 def _math(u, p, g, m, v, grad_scale):
@@ -96,9 +100,10 @@ def step(updates, cache: Dict, launch=None, grad_scale=None) -> None:
         if u.layout.mask is None:
             p, m, v = _math(u, u.param, u.grad, u.exp_avg, u.exp_avg_sq, grad_scale)
             index = lambda: u.layout.index_base + torch.arange(p.numel(), device=p.device).view(p.shape)  # noqa: E731
-            u.param.copy_(_round(u, p, u.param.dtype, index, high=False))
+            p, v = _round(u, p, v, index)
+            u.param.copy_(p)
             u.exp_avg.copy_(m)
-            u.exp_avg_sq.copy_(_round(u, v, u.exp_avg_sq.dtype, index, high=True))
+            u.exp_avg_sq.copy_(v)
             continue
         key = ("torch_regions", id(u.layout))
         if cache.get(key, (None,))[0] is not u.layout:
@@ -110,10 +115,8 @@ def step(updates, cache: Dict, launch=None, grad_scale=None) -> None:
             i, j, s = reg.block_rows, reg.block_cols, reg.slots
             p, m, v = _math(u, pv[i, :, j, :], gv[i, :, j, :], u.exp_avg[s, r, :w], u.exp_avg_sq[s, r, :w],
                             grad_scale)
-            index = lambda: _element_index(reg, u.layout, p.device)  # noqa: E731
-            pv[i, :, j, :] = _round(u, p, u.param.dtype, index, high=False)
+            pv[i, :, j, :], u.exp_avg_sq[s, r, :w] = _round(u, p, v, lambda: _element_index(reg, u.layout, p.device))
             u.exp_avg[s, r, :w] = m.to(u.exp_avg.dtype)
-            u.exp_avg_sq[s, r, :w] = _round(u, v, u.exp_avg_sq.dtype, index, high=True)
 
 
 @torch.no_grad()

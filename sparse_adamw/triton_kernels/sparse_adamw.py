@@ -152,16 +152,13 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
         seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # reference.rounding_seed
         index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
         random = _hash32(index, seed)
-        if P_DTYPE == tl.bfloat16:
-            _store_bf16_stochastic(p_ptr + offs, p, ok, random & 0xFFFF)
-        else:
-            _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
-        if S_DTYPE == tl.bfloat16:
-            _store_bf16_stochastic(v_ptr + state_offs, v, ok, random >> 16)
-        else:
-            _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
+    if STOCHASTIC and P_DTYPE == tl.bfloat16:
+        _store_bf16_stochastic(p_ptr + offs, p, ok, random & 0xFFFF)
     else:
         _store(p_ptr + offs, p, ok, P_DTYPE, EXACT_BF16)
+    if STOCHASTIC and S_DTYPE == tl.bfloat16:
+        _store_bf16_stochastic(v_ptr + state_offs, v, ok, random >> 16)
+    else:
         _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
     _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
 
