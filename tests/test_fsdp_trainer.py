@@ -72,15 +72,24 @@ def _become_rank(rank, world, port):
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
 
 
-def _two_ranks_and_one_process(worker, model_dir, out_dir, tmp_path):
+def _finish_rank(rank, result, out_dir):
+    """A spawned rank's last act: save its result for the test, then leave."""
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(result, os.path.join(out_dir, f"result_rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)  # as in test_distributed: no interpreter teardown after the work is saved
+
+
+def _two_ranks_and_one_process(worker, model_dir, out_dir, tmp_path, *worker_args, reference_args=None):
     """`worker` on 2 spawned ranks (their saved results), and the one-process run on the same global batch of 4 (the
-    trainer and its logged losses)."""
-    mp.start_processes(worker, args=(2, _free_port(), str(model_dir), str(out_dir)), nprocs=2, join=True,
-                       start_method="spawn")
+    trainer and its logged losses), with `reference_args` if given."""
+    mp.start_processes(worker, args=(2, _free_port(), str(model_dir), str(out_dir), *worker_args), nprocs=2,
+                       join=True, start_method="spawn")
     results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
     losses = LossLog()
-    reference = SparseTrainer(model=_load(model_dir), args=_args(tmp_path / "one", per_device_train_batch_size=4),
-                              train_dataset=ArithmeticTokens(), callbacks=[losses])
+    args = reference_args or _args(tmp_path / "one", per_device_train_batch_size=4)
+    reference = SparseTrainer(model=_load(model_dir), args=args, train_dataset=ArithmeticTokens(), callbacks=[losses])
     reference.train()
     return results, reference, losses
 
@@ -118,10 +127,7 @@ def _worker(rank, world, port, model_dir, out_dir):
     resumed.train(resume_from_checkpoint=os.path.join(sharded_dir, f"checkpoint-{SAVE_AT}"))
     result["resumed_sharded"] = _whole_params(resumed.model)
 
-    torch.save(result, os.path.join(out_dir, f"result_rank{rank}.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    os._exit(0)  # as in test_distributed: no interpreter teardown after the work is saved
+    _finish_rank(rank, result, out_dir)
 
 
 def _free_port():
@@ -184,10 +190,7 @@ def _ddp_worker(rank, world, port, model_dir, out_dir):
     trainer.train()
     result = {"seen": storage.seen, "losses": losses.losses, "checked": trainer.verify_sparsity(),
               "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
-    torch.save(result, os.path.join(out_dir, f"result_rank{rank}.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    os._exit(0)
+    _finish_rank(rank, result, out_dir)
 
 
 def test_under_ddp_the_gradients_live_in_ddps_buckets_and_training_follows_one_process(tiny_llama, tmp_path,
@@ -225,15 +228,12 @@ def _liger_gpu_worker(rank, world, port, model_dir, out_dir, mode):
     torch.cuda.set_device(rank)
     sharding = {"fsdp": True, "fsdp_config": {"version": 2}} if mode == "fsdp2" else {}
     losses = LossLog()
-    trainer = SparseTrainer(model=_load(model_dir), args=_liger_gpu_args(os.path.join(out_dir, mode), **sharding),
+    trainer = SparseTrainer(model=_load(model_dir), args=_liger_gpu_args(out_dir, **sharding),
                             train_dataset=ArithmeticTokens(), callbacks=[losses])
     trainer.train()
     result = {"losses": losses.losses, "final": {n: p.cpu() for n, p in _whole_params(trainer.model).items()},
               "forward": _forward_module(trainer.model)}
-    torch.save(result, os.path.join(out_dir, f"{mode}_rank{rank}.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    os._exit(0)
+    _finish_rank(rank, result, out_dir)
 
 
 @pytest.mark.gpu
@@ -248,14 +248,10 @@ def test_liger_on_two_gpus_trains_lm_head_like_one_process(mode, tiny_llama, tmp
         pytest.skip("needs 2 GPUs")
     model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
     initial = {n: p.detach().clone() for n, p in _load(model_dir).named_parameters()}
-    mp.start_processes(_liger_gpu_worker, args=(2, _free_port(), str(model_dir), str(tmp_path), mode), nprocs=2,
-                       join=True, start_method="spawn")
-    results = [torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
-    losses = LossLog()
     args = _liger_gpu_args(tmp_path / "one", per_device_train_batch_size=4)
     args._n_gpu = 1  # one process on one GPU of several: without this the Trainer would wrap it in DataParallel
-    reference = SparseTrainer(model=_load(model_dir), train_dataset=ArithmeticTokens(), callbacks=[losses], args=args)
-    reference.train()
+    results, reference, losses = _two_ranks_and_one_process(_liger_gpu_worker, model_dir, tmp_path / mode, tmp_path,
+                                                            mode, reference_args=args)
     assert _forward_module(reference.model).startswith("liger_kernel"), _forward_module(reference.model)
     assert all(r["forward"].startswith("liger_kernel") for r in results), [r["forward"] for r in results]
     assert results[0]["losses"] == pytest.approx(losses.losses, rel=1e-3), (results[0]["losses"], losses.losses)
