@@ -38,6 +38,21 @@ def test_stochastic_rounding_special_values():
     assert torch.equal(out[3:].float(), x[3:])  # exactly representable values never move
 
 
+def _assert_rounded_alike(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Triton compiled for a GPU: its fp32 math contracts multiply-adds into FMAs and uses fast sqrt and division,
+    so a value before rounding may sit an ulp or so away from the reference's. Its random bits are the same, so
+    a bf16 value takes the reference's rounding decision unless that ulp crosses the decision's boundary: at most
+    one bf16 step apart, and rarely (about once in 65536 per ulp; a kernel that flips a few low random bits of
+    exp_avg_sq's half parts 1.4%)."""
+    if got.dtype == torch.float32:
+        eps = torch.finfo(torch.float32).eps
+        torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps * want.abs().max().item(), msg=what)
+        return
+    apart = got != want
+    assert apart.float().mean().item() < 0.005, f"{what}: {int(apart.sum())} of {apart.numel()} rounded otherwise"
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0, msg=what)  # one bf16 step
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -45,8 +60,12 @@ def test_stochastic_rounding_special_values():
 def test_backends_round_exactly_like_the_reference(device, impl, dtype, state_dtype):
     """Counter-based random bits: every backend makes the same rounding decisions as the reference, for every
     parameter of two groups with their own seeds (a seed mixes optimizer seed, step and position), on the general
-    path (step 1) and on Triton's prepared launch (the steps after); bf16 params and bf16 exp_avg_sq alike."""
+    path (step 1) and on Triton's prepared launch (the steps after); bf16 params and bf16 exp_avg_sq alike.
+
+    Bit for bit over 7 steps, except Triton compiled for a GPU, whose fp32 math differs by an ulp or so
+    (`_assert_rounded_alike`): there the reference restarts every step from the backend's values."""
     _skip_unrunnable(impl, device)
+    exact = not (impl == "triton" and device == "cuda")
     shapes = [(45, 70), (32, 48), (19, 33)]
     masks = [random_block_mask(shape, 0.3, device=device) for shape in shapes]
     params = [apply_block_mask_((torch.randn(shape) * 0.02).to(dtype).to(device), mask)
@@ -66,17 +85,23 @@ def test_backends_round_exactly_like_the_reference(device, impl, dtype, state_dt
             p, m, v = sparse_adamw_reference(p, grad, m, v, step=step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
                                              weight_decay=0.01, block_mask=mask.cpu(),
                                              rounding_seed=rounding_seed(seeds[index], step, index))
-            refs[index] = (p, m, v)
             live = expand_block_mask(mask.cpu(), p.shape, 16)
             state = opt.state[param]
-            if dtype == torch.bfloat16:
-                assert torch.equal(param.detach().cpu(), p), f"step {step}, parameter {index}"
-            else:  # fp32 params, rounded by no one: within an ulp or two of the reference's sqrt (test_backends)
-                eps = torch.finfo(torch.float32).eps
-                torch.testing.assert_close(param.detach().cpu(), p, rtol=2 * eps, atol=2 * eps * p.abs().max().item())
-            for got, want in ((state["exp_avg"], m), (state["exp_avg_sq"], v)):  # compact: the live blocks' values
-                dense = compact_to_dense(got.cpu(), mask.cpu(), p.shape, (16, 16))
-                assert torch.equal(dense[live], want[live]), f"step {step}, parameter {index}'s state"
+            got_p = param.detach().cpu().clone()  # not the param itself: on the CPU, .cpu() is no copy
+            got_m, got_v = (compact_to_dense(state[k].cpu(), mask.cpu(), p.shape, (16, 16))
+                            for k in ("exp_avg", "exp_avg_sq"))
+            for name, got, want in (("param", got_p, p), ("exp_avg", got_m, m), ("exp_avg_sq", got_v, v)):
+                what = f"step {step}, parameter {index}'s {name}"
+                if name == "param":  # pruned blocks: never touched, by any backend
+                    assert torch.equal(got[~live], want[~live]), what
+                if not exact:
+                    _assert_rounded_alike(got[live], want[live], what)
+                elif name == "param" and dtype == torch.float32:  # rounded by no one: within an ulp or two of the
+                    eps = torch.finfo(torch.float32).eps          # reference's sqrt (test_backends)
+                    torch.testing.assert_close(got, want, rtol=2 * eps, atol=2 * eps * want.abs().max().item())
+                else:
+                    assert torch.equal(got[live], want[live]), what
+            refs[index] = (p, m, v) if exact else (got_p, got_m.to(state_dtype), got_v.to(state_dtype))
 
 
 @pytest.mark.parametrize("impl", CPU_BACKENDS)
