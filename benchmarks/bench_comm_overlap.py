@@ -10,6 +10,7 @@ one flat buffer) while a second stream exchanges each layer's gradients as they 
   nccl     dist.all_reduce of each chunk (what DDP does, in its 25 MB buckets)
   ce       each rank copies each chunk into a buffer on the other GPU (CUDA IPC, cudaMemcpy over NVLink): no sum
   ce_add   ce, then each layer's gradients += what arrived (the sum an all-reduce needs, on SMs)
+  nccl_alone, ce_alone: the communication without the matmuls (its own time)
 
 Timing only: the pushes are not ordered against the peer's reads, so ce_add adds whatever is there. Modes
 alternate within each round; medians over rounds. Needs 2 GPUs with peer access.
@@ -27,7 +28,27 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import reduce_tensor
 
-MODES = ("none", "nccl", "ce", "ce_add")
+MODES = ("none", "nccl", "ce", "ce_add", "nccl_alone", "ce_alone")
+
+
+def landing_space(numel, dev, transport):
+    """A bf16 buffer on this GPU, and the other rank's, as a tensor this process can copy into.
+
+    Symmetric memory maps the peer's buffer into this GPU's address space, so a copy into it is a same-device
+    cudaMemcpyAsync that a copy engine carries over NVLink. Legacy CUDA IPC opens it as a tensor on the peer's
+    device, and torch's cross-device copy then synchronises the two devices' streams around every copy."""
+    rank = dist.get_rank()
+    if transport == "symm":
+        import torch.distributed._symmetric_memory as symm_mem
+
+        recv = symm_mem.empty(numel, dtype=torch.bfloat16, device=dev)
+        handle = symm_mem.rendezvous(recv, dist.group.WORLD)
+        return recv, handle.get_buffer(1 - rank, (numel,), torch.bfloat16), "symmetric memory"
+    recv = torch.zeros(numel, device=dev, dtype=torch.bfloat16)
+    handles = [None] * dist.get_world_size()
+    dist.all_gather_object(handles, reduce_tensor(recv))
+    rebuild, rebuild_args = handles[1 - rank]
+    return recv, rebuild(*rebuild_args), "CUDA IPC"
 
 
 def main():
@@ -39,6 +60,7 @@ def main():
     parser.add_argument("--chunk_mb", type=float, default=25.0)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--transport", default="symm", choices=["symm", "ipc"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -57,13 +79,10 @@ def main():
     per_layer = sum(a * b for a, b in shapes)
     grads = torch.zeros(args.layers * per_layer, device=dev, dtype=bf16)
     chunk = max(1, int(args.chunk_mb * 2**20) // 2)
-    # Two layers' worth of landing space on each GPU, opened by the other rank through CUDA IPC.
-    recv = torch.zeros(2 * per_layer, device=dev, dtype=bf16)
-    handles = [None] * world
-    dist.all_gather_object(handles, reduce_tensor(recv))
-    rebuild, rebuild_args = handles[1 - rank]
-    peer_recv = rebuild(*rebuild_args)
+    recv, peer_recv, transport = landing_space(2 * per_layer, dev, args.transport)  # two layers' worth
     side = torch.cuda.Stream(dev)
+    if rank == 0:
+        print(f"peer buffer through {transport}", flush=True)
 
     def layer_grads(layer):
         return grads[layer * per_layer:(layer + 1) * per_layer]
@@ -72,14 +91,15 @@ def main():
         main = torch.cuda.current_stream(dev)
         start, matmuls_done, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record(main)
+        comm = mode.removesuffix("_alone")
         for layer in reversed(range(args.layers)):
             flat, offset = layer_grads(layer), 0
-            for w in reversed(weights):
+            for w in reversed(weights if comm == mode else []):
                 out_f, in_f = w.shape
                 torch.mm(douts[out_f], w)  # dgrad
                 torch.mm(douts[out_f].t(), inputs[in_f], out=flat[offset:offset + w.numel()].view(out_f, in_f))
                 offset += w.numel()
-            if mode == "none":
+            if comm == "none":
                 continue
             ready = torch.cuda.Event()
             ready.record(main)
@@ -88,11 +108,11 @@ def main():
                 slot = (layer % 2) * per_layer
                 for begin in range(0, per_layer, chunk):
                     piece = flat[begin:begin + chunk]
-                    if mode == "nccl":
+                    if comm == "nccl":
                         dist.all_reduce(piece)
                     else:
                         peer_recv[slot + begin:slot + begin + piece.numel()].copy_(piece, non_blocking=True)
-                if mode == "ce_add":
+                if comm == "ce_add":
                     flat.add_(recv[slot:slot + per_layer])
         matmuls_done.record(main)
         main.wait_stream(side)
@@ -115,7 +135,7 @@ def main():
             mm, total = statistics.median(x[0] for x in times), statistics.median(x[1] for x in times)
             row = {"mode": mode, "matmul_ms": round(mm, 2), "total_ms": round(total, 2),
                    "matmul_tflops": round(flops / mm / 1e9, 1), "rounds": len(times),
-                   "grad_gb": round(grads.numel() * 2 / 1e9, 2), "chunk_mb": args.chunk_mb}
+                   "grad_gb": round(grads.numel() * 2 / 1e9, 2), "chunk_mb": args.chunk_mb, "transport": transport}
             if base:
                 row["matmul_ms_over_none"] = round(mm - base, 2)
             print(json.dumps(row), flush=True)
