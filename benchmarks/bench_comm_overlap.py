@@ -10,7 +10,9 @@ one flat buffer) while a second stream exchanges each layer's gradients as they 
   nccl     dist.all_reduce of each chunk (what DDP does, in its 25 MB buckets)
   ce       each rank copies each chunk into a buffer on the other GPU (CUDA IPC, cudaMemcpy over NVLink): no sum
   ce_add   ce, then each layer's gradients += what arrived (the sum an all-reduce needs, on SMs)
-  nccl_alone, ce_alone: the communication without the matmuls (its own time)
+  ce_rs    an all-reduce by copy engine in halves: each rank pushes the half of a layer's gradients the other
+           sums, sums its own half (half of ce_add's reads and writes), and pushes that half back
+  nccl_alone, ce_alone, ce_rs_alone: the communication without the matmuls (its own time)
 
 Timing only: the pushes are not ordered against the peer's reads, so ce_add adds whatever is there. Modes
 alternate within each round; medians over rounds. Needs 2 GPUs with peer access.
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import reduce_tensor
 
-MODES = ("none", "nccl", "ce", "ce_add", "nccl_alone", "ce_alone")
+MODES = ("none", "nccl", "ce", "ce_add", "ce_rs", "nccl_alone", "ce_alone", "ce_rs_alone")
 
 
 def landing_space(numel, dev, transport):
@@ -84,6 +86,13 @@ def main():
     if rank == 0:
         print(f"peer buffer through {transport}", flush=True)
 
+    def push(flat, begin, n, dest):
+        """flat[begin:begin + n] into the peer's buffer at dest, in chunks."""
+        for offset in range(0, n, chunk):
+            k = min(chunk, n - offset)
+            source = flat[begin + offset:begin + offset + k]
+            peer_recv[dest + offset:dest + offset + k].copy_(source, non_blocking=True)
+
     def layer_grads(layer):
         return grads[layer * per_layer:(layer + 1) * per_layer]
 
@@ -106,6 +115,13 @@ def main():
             side.wait_event(ready)
             with torch.cuda.stream(side):
                 slot = (layer % 2) * per_layer
+                if comm == "ce_rs":  # rank r sums half r
+                    half = per_layer // 2
+                    mine, theirs = (rank * half, (1 - rank) * half)
+                    push(flat, theirs, half, slot + theirs)
+                    flat[mine:mine + half].add_(recv[slot + mine:slot + mine + half])
+                    push(flat, mine, half, slot + mine)
+                    continue
                 for begin in range(0, per_layer, chunk):
                     piece = flat[begin:begin + chunk]
                     if comm == "nccl":

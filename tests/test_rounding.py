@@ -42,14 +42,15 @@ def _assert_rounded_alike(got: torch.Tensor, want: torch.Tensor, what: str) -> N
     """Triton compiled for a GPU: its fp32 math contracts multiply-adds into FMAs and uses fast sqrt and division,
     so a value before rounding may sit an ulp or so (of its largest term) away from the reference's. Its random
     bits are the same, so a bf16 value takes the reference's rounding decision unless that ulp crosses the
-    decision's boundary: at most one bf16 step apart, and rarely (about once in 65536 per ulp; a kernel that flips
-    a few low random bits of exp_avg_sq's half parts 1.4%)."""
+    decision's boundary: at most one bf16 step apart, and rarely. Measured on an H200 over 2.6 M values: 0.16% of
+    exp_avg (where its terms cancel), under 0.001% of params and exp_avg_sq; a kernel that flips a few low random
+    bits of exp_avg_sq's half parts 1.4%."""
     if got.dtype == torch.float32:
         eps = torch.finfo(torch.float32).eps
         torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps * want.abs().max().item(), msg=what)
         return
-    apart = got != want
-    assert apart.float().mean().item() < 0.005, f"{what}: {int(apart.sum())} of {apart.numel()} rounded otherwise"
+    apart = int((got != want).sum())
+    assert apart <= 0.004 * got.numel() + 5, f"{what}: {apart} of {got.numel()} rounded otherwise"
     # One bf16 step; near zero, where exp_avg's two terms cancel, an fp32 ulp of the terms instead.
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-20 * want.abs().max().item(), msg=what)
 
