@@ -140,6 +140,11 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
     inv_bc2_sqrt = tl.load(hyper + 7)
 
     offs, state_offs, ok = _tile(shape, pid, block_id, BH, BW, TILE_H, TILE_W, K, INDEX_64, CHECK_EDGES, ALIGNED)
+    if STOCHASTIC:  # bf16 params or states: one hash per element, its low half for p, its high half for v. Before
+        # the loads, which it does not need: it runs while they are in flight.
+        seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # reference.rounding_seed
+        index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
+        random = _hash32(index, seed)
     p = tl.load(p_ptr + offs, mask=ok).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=ok).to(tl.float32)
     if SCALE_GRAD:  # clipping (SparseAdamW.clip_grad_norm_), applied as the gradient is read
@@ -148,10 +153,7 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
     v = tl.load(v_ptr + state_offs, mask=ok).to(tl.float32)
 
     p, m, v = _adamw(p, g, m, v, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_bc2_sqrt)
-    if STOCHASTIC:  # bf16 params or states: one hash per element, its low half for p, its high half for v
-        seed = _fmix32((tl.load(seed_mix_ptr + row) ^ tl.load(dyn + 4)).to(tl.uint32))  # reference.rounding_seed
-        index = (tl.load(shape + 7) + offs).to(tl.uint32)  # flat index in the whole param, mod 2**32
-        random = _hash32(index, seed)
+    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
     if STOCHASTIC and P_DTYPE == tl.bfloat16:
         _store_bf16_stochastic(p_ptr + offs, p, ok, random & 0xFFFF)
     else:
@@ -160,7 +162,6 @@ def _sparse_adamw_kernel(shape_ptr, dyn_ptr, seed_mix_ptr, hyper_ptr, prog_tenso
         _store_bf16_stochastic(v_ptr + state_offs, v, ok, random >> 16)
     else:
         _store(v_ptr + state_offs, v, ok, S_DTYPE, EXACT_BF16)
-    _store(m_ptr + state_offs, m, ok, S_DTYPE, EXACT_BF16)
 
 
 @triton.jit
@@ -189,7 +190,7 @@ def launch_square_sum(shapes, grad_ptrs, prog_tensor, block_ids, out, *, grad_dt
     _live_square_sum_kernel[(prog_tensor.numel(),)](
         shapes, grad_ptrs, prog_tensor, block_ids, out, G_DTYPE=TL_DTYPES[grad_dtype], BH=bh, BW=bw,
         TILE_H=triton.next_power_of_2(bh), TILE_W=triton.next_power_of_2(bw), K=blocks_per_program,
-        INDEX_64=index_64, CHECK_EDGES=check_edges, ALIGNED=aligned, num_warps=num_warps)
+        INDEX_64=index_64, CHECK_EDGES=check_edges, ALIGNED=aligned, num_warps=num_warps, enable_fp_fusion=True)
 
 
 def launch(shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids, grad_scale=None, *, param_dtype, grad_dtype,
@@ -210,6 +211,10 @@ def launch(shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids, grad_scale=No
 
     exact_bf16 rounds fp32 -> bf16 to nearest by hand (Triton's interpreter truncates); aligned promises 16-byte
     aligned addresses and column counts (vector loads).
+
+    Multiply-adds contract into FMAs whatever Triton's default (which Triton 3.10 turns off): without them the
+    fp32 step ran 9% slower on an H200, and its values differ from the reference's by an ulp either way (fast sqrt
+    and division; tests/test_rounding.py, `_assert_rounded_alike`).
     """
     bh, bw = block
     _sparse_adamw_kernel[(prog_tensor.numel(),)](
@@ -217,4 +222,4 @@ def launch(shapes, dyn, seed_mixes, hyper, prog_tensor, block_ids, grad_scale=No
         P_DTYPE=TL_DTYPES[param_dtype], G_DTYPE=TL_DTYPES[grad_dtype], S_DTYPE=TL_DTYPES[state_dtype],
         BH=bh, BW=bw, TILE_H=triton.next_power_of_2(bh), TILE_W=triton.next_power_of_2(bw), K=blocks_per_program,
         INDEX_64=index_64, CHECK_EDGES=check_edges, EXACT_BF16=exact_bf16, ALIGNED=aligned, STOCHASTIC=stochastic,
-        SCALE_GRAD=grad_scale is not None, num_warps=num_warps)
+        SCALE_GRAD=grad_scale is not None, num_warps=num_warps, enable_fp_fusion=True)
