@@ -46,7 +46,7 @@ def compile_variant(kernel, param, state, stochastic, arch):
                      ALIGNED=True, STOCHASTIC=stochastic, SCALE_GRAD=True)
     signature.update({name: "constexpr" for name in constants})
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, enable_fp_fusion=True))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
