@@ -8,7 +8,8 @@ one flat buffer) while a second stream exchanges each layer's gradients as they 
 
   none     nothing (the matmuls alone)
   nccl     dist.all_reduce of each chunk (what DDP does, in its 25 MB buckets)
-  ce       each rank copies each chunk into a buffer on the other GPU (CUDA IPC, cudaMemcpy over NVLink): no sum
+  ce       each rank copies each chunk into a buffer on the other GPU (cudaMemcpy over NVLink into symmetric memory;
+           --transport ipc: legacy CUDA IPC instead): no sum
   ce_add   ce, then each layer's gradients += what arrived (the sum an all-reduce needs, on SMs)
   ce_rs    an all-reduce by copy engine in halves: each rank pushes the half of a layer's gradients the other
            sums, sums its own half (half of ce_add's reads and writes), and pushes that half back
@@ -149,11 +150,12 @@ def main():
         base = statistics.median(x[0] for x in results.get("none", [])) if "none" in results else None
         for mode, times in results.items():
             mm, total = statistics.median(x[0] for x in times), statistics.median(x[1] for x in times)
-            row = {"mode": mode, "matmul_ms": round(mm, 2), "total_ms": round(total, 2),
-                   "matmul_tflops": round(flops / mm / 1e9, 1), "rounds": len(times),
+            row = {"mode": mode, "matmul_ms": round(mm, 2), "total_ms": round(total, 2), "rounds": len(times),
                    "grad_gb": round(grads.numel() * 2 / 1e9, 2), "chunk_mb": args.chunk_mb, "transport": transport}
-            if base:
-                row["matmul_ms_over_none"] = round(mm - base, 2)
+            if not mode.endswith("_alone"):  # the _alone modes run no matmuls
+                row["matmul_tflops"] = round(flops / mm / 1e9, 1)
+                if base:
+                    row["matmul_ms_over_none"] = round(mm - base, 2)
             print(json.dumps(row), flush=True)
             if args.json:
                 with open(args.json, "a") as f:
