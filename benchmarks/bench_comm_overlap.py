@@ -123,12 +123,11 @@ def main():
                     flat[mine:mine + half].add_(recv[slot + mine:slot + mine + half])
                     push(flat, mine, half, slot + mine)
                     continue
-                for begin in range(0, per_layer, chunk):
-                    piece = flat[begin:begin + chunk]
-                    if comm == "nccl":
-                        dist.all_reduce(piece)
-                    else:
-                        peer_recv[slot + begin:slot + begin + piece.numel()].copy_(piece, non_blocking=True)
+                if comm == "nccl":
+                    for begin in range(0, per_layer, chunk):
+                        dist.all_reduce(flat[begin:begin + chunk])
+                else:
+                    push(flat, 0, per_layer, slot)
                 if comm == "ce_add":
                     flat.add_(recv[slot:slot + per_layer])
         matmuls_done.record(main)
