@@ -3,6 +3,7 @@ it), clipping and the optimizer step, per rank, against the same work with no co
 
     torchrun --nproc_per_node 2 benchmarks/bench_ddp.py --layers 32      # the LLaMA-2-7B shape, DDP on 2 GPUs
     torchrun --nproc_per_node 1 benchmarks/bench_ddp.py --layers 32      # the same step on one GPU (GA doubles)
+    torchrun --nproc_per_node 2 benchmarks/bench_ddp.py --data_parallel sharded   # ShardedSparseAdamW, no DDP
 
 The model is the fine-tune's on a GPU under the 7B plan: bf16 weights and gradients, SparseAdamW with bf16 states,
 20% of 16x16 blocks pruned at random, Liger-Kernel where installed, no checkpointing, micro-batch 4 and the
@@ -10,6 +11,10 @@ effective batch 8 (GA = 8 / (micro-batch x ranks)), the gradients of DDP's bucke
 (gradient_as_bucket_view), clipping by the live blocks' norm as the Trainer does (`--clips fused`:
 SparseAdamW.clip_grad_norm_, the step scales as it reads) or as a stock Trainer does (`torch`:
 torch.nn.utils.clip_grad_norm_ over every gradient, two passes).
+
+`--data_parallel sharded` replaces DDP by ShardedSparseAdamW (sparse_adamw.sharded_step): each rank steps the
+parameters it owns, gradients and weights travel by copy engine; its one variant is `sharded`, whose backward
+includes the gradients' copies and whose step includes the weights' (the next forward waits for them per layer).
 
 Per step, CUDA events on the compute stream time each phase; `ddp` steps all-reduce, `no_comm` steps run the same
 micro-steps under no_sync() (nothing is reduced); every variant (and clipping) is interleaved step by step. The
@@ -37,7 +42,8 @@ from bench_finetune import apply_liger, build_model  # noqa: E402
 from common import environment  # noqa: E402
 
 from sparse_adamw import SparseAdamW  # noqa: E402
-from sparse_adamw.pipeline.models import liger_supports  # noqa: E402
+from sparse_adamw.pipeline.models import forward_groups, liger_supports  # noqa: E402
+from sparse_adamw.sharded_step import ShardedSparseAdamW  # noqa: E402
 
 PHASES = ("forward", "backward", "clip", "step", "total")
 
@@ -51,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--steps", type=int, default=8, help="timed steps of each variant")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--data_parallel", choices=("ddp", "sharded"), default="ddp",
+                   help="ddp: DDP (variants ddp and no_comm); sharded: ShardedSparseAdamW over copy engines")
     p.add_argument("--bucket_cap_mb", type=float, default=25.0)
     p.add_argument("--no_liger", action="store_true")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -79,10 +87,16 @@ class Rank:
         self.liger = not args.no_liger and liger_supports(self.model)
         if self.liger:
             apply_liger(self.model)
-        self.opt = SparseAdamW(self.model.parameters(), lr=1e-5, weight_decay=0.0, masks=masks,
-                               state_dtype=torch.bfloat16)
+        self.sharded = args.data_parallel == "sharded" and self.world > 1
+        if self.sharded:
+            self.opt = ShardedSparseAdamW(self.model.parameters(), model=self.model,
+                                          forward_groups=forward_groups(self.model), lr=1e-5, weight_decay=0.0,
+                                          masks=masks, state_dtype=torch.bfloat16)
+        else:
+            self.opt = SparseAdamW(self.model.parameters(), lr=1e-5, weight_decay=0.0, masks=masks,
+                                   state_dtype=torch.bfloat16)
         self.wrapped = self.model
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[torch.cuda.current_device()], gradient_as_bucket_view=True,
                 bucket_cap_mb=args.bucket_cap_mb)
@@ -102,7 +116,9 @@ class Rank:
         marks = []
         for micro in range(self.ga):
             last = micro == self.ga - 1
-            sync = variant == "ddp" and last
+            sync = variant in ("ddp", "sharded") and last
+            if self.sharded:
+                self.opt.push_gradients = sync
             context = self.wrapped.no_sync() if self.world > 1 and not sync else contextlib.nullcontext()
             with context:
                 a = event()
@@ -207,22 +223,25 @@ def main(argv=None):
     rank = dist.get_rank() if dist.is_initialized() else 0
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
+    if args.data_parallel == "sharded" and "torch" in args.clips:
+        raise SystemExit("--clips torch needs every gradient on every rank; ShardedSparseAdamW keeps each on its owner")
     r = Rank(args)
-    variants = [(comm, clip) for comm in (("ddp", "no_comm") if r.world > 1 else ("single",)) for clip in args.clips]
+    comms = ("single",) if r.world == 1 else ("sharded",) if r.sharded else ("ddp", "no_comm")
+    variants = [(comm, clip) for comm in comms for clip in args.clips]
     for _ in range(args.warmup):
         for v in variants:
             r.step(*v, record=False)
     for _ in range(args.steps):
         for v in variants:
             r.step(*v)
-    result = dict(tag=args.tag, world=r.world, batch=args.batch, ga=r.ga, layers=args.layers, liger=r.liger,
+    result = dict(tag=args.tag, world=r.world, data_parallel=args.data_parallel, batch=args.batch, ga=r.ga, layers=args.layers, liger=r.liger,
                   bucket_cap_mb=args.bucket_cap_mb, blas=args.blas, sm_carveout=args.sm_carveout,
                   medians=r.medians(),
                   nccl_env={k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL"))},
                   **environment())
     result["tokens_per_s"] = {name: round(args.effective_batch * args.seq / m["total"] * 1e3)
                               for name, m in result["medians"].items()}
-    if args.profile and r.world > 1:
+    if args.profile and r.world > 1 and not r.sharded:
         from torch.profiler import ProfilerActivity, profile
 
         trace = f"/tmp/bench_ddp_trace_rank{rank}.json"

@@ -213,6 +213,68 @@ def test_under_ddp_the_gradients_live_in_ddps_buckets_and_training_follows_one_p
         torch.testing.assert_close(results[0]["final"][name], value.detach(), rtol=0, atol=5e-5)
 
 
+def _sharded_worker(rank, world, port, model_dir, out_dir):
+    """The same run under DDP and under the sharded step (no clipping: the two are then bitwise equal), each saving
+    at step SAVE_AT; then the sharded run resumed from its checkpoint."""
+    _become_rank(rank, world, port)
+    result = {}
+    for mode in ("ddp", "sharded"):
+        losses = LossLog()
+        args = _args(os.path.join(out_dir, mode), ddp_backend="gloo", per_device_train_batch_size=1,
+                     gradient_accumulation_steps=2, max_grad_norm=0.0, save_strategy="steps", save_steps=SAVE_AT)
+        trainer = SparseTrainer(model=_load(model_dir), args=args, train_dataset=ArithmeticTokens(),
+                                callbacks=[losses], data_parallel=mode)
+        trainer.train()
+        result[mode] = {"losses": losses.losses, "checked": trainer.verify_sparsity(),
+                        "wrapped": type(trainer.model_wrapped).__name__,
+                        "state_bytes": trainer.sparse_optimizer.state_bytes(),
+                        "final": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
+    args = _args(os.path.join(out_dir, "sharded"), ddp_backend="gloo", per_device_train_batch_size=1,
+                 gradient_accumulation_steps=2, max_grad_norm=0.0)
+    resumed = SparseTrainer(model=_load(model_dir), args=args, train_dataset=ArithmeticTokens(),
+                            data_parallel="sharded")
+    resumed.train(resume_from_checkpoint=os.path.join(out_dir, "sharded", f"checkpoint-{SAVE_AT}"))
+    result["resumed"] = {n: p.detach().clone() for n, p in resumed.model.named_parameters()}
+    _finish_rank(rank, result, out_dir)
+
+
+def test_sharded_step_trainer_equals_ddp_saves_its_format_and_resumes_exactly(tiny_llama, tmp_path, one_thread):
+    """data_parallel="sharded": the model is not wrapped in DDP, each rank holds about half the optimizer state, and
+    without clipping the run equals DDP's bit for bit, accumulation included: losses, weights, the checkpoint's
+    optimizer.pt (gathered into the single-process format) and the saved model (host copies of the one weight
+    buffer). Resumed from its checkpoint, it ends on the same bits."""
+    from safetensors.torch import load_file
+
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
+    out = tmp_path / "modes"
+    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(model_dir), str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    results = [torch.load(out / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
+    for rank, result in enumerate(results):
+        ddp, sharded = result["ddp"], result["sharded"]
+        assert ddp["wrapped"] == "DistributedDataParallel" and sharded["wrapped"] == "LlamaForCausalLM"
+        assert sharded["checked"] == ddp["checked"] == len(masks)
+        assert 0 < sharded["state_bytes"] < 0.75 * ddp["state_bytes"], (sharded["state_bytes"], ddp["state_bytes"])
+        assert len(sharded["losses"]) == STEPS and sharded["losses"] == ddp["losses"]
+        for name, value in ddp["final"].items():
+            assert torch.equal(sharded["final"][name], value), f"rank {rank}: {name} differs from DDP's"
+            assert torch.equal(result["resumed"][name], value), f"rank {rank}: {name} differs after resuming"
+            if name in masks:
+                assert pruned_blocks_are_zero(value, masks[name]), name
+    checkpoint = {mode: out / mode / f"checkpoint-{SAVE_AT}" for mode in ("ddp", "sharded")}
+    saved = {mode: torch.load(path / "optimizer.pt", weights_only=True) for mode, path in checkpoint.items()}
+    assert saved["sharded"]["param_groups"] == saved["ddp"]["param_groups"]
+    assert sorted(saved["sharded"]["state"]) == sorted(saved["ddp"]["state"])
+    for index, state in saved["ddp"]["state"].items():
+        for key, value in state.items():
+            got = saved["sharded"]["state"][index][key]
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, (index, key)
+    weights = {mode: load_file(path / "model.safetensors") for mode, path in checkpoint.items()}
+    assert sorted(weights["sharded"]) == sorted(weights["ddp"])
+    for name, value in weights["ddp"].items():
+        assert torch.equal(weights["sharded"][name], value), name
+
+
 def _forward_module(model):
     """Where the model's forward comes from: Liger rebinds it on the instance (the class keeps its name)."""
     return model.forward.__func__.__module__

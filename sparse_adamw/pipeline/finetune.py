@@ -335,7 +335,8 @@ def _record(job: _Job, **completed) -> Dict[str, Any]:
     return {"format": RECORD_FORMAT, "config": plan.config, "schedule": plan.schedule,
             "fingerprint": job.fingerprint, "completed_steps": None, "completed_max_steps": None, **completed,
             "processes": {"world_size": plan.world_size, "per_device_train_batch_size": t.per_device_train_batch_size,
-                          "gradient_accumulation_steps": t.gradient_accumulation_steps},
+                          "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                          "data_parallel": plan.args.data_parallel if plan.world_size > 1 else None},
             "versions": versions()}
 
 
@@ -374,6 +375,13 @@ def _load(job: _Job) -> None:
             job.teacher, _ = load_model(args.teacher, "cpu", args.dtype if job.plan.on_cpu else "bfloat16")
 
 
+DATA_PARALLEL_NOTES = {
+    "sharded": "sharded step (ShardedSparseAdamW): each GPU steps the parameters it owns; gradients and weights "
+               "travel by copy engine",
+    "ddp": "DDP: every process steps the whole model on all-reduced gradients",
+}
+
+
 def _make_trainer(job: _Job) -> None:
     """SparseTrainer, which derives the block masks (or checks --masks_file) here, once."""
     from transformers import PrinterCallback, default_data_collator
@@ -388,6 +396,7 @@ def _make_trainer(job: _Job) -> None:
         data_collator=default_data_collator, processing_class=job.tokenizer, masks_file=args.masks_file,
         block_size=job.prune_block, optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
         teacher=job.teacher, distill=distill_config(args),
+        data_parallel="sharded" if args.data_parallel == "sharded" else "ddp",
     )
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())
@@ -398,6 +407,8 @@ def _make_trainer(job: _Job) -> None:
         d = job.trainer.distill
         job.say(f"Distillation: {d.alpha:g} x KL(teacher || student) at T={d.temperature:g} + {1 - d.alpha:g} x LM "
                 f"loss{f' + {d.hidden_weight:g} x SquareHead' if d.hidden_weight else ''}; teacher {args.teacher}")
+    if job.plan.world_size > 1 and not job.trainer.fsdp_version:
+        job.say(f"Data parallel: {DATA_PARALLEL_NOTES[args.data_parallel]} ({job.plan.world_size} processes)")
     if job.training_args.use_liger_kernel:
         job.say(f"Liger-Kernel: fused RMSNorm, SwiGLU, RoPE and linear cross-entropy ({job.model.config.model_type})")
     if job.plan.masks_found:
@@ -628,7 +639,8 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "effective_batch_size": plan.effective_batch_size, "block_size": args.block_size,
         "learning_rate": t.learning_rate, "world_size": plan.world_size,
         "device": str(t.device), "dtype": args.dtype, "bf16_autocast": bool(t.bf16),
-        "fsdp": bool(job.trainer.fsdp_version), "masks_file": args.masks_file, "configuration": plan.config,
+        "fsdp": bool(job.trainer.fsdp_version), "data_parallel": args.data_parallel if plan.world_size > 1 else None,
+        "masks_file": args.masks_file, "configuration": plan.config,
         "resumed_from": plan.resume_from, "timings_s": job.timings,
         "tokens_per_s": tokens_per_s,
         "steady_tokens_per_s": _steady_tokens_per_s(job),  # leaving out the first steps (StepClock)

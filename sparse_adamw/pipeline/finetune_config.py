@@ -30,6 +30,7 @@ from .run_folder import (
     )
 
 EFFECTIVE_BATCH_SIZE = 8
+DATA_PARALLEL_MODES = ("auto", "ddp", "sharded")
 DEFAULT_MAX_TRAIN_SAMPLES = 30000
 DEFAULT_LEARNING_RATE = 5e-5
 DEFAULT_SAVE_STEPS = 500
@@ -124,6 +125,11 @@ class FinetuneArguments:
         "on GPUs, half the state memory of float32 and the same perplexity on the packaged model's recipe; a "
         "bfloat16 exp_avg_sq is rounded stochastically)")})
     optimizer_impl: str = field(default="auto", metadata={"choices": IMPLS, "help": "SparseAdamW backend"})
+    data_parallel: str = field(default="auto", metadata={"choices": DATA_PARALLEL_MODES, "help": (
+        "how several processes share the work without --fsdp: sharded = ShardedSparseAdamW, each GPU steps the "
+        "parameters it owns and gradients and weights travel by copy engine (one host whose GPUs reach each "
+        "other's memory); ddp = DDP, every GPU steps the whole model on all-reduced gradients. auto (default): "
+        "sharded where it can run, else ddp")})
     num_processes: Optional[int] = field(default=None, metadata={"help": (
         "processes the run uses, for the default gradient accumulation (default: WORLD_SIZE, set by torchrun, or 1)")})
     distill: bool = field(default=False, metadata={"help": (
@@ -256,6 +262,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     _resolve_precision(args, training, on_cpu, bf16_supported)
     if training.get("fsdp"):
         _resolve_fsdp(training, on_cpu, world_size)
+    _resolve_data_parallel(args, training, on_cpu, world_size)
     if world_size > 1 and training.get("ddp_find_unused_parameters") is None:
         # A causal LM uses every parameter: without this the Trainer asks DDP to search the graph for unused ones
         # after every backward (it does so whenever checkpointing is off).
@@ -444,6 +451,42 @@ def _resolve_fsdp(training: Dict[str, object], on_cpu: bool, world_size: int) ->
     training["fsdp"] = True
 
 
+def _resolve_data_parallel(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool,
+                           world_size: int) -> None:
+    """auto: sharded on 2 or more GPUs of one host that reach each other's memory (not under --fsdp), else ddp.
+    ddp and sharded differ only in rounding (the clip norm's summation order) and share the checkpoint format, so
+    a run may resume under the other."""
+    asked = args.data_parallel
+    if asked not in DATA_PARALLEL_MODES:
+        raise ValueError(f"--data_parallel must be one of {', '.join(DATA_PARALLEL_MODES)}, got {asked!r}")
+    if asked == "sharded":
+        if training.get("fsdp"):
+            raise ValueError("--data_parallel sharded and --fsdp are two ways to split the work: pick one")
+        if world_size < 2:
+            raise ValueError("--data_parallel sharded splits the step over several processes: launch it with "
+                             "torchrun (run_dense_finetune.sh --num_gpus 2 or more)")
+        if not on_cpu and world_size > local_world_size(world_size):
+            raise ValueError("--data_parallel sharded runs on the GPUs of one host (copy engines through each "
+                             "other's memory); this run spans several nodes: use ddp")
+    elif asked == "auto":
+        args.data_parallel = "sharded" if (world_size > 1 and not on_cpu and not training.get("fsdp")
+                                           and world_size == local_world_size(world_size)
+                                           and peers_reachable(world_size)) else "ddp"
+
+
+def local_world_size(world_size: int) -> int:
+    """Processes on this host: torchrun's LOCAL_WORLD_SIZE (the launcher sets it for --print_config too)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def peers_reachable(n: int) -> bool:
+    """Whether the first n visible GPUs can all map each other's memory (NVLink or PCIe peer access), which
+    ShardedSparseAdamW's copy engines need."""
+    if torch.cuda.device_count() < n:
+        return False
+    return all(torch.cuda.can_device_access_peer(a, b) for a in range(n) for b in range(n) if a != b)
+
+
 def check_inputs(args: FinetuneArguments) -> None:
     """The files a run reads exist (checked in milliseconds, before anything is loaded); ValueError otherwise."""
     model = Path(args.model).expanduser()
@@ -571,6 +614,7 @@ def print_config(plan: Plan) -> None:
         "DTYPE": a.dtype,
         "STATE_DTYPE": a.state_dtype,
         "FSDP": int(bool(t.get("fsdp"))),
+        "DATA_PARALLEL": a.data_parallel,
         "DISTILL": (f"alpha {a.distill_alpha:g} (KL to the dense model, T={a.distill_temperature:g}"
                     + (f", SquareHead {a.distill_hidden_weight:g}" if a.distill_hidden_weight else "")
                     + f"), teacher {a.teacher}") if a.distill else (

@@ -11,7 +11,8 @@ of the second, timed pass). Without checkpointing, a larger micro-batch is never
 first fit; checkpointing is tried only at micro-batches larger than the best fit without it. The effective batch
 stays the user's: gradient accumulation = effective batch / (micro-batch x processes). Under DDP every rank measures
 and the ranks agree on the worst peak and the slowest time; under FSDP2 the trial runs on the whole model, which
-only overstates the memory.
+only overstates the memory. Under the sharded step (ShardedSparseAdamW) a rank holds 1 / world of the optimizer
+state and a landing buffer for (world - 1) / world of the gradients, in symmetric memory, outside PyTorch's allocator.
 """
 from __future__ import annotations
 
@@ -208,6 +209,12 @@ def plan_trainer(trainer, *, seq_len: int, per_process: int, world_size: int, ma
     # DDP's all-reduce buckets need no placeholder: SparseTrainer makes the gradients views into them, so the
     # trial's own gradients stand for them.
     reserved = {"optimizer state": state // world_size if trainer.fsdp_version else state}
+    if getattr(trainer, "sharded_step", False):
+        # ShardedSparseAdamW: each rank holds the state of its share of the parameters, and a landing buffer for the
+        # other ranks' gradients of that share (the trial's gradients stand for the rank's own).
+        grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        reserved = {"optimizer state": -(-state // world_size),
+                    "landing buffer": -(-grads * (world_size - 1) // world_size)}
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator(device).manual_seed(0)  # the global RNG, and so the run, stays untouched
     kwargs = checkpointing_kwargs(args)

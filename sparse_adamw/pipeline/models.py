@@ -105,6 +105,24 @@ def liger_supports(model) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
+def forward_groups(model) -> list:
+    """[(module, trainable parameters)] in the order a decoder-only LM's forward first uses them, for
+    ShardedSparseAdamW, which fences each group's weights on its own and waits for them in a pre-hook on the module:
+    first everything outside the embeddings and the decoder layers (final norm, head, anything else), waited for at
+    the model's own forward, which is safe wherever the model uses them (Liger's fused cross-entropy reads the
+    head's weight without calling the head); then the embeddings; then each decoder layer. A model without
+    `model.layers` (a ModuleList) is one group."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(layers, torch.nn.ModuleList) or embed is None:
+        return [(model, [p for p in model.parameters() if p.requires_grad])]
+    groups = [(embed, list(embed.parameters()))] + [(layer, list(layer.parameters())) for layer in layers]
+    seen = {id(p) for _, params in groups for p in params}
+    groups.insert(0, (model, [p for p in model.parameters() if id(p) not in seen]))
+    return [(module, [p for p in params if p.requires_grad]) for module, params in groups]
+
+
 def save_model(model, tokenizer, output_dir: Union[str, Path]) -> Path:
     """Safetensors weights, config and tokenizer, so that `from_pretrained(output_dir)` loads them back."""
     output_dir = Path(output_dir)

@@ -71,6 +71,12 @@ number of ranks, or in one process); with fsdp_config `state_dict_type: SHARDED_
 checkpointing (torch.distributed.checkpoint) assumes param-shaped states and is not used. FSDP1 and DeepSpeed ZeRO
 hand the optimizer flattened parameters, which destroy the block structure: refused with an error. accelerate runs
 FSDP on accelerators only; on the CPU it trains with DDP instead (SparseTrainer warns).
+
+`data_parallel="sharded"` replaces DDP with ShardedSparseAdamW (sparse_adamw.sharded_step): the model is not wrapped
+(accelerate prepares it as for evaluation), each rank steps the parameters it owns, and the gradients and updated
+weights travel between the GPUs of one host by copy engine, leaving the SMs to the matmuls. The gradients travel on
+the last micro-step of accumulation only (the Trainer's sync_gradients). Checkpoints hold the gathered optimizer state
+in the single-process format, so a run saved under one mode resumes under the other, or in one process.
 """
 from __future__ import annotations
 
@@ -91,7 +97,9 @@ from transformers import Trainer, TrainerCallback
 from ..dtensor import full_tensor, is_dtensor
 from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
 from ..optimizer import SparseAdamW
+from ..sharded_step import ShardedSparseAdamW
 from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher, shard_teacher
+from .models import forward_groups
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -480,6 +488,8 @@ class SparseTrainer(Trainer):
             training device (under FSDP2, sharded like the student at the first step). Same vocabulary and
             architecture as the model, else ValueError.
         distill: DistillConfig (alpha, temperature, hidden-state weight); default DistillConfig() with a teacher.
+        data_parallel: "ddp" (default) or "sharded": under torchrun, ShardedSparseAdamW instead of DDP (see the
+            module docstring); not with FSDP or DeepSpeed.
 
     The optimizer uses args.learning_rate, adam_beta1/2, adam_epsilon, weight_decay and seed (for the stochastic
     rounding of bf16 weights); `args.optim` is ignored. Given masks are checked against the model right away
@@ -500,10 +510,14 @@ class SparseTrainer(Trainer):
         handle_sigint: bool = True,
         teacher: Optional[torch.nn.Module] = None,
         distill: Optional[DistillConfig] = None,
+        data_parallel: str = "ddp",
         **kwargs,
     ):
         if masks is not None and masks_file is not None:
             raise ValueError("pass either masks or masks_file, not both")
+        if data_parallel not in ("ddp", "sharded"):
+            raise ValueError(f"data_parallel must be 'ddp' or 'sharded', got {data_parallel!r}")
+        self.data_parallel = data_parallel
         self.block_size = normalize_block_size(block_size)
         if masks_file is not None:
             masks, self.block_size = load_masks(masks_file)
@@ -525,6 +539,8 @@ class SparseTrainer(Trainer):
                 "block structure the masks describe. Use FSDP2, which shards each parameter by rows: "
                 "fsdp_config={\"version\": 2} (transformers' default)"
             )
+        if self.sharded_step and (self.is_fsdp_enabled or self.args.world_size < 2):
+            raise ValueError("data_parallel='sharded' needs several processes (torchrun) and no FSDP")
         if getattr(self.args, "fsdp_plugin_args", None) and not self.is_fsdp_enabled:
             warnings.warn("FSDP was requested but accelerate did not enable it (it runs FSDP on accelerators only, "
                           "not on the CPU): training with DDP, every rank holding the whole model", stacklevel=2)
@@ -554,6 +570,21 @@ class SparseTrainer(Trainer):
         if self.accelerator.ddp_handler is None:
             self.accelerator.ddp_handler = DistributedDataParallelKwargs()
         self.accelerator.ddp_handler.gradient_as_bucket_view = True
+        if self.sharded_step:
+            # No DDP: accelerate prepares the model as for evaluation (autocast), never wrapping it, and leaves it
+            # where it is: ShardedSparseAdamW moved its weights into buffers on that device (the Trainer placed the
+            # model when it was made), and a .to() onto "cpu:0" would copy them out of the CPU ones.
+            prepare_model = self.accelerator.prepare_model
+
+            def prepare_unwrapped(model, device_placement=None, evaluation_mode=False):
+                return prepare_model(model, device_placement=False, evaluation_mode=True)
+
+            self.accelerator.prepare_model = prepare_unwrapped
+
+    @property
+    def sharded_step(self) -> bool:
+        """Whether the ranks run ShardedSparseAdamW instead of DDP."""
+        return self.data_parallel == "sharded"
 
     # ---------------------------------------------------------------------------------------- distillation
     def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -635,7 +666,8 @@ class SparseTrainer(Trainer):
                     group = groups[0] if name in decay else groups[1]
                     group["params"].append(p)
                     group["param_names"].append(name)
-            self.optimizer = SparseAdamW(
+            sharded = dict(model=opt_model, forward_groups=forward_groups(opt_model)) if self.sharded_step else {}
+            self.optimizer = (ShardedSparseAdamW if self.sharded_step else SparseAdamW)(
                 [g for g in groups if g["params"]],
                 lr=self.args.learning_rate,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
@@ -645,6 +677,7 @@ class SparseTrainer(Trainer):
                 impl=self.optimizer_impl,
                 state_dtype=self.state_dtype,
                 seed=self.args.seed,  # bf16 params: the stochastic rounding follows the run's seed
+                **sharded,
             )
             masks = {params[n]: m.to(params[n].device) for n, m in masks.items() if params[n].requires_grad}
             if masks:
@@ -699,6 +732,7 @@ class SparseTrainer(Trainer):
         optimizer = self.sparse_optimizer
         if optimizer is None:
             return 0
+        self._synchronize_weights()
         names = {id(p): n for n, p in self.model.named_parameters()}
         return verify_block_sparsity(optimizer, names, when)
 
@@ -719,6 +753,19 @@ class SparseTrainer(Trainer):
                     callback.close()  # the progress line and the streams it swapped
         self.verify_sparsity("at the end of training")
         return output
+
+    def _synchronize_weights(self) -> None:
+        """ShardedSparseAdamW: the peers' latest weights have landed here (before reading them outside a forward)."""
+        optimizer = self.sparse_optimizer
+        if isinstance(optimizer, ShardedSparseAdamW):
+            optimizer.synchronize()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        optimizer = self.sparse_optimizer
+        if isinstance(optimizer, ShardedSparseAdamW):
+            # The gradients travel once per optimizer step: on the micro-step that the Trainer syncs.
+            optimizer.push_gradients = self.accelerator.sync_gradients
+        return super().training_step(model, inputs, num_items_in_batch)
 
     # ----------------------------------------------------------------------------------- clipping and loading
     def _clip_grad_norm(self, model):
@@ -764,11 +811,34 @@ class SparseTrainer(Trainer):
         self.verify_sparsity(f"before saving to {output_dir or self.args.output_dir}")
         super().save_model(output_dir, _internal_call)
 
-    # ------------------------------------------------------------------------------ FSDP2 optimizer checkpoints
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        if state_dict is None and self.sharded_step:
+            # ShardedSparseAdamW keeps every weight in one buffer, which save_pretrained would take for tied weights:
+            # save host copies instead (tied weights stay tied: one copy per storage offset).
+            copies: Dict[tuple, torch.Tensor] = {}
+            state_dict = {}
+            for name, tensor in self.accelerator.unwrap_model(self.model).state_dict().items():
+                key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+                if key not in copies:
+                    copies[key] = tensor.detach().to("cpu", copy=True)
+                state_dict[name] = copies[key]
+        return super()._save(output_dir, state_dict)
+
+    # --------------------------------------------------- optimizer checkpoints under FSDP2 and the sharded step
     def _full_optimizer_state(self) -> bool:
         return "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.sharded_step:
+            # Every rank takes part in the gather; rank 0 writes the single-process format.
+            state = self.sparse_optimizer.full_state_dict(rank0_only=True)
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                torch.save(state, os.path.join(output_dir, OPTIMIZER_FILE))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+            return
         if self.fsdp_version != 2:
             return super()._save_optimizer_and_scheduler(output_dir)
         # accelerate's save_fsdp_optimizer goes through torch.distributed.checkpoint, which assumes param-shaped

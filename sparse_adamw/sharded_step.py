@@ -1,0 +1,394 @@
+"""Data parallelism on one host without DDP: each rank steps only the parameters it owns, and the gradients and
+weights move between GPUs by copy engine.
+
+Under DDP every rank all-reduces every gradient (NCCL's kernels take SMs and memory bandwidth from the backward's
+matmuls) and then clips and steps the whole model, the same work on every rank. `ShardedSparseAdamW` instead
+gives each trainable parameter one owner rank (greedily balanced by size, the same table on every rank):
+
+- backward: as soon as a parameter's gradient is complete, a hook copies it into its owner's landing buffer (on
+  the last micro-step of gradient accumulation only) and drops it;
+- clip and step: a fence waits for the peers' copies; each owner adds what landed to its own gradients, the norm
+  joins the ranks' square sums (one scalar all-reduce), and SparseAdamW steps the owned parameters, applying
+  DDP's 1 / world mean and the clip coefficient as it reads each gradient. Optimizer state exists for the owned
+  parameters only: 1 / world of it per rank;
+- after the step each owner copies its updated weights into every peer's weight buffer, one forward group (the
+  embeddings, a decoder layer, ...) at a time, each with its own fence; a forward pre-hook on the group's module
+  waits for that fence only, so the copies hide behind the forward of the groups before it.
+
+On GPUs (`CopyEngineTransport`) the weights and landing buffers live in symmetric memory
+(`torch.distributed._symmetric_memory`): a copy onto a peer's buffer is a plain device copy that a copy engine
+carries over NVLink, using no SMs, and a fence is a one-element all-reduce on the copies' stream. On the CPU
+(`GlooTransport`) copies travel at the fence as one collective: for tests, not for speed.
+
+The result equals DDP with SparseAdamW bit for bit when clipping is inactive (the sum of two gradients does not
+depend on its order, and a halving is exact); with clipping the norm's sum runs in a different order (ulps).
+
+    opt = ShardedSparseAdamW(model.parameters(), model=model, lr=1e-5, masks=masks, state_dtype=torch.bfloat16)
+    for batch in loader:                         # this rank's share of the global batch
+        model(**batch).loss.backward()
+        opt.clip_grad_norm_(1.0)                 # the norm of the mean gradient's live blocks
+        opt.step()
+        opt.zero_grad()
+    opt.synchronize()                            # before reading weights outside a forward (saving, comparing)
+    state = opt.full_state_dict(rank0_only=True)  # a single-process SparseAdamW's state dict, on rank 0
+
+Limits: one host (symmetric memory needs peer access); every trainable parameter must get a gradient on every rank
+at every step; no closure in step().
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .optimizer import SparseAdamW
+
+__all__ = ["CopyEngineTransport", "GlooTransport", "ShardedSparseAdamW", "assign_owners"]
+
+ForwardGroups = Sequence[Tuple[torch.nn.Module, Sequence[torch.nn.Parameter]]]
+
+
+def assign_owners(sizes: Sequence[int], world: int) -> List[int]:
+    """Owner rank of each of `sizes` (elements), in order: each to the least loaded rank so far (ties: lower rank)."""
+    load = [0] * world
+    owners = []
+    for size in sizes:
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners.append(rank)
+        load[rank] += size
+    return owners
+
+
+class GlooTransport:
+    """Buffers in ordinary memory; copies onto a peer are held until the next fence, which delivers every rank's
+    copies at once (one all_gather_object). CPU processes under gloo: for checking the algorithm."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.pending: List[tuple] = []
+        self.buffers: List[torch.Tensor] = []
+
+    def buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> int:
+        """Allocate a buffer of `numel` elements on every rank (collective); returns its number."""
+        self.buffers.append(torch.zeros(numel, dtype=dtype, device=device))
+        return len(self.buffers) - 1
+
+    def local(self, buffer: int) -> torch.Tensor:
+        return self.buffers[buffer]
+
+    def copy(self, src: torch.Tensor, rank: int, buffer: int, offset: int) -> None:
+        """Copy `src` (flattened) into rank `rank`'s buffer at `offset`, by the next fence."""
+        self.pending.append((rank, buffer, offset, src.detach().reshape(-1).clone()))
+
+    def fence(self):
+        """After a fence every copy that any rank issued before it has landed (collective)."""
+        everyone: List[Optional[list]] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, self.pending, group=self.group)
+        self.pending = []
+        me = dist.get_rank(self.group)
+        for copies in everyone:
+            for rank, buffer, offset, data in copies:
+                if rank == me:
+                    self.buffers[buffer][offset:offset + data.numel()].copy_(data)
+        return None
+
+    def wait(self, token) -> None:
+        """Make the caller's work wait for a fence's token (here the fence was already complete)."""
+
+
+class CopyEngineTransport:
+    """Buffers in symmetric memory; a copy onto a peer's buffer runs on a side stream, where the copy engine moves
+    it over NVLink; a fence is a one-element all-reduce on that stream, in a process group of its own (so that the
+    program's other collectives never queue behind it), and its token is an event the compute stream can wait for.
+    """
+
+    def __init__(self, device: torch.device, group=None):
+        import torch.distributed._symmetric_memory as symm_mem  # CUDA builds of torch
+
+        self.symm_mem = symm_mem
+        self.device = torch.device(device)
+        self.group = group
+        self.fence_group = dist.new_group(backend="nccl")  # collective: every rank makes one
+        self.stream = torch.cuda.Stream(self.device)
+        self.flag = torch.zeros(1, device=self.device)
+        self.buffers: List[torch.Tensor] = []
+        self.peers: List[Dict[int, torch.Tensor]] = []
+
+    def buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> int:
+        buf = self.symm_mem.empty(numel, dtype=dtype, device=self.device)
+        handle = self.symm_mem.rendezvous(buf, self.group or dist.group.WORLD)
+        me = dist.get_rank(self.group)
+        self.buffers.append(buf)
+        self.peers.append({r: handle.get_buffer(r, (numel,), dtype) for r in range(dist.get_world_size(self.group))
+                           if r != me})
+        return len(self.buffers) - 1
+
+    def local(self, buffer: int) -> torch.Tensor:
+        return self.buffers[buffer]
+
+    def copy(self, src: torch.Tensor, rank: int, buffer: int, offset: int) -> None:
+        compute = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(compute)  # src was written on the compute stream
+        with torch.cuda.stream(self.stream):
+            self.peers[buffer][rank][offset:offset + src.numel()].copy_(src.detach().reshape(-1), non_blocking=True)
+        src.record_stream(self.stream)  # its memory is not reused before the copy has read it
+
+    def fence(self):
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # reads of the buffers so far come first
+        with torch.cuda.stream(self.stream):
+            # Completes on this rank only once every rank's stream has reached it: their copies have landed.
+            dist.all_reduce(self.flag, group=self.fence_group)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def wait(self, token) -> None:
+        torch.cuda.current_stream(self.device).wait_event(token)
+
+
+class ShardedSparseAdamW(SparseAdamW):
+    """SparseAdamW for data parallelism on one host without DDP (the module docstring says how it works).
+
+    Args (besides SparseAdamW's):
+        model: the module the parameters belong to (not wrapped in DDP). Its trainable parameters must be exactly
+            the optimizer's, on one device; they are moved into the transport's weight buffers (same Parameter
+            objects, new storage), so make this optimizer before anything else keeps a reference to their data.
+        forward_groups: [(module, parameters)] in the order the forward first uses them; each group's weights
+            are fenced on their own and waited for in a forward pre-hook on its module. Default: one group, the
+            whole model, waited for at the model's forward.
+        transport: how bytes move (default: CopyEngineTransport on CUDA, GlooTransport on the CPU).
+        process_group: the data-parallel ranks (default: the whole world).
+
+    `push_gradients` (default True): set it False during the earlier micro-steps of gradient accumulation, so that
+    the gradients accumulate locally and travel once, on the last micro-step.
+    """
+
+    def __init__(self, params, *, model: torch.nn.Module, forward_groups: Optional[ForwardGroups] = None,
+                 transport=None, process_group=None, **kwargs):
+        if not dist.is_initialized():
+            raise RuntimeError("ShardedSparseAdamW needs a process group: start it under torchrun and call "
+                               "torch.distributed.init_process_group first")
+        self.process_group = process_group
+        self.rank, self.world = dist.get_rank(process_group), dist.get_world_size(process_group)
+        params = list(params)
+        super().__init__(params, **kwargs)
+        ordered = [p for group in self.param_groups for p in group["params"]]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if {id(p) for p in ordered} != {id(p) for p in trainable}:
+            raise ValueError("ShardedSparseAdamW needs exactly the model's trainable parameters: "
+                             f"it got {len(ordered)}, the model has {len(trainable)}")
+        devices = {p.device for p in ordered}
+        if len(devices) != 1:
+            raise ValueError(f"ShardedSparseAdamW needs every parameter on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        if transport is None:
+            transport = (CopyEngineTransport(self.device, process_group) if self.device.type == "cuda"
+                         else GlooTransport(process_group))
+        self.transport = transport
+        self.owner = dict(zip(map(id, ordered), assign_owners([p.numel() for p in ordered], self.world)))
+        self.owned = [p for p in ordered if self.owner[id(p)] == self.rank]
+        self._layout_buffers(ordered)
+        self.push_gradients = True
+        self._gathered = False  # this step's gradients have been gathered (landed sums added)
+        self._pending: Dict[int, object] = {}  # forward group -> the fence its module's pre-hook waits for
+        self._hooks = [p.register_post_accumulate_grad_hook(self._push_gradient)
+                       for p in ordered if self.owner[id(p)] != self.rank]
+        if forward_groups is None:
+            forward_groups = [(model, trainable)]
+        self._check_groups(forward_groups, ordered)
+        self.forward_groups = [(module, [p for p in params if p.requires_grad]) for module, params in forward_groups]
+        for index, (module, _) in enumerate(self.forward_groups):
+            self._hooks.append(module.register_forward_pre_hook(lambda *_, i=index: self._wait_group(i)))
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _layout_buffers(self, ordered: List[torch.nn.Parameter]) -> None:
+        """One weight buffer and one landing buffer per dtype. Weights: every parameter at the same offset on every
+        rank, the parameters re-pointed into it. Landing, on owner o: one slot per other rank, each laid out as o's
+        owned parameters in order (slot size: the largest rank's share, so every rank allocates alike)."""
+        self._weights: Dict[int, Tuple[int, int]] = {}  # id(p) -> (buffer, offset)
+        self._landing: Dict[int, Tuple[int, int]] = {}  # id(p) -> (buffer, offset in slot 0); owned or not
+        self._slot_size: Dict[int, int] = {}  # landing buffer -> slot size
+        for dtype in dict.fromkeys(p.dtype for p in ordered):
+            same = [p for p in ordered if p.dtype == dtype]
+            weights = self.transport.buffer(sum(p.numel() for p in same), dtype, self.device)
+            flat, offset = self.transport.local(weights), 0
+            for p in same:
+                with torch.no_grad():
+                    flat[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = flat[offset:offset + p.numel()].view_as(p)
+                self._weights[id(p)] = (weights, offset)
+                offset += p.numel()
+            share = [0] * self.world
+            landing_offsets = []
+            for p in same:
+                owner = self.owner[id(p)]
+                landing_offsets.append(share[owner])
+                share[owner] += p.numel()
+            slot = max(share)
+            landing = self.transport.buffer(max(1, (self.world - 1) * slot), dtype, self.device)
+            self._slot_size[landing] = slot
+            for p, offset in zip(same, landing_offsets):
+                self._landing[id(p)] = (landing, offset)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the weights' old storage: symmetric memory is outside PyTorch's allocator
+
+    def _check_groups(self, groups: ForwardGroups, ordered) -> None:
+        seen: Dict[int, int] = {}
+        for index, (_, params) in enumerate(groups):
+            for p in params:
+                if p.requires_grad:
+                    if id(p) in seen:
+                        raise ValueError(f"a parameter is in forward groups {seen[id(p)]} and {index}")
+                    seen[id(p)] = index
+        missing = [p for p in ordered if id(p) not in seen]
+        if missing:
+            raise ValueError(f"forward_groups leave out {len(missing)} trainable parameter(s), e.g. one of shape "
+                             f"{tuple(missing[0].shape)}")
+
+    def _check_storage(self) -> None:
+        """Every parameter still lives in its weight buffer: something that re-points one (a .to() that copies,
+        load_state_dict with assign=True) would cut it off from the peers' updates without a sound."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                buffer, offset = self._weights[id(p)]
+                local = self.transport.local(buffer)
+                if p.data_ptr() != local.data_ptr() + offset * local.element_size():
+                    raise RuntimeError(f"{self._describe(p)} no longer lives in ShardedSparseAdamW's weight buffer "
+                                       "(its storage was replaced after the optimizer was made): make the optimizer "
+                                       "after placing the model, and copy into parameters instead of replacing them")
+
+    def _slot(self, owner: int, sender: int) -> int:
+        return sender if sender < owner else sender - 1
+
+    # --------------------------------------------------------------------------------------------- gradients
+    def _push_gradient(self, p: torch.nn.Parameter) -> None:
+        if not self.push_gradients:
+            return
+        owner = self.owner[id(p)]
+        buffer, offset = self._landing[id(p)]
+        self.transport.copy(p.grad, owner, buffer, self._slot(owner, self.rank) * self._slot_size[buffer] + offset)
+        p.grad = None  # its owner has it now
+
+    @torch.no_grad()
+    def _gather_gradients(self) -> None:
+        """Once per step: wait for the peers' gradients and add them to the owned parameters' own."""
+        if self._gathered:
+            return
+        self.synchronize()  # a step with no forward since the last one: its weights must be complete
+        self._check_storage()
+        self.transport.wait(self.transport.fence())
+        grads, landed = [], []
+        for p in self.owned:
+            if p.grad is None:
+                raise RuntimeError(f"{self._describe(p)} has no gradient on rank {self.rank}: ShardedSparseAdamW "
+                                   "needs a gradient for every trainable parameter on every rank at every step")
+            buffer, offset = self._landing[id(p)]
+            local, slot = self.transport.local(buffer), self._slot_size[buffer]
+            for sender in range(self.world):
+                if sender != self.rank:
+                    start = self._slot(self.rank, sender) * slot + offset
+                    grads.append(p.grad)
+                    landed.append(local[start:start + p.numel()].view_as(p))
+        if grads:
+            torch._foreach_add_(grads, landed)
+        self._gathered = True
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of the mean gradient's live blocks over all ranks (collective: every rank calls it)."""
+        self._gather_gradients()
+        square = super().grad_norm().to(self.device, torch.float32).square()
+        dist.all_reduce(square, group=self.process_group)
+        return square.sqrt() / self.world
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise NotImplementedError("ShardedSparseAdamW.step takes no closure")
+        self._gather_gradients()
+        # The owned gradients hold the ranks' sum: DDP's mean is a scale the step applies as it reads them.
+        scale = self._grad_scale if self._grad_scale is not None else torch.ones((), device=self.device)
+        self._grad_scale = scale * (1.0 / self.world)
+        super().step()
+        self._gathered = False
+        self._push_weights()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._gathered = False
+        super().zero_grad(set_to_none)
+
+    # ---------------------------------------------------------------------------------------------- weights
+    def _push_weights(self) -> None:
+        for index, (_, params) in enumerate(self.forward_groups):
+            for p in params:
+                if self.owner[id(p)] == self.rank:
+                    buffer, offset = self._weights[id(p)]
+                    for peer in range(self.world):
+                        if peer != self.rank:
+                            self.transport.copy(p, peer, buffer, offset)
+            self._pending[index] = self.transport.fence()  # every rank fences every group, owner or not
+
+    def _wait_group(self, index: int) -> None:
+        token = self._pending.pop(index, None)
+        if token is not None:
+            self.transport.wait(token)
+
+    def synchronize(self) -> None:
+        """Make the current stream wait until every peer's latest weights have landed here: call it before reading
+        the weights outside a forward (saving, evaluating by hand, comparing)."""
+        for index in list(self._pending):
+            self._wait_group(index)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict) -> None:
+        """Load a whole-model state dict (a single-process SparseAdamW's, or `full_state_dict()`); each rank keeps
+        the moments of the parameters it owns (the masks of all)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.owner[id(p)] != self.rank and p in self.state:
+                    for key in ("exp_avg", "exp_avg_sq", "step"):
+                        self.state[p].pop(key, None)
+        self._forget_layouts()
+
+    def load_full_state_dict(self, state_dict) -> None:
+        self.load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def full_state_dict(self, *, to_cpu: bool = True, rank0_only: bool = False) -> Dict[str, object]:
+        """The state dict a single-process SparseAdamW over the whole model would have (collective: each owner
+        broadcasts its parameters' moments, one parameter at a time)."""
+        local = self.state_dict()
+        keep = not rank0_only or self.rank == 0
+        out = {}
+        for group, saved in zip(self.param_groups, local["param_groups"]):
+            for p, index in zip(group["params"], saved["params"]):
+                owner = self.owner[id(p)]
+                mine = local["state"].get(index, {})
+                has = torch.tensor([1 if "exp_avg" in mine else 0, int(mine.get("step", 0))], device=self.device)
+                dist.broadcast(has, src=dist.get_global_rank(self.process_group, owner) if self.process_group
+                               else owner, group=self.process_group)
+                state = {k: v for k, v in mine.items() if k == "block_mask"}
+                if "block_mask" not in state and p in self.state and "block_mask" in self.state[p]:
+                    state["block_mask"] = self.state[p]["block_mask"]
+                if int(has[0]):
+                    shape = self._layout(p, group).state_shape if "block_mask" in state else tuple(p.shape)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        value = mine[key] if owner == self.rank else torch.empty(shape, dtype=self.state_dtype,
+                                                                                  device=self.device)
+                        dist.broadcast(value, src=dist.get_global_rank(self.process_group, owner)
+                                       if self.process_group else owner, group=self.process_group)
+                        state[key] = value
+                    state["step"] = int(has[1])
+                if keep and state:
+                    out[index] = {k: (v.to("cpu", copy=True) if to_cpu else v.clone())
+                                  if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        return {"state": out, "param_groups": local["param_groups"]} if keep else {}
+
+    def remove_hooks(self) -> None:
+        """Stop pushing gradients and waiting in forwards (the weights stay in the transport's buffers)."""
+        self.synchronize()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
