@@ -41,7 +41,9 @@ Every other argument goes to python -m sparse_adamw.pipeline.finetune (see its -
                       made first if missing; fully offline)
   --dataset wikitext  wikitext-2-raw-v1 instead of the offline corpus (or --dataset_path FILE)
   --output_dir DIR    default: dense_finetuned_model next to the pruned_model directory
-  --fsdp              shard weights, gradients and optimizer state over the GPUs (FSDP2) instead of DDP
+  --data_parallel ddp several GPUs of one host default to the sharded step (each GPU steps its share of the
+                      parameters; gradients and weights travel by copy engine, not NCCL); ddp runs DDP instead
+  --fsdp              shard weights, gradients and optimizer state over the GPUs (FSDP2) instead
                       (2 or more GPUs; for models whose training state does not fit one GPU)
   --gradient_checkpointing, --max_steps N, --learning_rate LR, --num_train_epochs N, ...
 
@@ -205,7 +207,8 @@ source "${SCRIPT_DIR}/scripts/setup_env.sh" pipeline
 # The Python entry resolves every default (and the gradient accumulation) itself, and checks the other flags;
 # the banner shows its answer. When it refuses, its error (on stderr) is the last thing printed: no banner.
 # Gradient accumulation counts every process of every node.
-if ! CONFIG="$(SPARSE_ADAMW_PROG="$PROG" "$PYTHON" -m sparse_adamw.pipeline.finetune --print_config \
+# LOCAL_WORLD_SIZE: the processes on this node, as torchrun will set it (--data_parallel auto needs one host).
+if ! CONFIG="$(SPARSE_ADAMW_PROG="$PROG" LOCAL_WORLD_SIZE="$NPROC" "$PYTHON" -m sparse_adamw.pipeline.finetune --print_config \
         --num_processes "$(( NPROC * NNODES ))" ${PASS_ARGS[@]+"${PASS_ARGS[@]}"})"; then
     exit 2
 fi
@@ -223,8 +226,10 @@ elif [[ "$NPROC" == 1 ]]; then
     TRAINING_MODE="Single-GPU"
 elif [[ "$FSDP" == 1 ]]; then
     TRAINING_MODE="Multi-GPU (torchrun, FSDP2: weights, gradients and optimizer state sharded)"
+elif [[ "$DATA_PARALLEL" == sharded ]]; then
+    TRAINING_MODE="Multi-GPU (torchrun, sharded step: each GPU steps its share of the parameters; gradients and weights travel by copy engine)"
 else
-    TRAINING_MODE="Multi-GPU (torchrun)"
+    TRAINING_MODE="Multi-GPU (torchrun, DDP)"
 fi
 
 echo "=========================================="
@@ -322,7 +327,7 @@ if (( NNODES > 1 )); then
 elif [[ "$NPROC" == 1 ]]; then
     echo "Using single-process training ($([[ "$CPU_MODE" == 1 ]] && echo CPU || echo "GPU ${GPU_IDS}"))..."
 else
-    echo "Using multi-GPU training with torchrun (${NPROC} GPUs$([[ "$FSDP" == 1 ]] && echo ", FSDP2"))..."
+    echo "Using multi-GPU training with torchrun (${NPROC} GPUs, $([[ "$FSDP" == 1 ]] && echo FSDP2 || { [[ "$DATA_PARALLEL" == sharded ]] && echo "sharded step" || echo DDP; }))..."
 fi
 echo "Command: $(printf '%q ' "${CMD[@]}")"
 

@@ -285,13 +285,15 @@ def _liger_gpu_args(output_dir, **overrides):
 
 
 def _liger_gpu_worker(rank, world, port, model_dir, out_dir, mode):
-    """DDP or FSDP2 over NCCL with Liger-Kernel, one GPU per rank; each rank saves the whole trained weights."""
+    """DDP, FSDP2 or the sharded step over NCCL with Liger-Kernel, one GPU per rank; each rank saves the whole trained
+    weights."""
     _become_rank(rank, world, port)
     torch.cuda.set_device(rank)
     sharding = {"fsdp": True, "fsdp_config": {"version": 2}} if mode == "fsdp2" else {}
     losses = LossLog()
     trainer = SparseTrainer(model=_load(model_dir), args=_liger_gpu_args(out_dir, **sharding),
-                            train_dataset=ArithmeticTokens(), callbacks=[losses])
+                            train_dataset=ArithmeticTokens(), callbacks=[losses],
+                            data_parallel="sharded" if mode == "sharded" else "ddp")
     trainer.train()
     result = {"losses": losses.losses, "final": {n: p.cpu() for n, p in _whole_params(trainer.model).items()},
               "forward": _forward_module(trainer.model)}
@@ -299,12 +301,14 @@ def _liger_gpu_worker(rank, world, port, model_dir, out_dir, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("mode", ["fsdp2", "ddp", "sharded"])
 def test_liger_on_two_gpus_trains_lm_head_like_one_process(mode, tiny_llama, tmp_path):
     """Liger's fused linear cross-entropy reads lm_head.weight without calling lm_head, and accelerate shards
     [final norm, lm_head] as one FSDP2 unit, so FSDP2 warns that lm_head "did not run forward before backward".
     The unit is still gathered (the norm runs) and its gradients still reduced: every weight, lm_head included,
-    ends where one process with Liger on the same global batch of 4 ends, and pruned blocks stay exactly zero."""
+    ends where one process with Liger on the same global batch of 4 ends, and pruned blocks stay exactly zero. Under
+    the sharded step the head's weights travel by copy engine and are waited for at the model's forward (Liger reads
+    them without calling lm_head)."""
     pytest.importorskip("liger_kernel")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
@@ -357,6 +361,34 @@ def test_fsdp_on_the_cpu_is_refused_by_finetune():
     plan = resolve_arguments(args, training, cuda_available=True, bf16_supported=True, world_size=2)
     assert plan.training["fsdp"] is True and plan.training["fsdp_config"]["version"] == 2
     assert plan.training["gradient_accumulation_steps"] == 4  # the effective batch stays 8
+
+
+def test_data_parallel_auto_picks_the_sharded_step_on_one_host_whose_gpus_reach_each_other(monkeypatch):
+    from sparse_adamw.pipeline import finetune_config
+    from sparse_adamw.pipeline.finetune_config import _split, build_parser, resolve_arguments
+
+    def resolved(*flags, cuda=True, world=2, peers=True, local=None):
+        monkeypatch.setattr(finetune_config, "peers_reachable", lambda n: peers)
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        args, training = _split(build_parser().parse_args(["--model", "m", *flags]))
+        return resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=world).args
+
+    assert resolved().data_parallel == "sharded"
+    assert resolved(local=2).data_parallel == "sharded"
+    assert resolved(world=4, local=2).data_parallel == "ddp"  # two nodes
+    assert resolved(peers=False).data_parallel == "ddp"  # GPUs without peer access
+    assert resolved("--fsdp").data_parallel == "ddp"
+    assert resolved(cuda=False).data_parallel == "ddp"
+    assert resolved(world=1).data_parallel == "ddp"
+    assert resolved("--data_parallel", "ddp").data_parallel == "ddp"
+    assert resolved("--data_parallel", "sharded", cuda=False).data_parallel == "sharded"  # gloo: for tests
+    for flags, kwargs, message in ((("--fsdp",), {}, "pick one"), ((), {"world": 1}, "launch it with torchrun"),
+                                   ((), {"world": 4, "local": 2}, "spans several nodes")):
+        with pytest.raises(ValueError, match=message):
+            resolved("--data_parallel", "sharded", *flags, **kwargs)
 
 
 def test_print_config_says_fsdp(capsys):
