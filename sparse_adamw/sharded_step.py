@@ -186,50 +186,63 @@ class ShardedSparseAdamW(SparseAdamW):
             transport = (CopyEngineTransport(self.device, process_group) if self.device.type == "cuda"
                          else GlooTransport(process_group))
         self.transport = transport
-        self.owner = dict(zip(map(id, ordered), assign_owners([p.numel() for p in ordered], self.world)))
+        if forward_groups is None:
+            forward_groups = [(model, trainable)]
+        self._check_groups(forward_groups, ordered)
+        self.forward_groups = [(module, [p for p in params if p.requires_grad]) for module, params in forward_groups]
+        # Owners in forward order, so that each group's weights split evenly between the ranks too.
+        in_forward_order = [p for _, params in self.forward_groups for p in params]
+        self.owner = dict(zip(map(id, in_forward_order),
+                              assign_owners([p.numel() for p in in_forward_order], self.world)))
         self.owned = [p for p in ordered if self.owner[id(p)] == self.rank]
-        self._layout_buffers(ordered)
+        self._layout_buffers()
         self.push_gradients = True
         self._gathered = False  # this step's gradients have been gathered (landed sums added)
         self._pending: Dict[int, object] = {}  # forward group -> the fence its module's pre-hook waits for
         self._hooks = [p.register_post_accumulate_grad_hook(self._push_gradient)
                        for p in ordered if self.owner[id(p)] != self.rank]
-        if forward_groups is None:
-            forward_groups = [(model, trainable)]
-        self._check_groups(forward_groups, ordered)
-        self.forward_groups = [(module, [p for p in params if p.requires_grad]) for module, params in forward_groups]
         for index, (module, _) in enumerate(self.forward_groups):
             self._hooks.append(module.register_forward_pre_hook(lambda *_, i=index: self._wait_group(i)))
 
     # ----------------------------------------------------------------------------------------------- set-up
-    def _layout_buffers(self, ordered: List[torch.nn.Parameter]) -> None:
-        """One weight buffer and one landing buffer per dtype. Weights: every parameter at the same offset on every
-        rank, the parameters re-pointed into it. Landing, on owner o: one slot per other rank, each laid out as o's
-        owned parameters in order (slot size: the largest rank's share, so every rank allocates alike)."""
+    def _layout_buffers(self) -> None:
+        """One weight buffer and one landing buffer per dtype.
+
+        Weights: every parameter at the same offset on every rank, the parameters re-pointed into it, laid out by
+        forward group and within a group by owner, so that an owner sends a group's weights as one copy per peer.
+        Landing, on owner o: one slot per other rank, each laid out as o's owned parameters in order (slot size: the
+        largest rank's share, so every rank allocates alike)."""
         self._weights: Dict[int, Tuple[int, int]] = {}  # id(p) -> (buffer, offset)
+        self._segments: Dict[int, List[Tuple[int, int, int]]] = {}  # group -> this rank's [(buffer, offset, numel)]
         self._landing: Dict[int, Tuple[int, int]] = {}  # id(p) -> (buffer, offset in slot 0); owned or not
         self._slot_size: Dict[int, int] = {}  # landing buffer -> slot size
-        for dtype in dict.fromkeys(p.dtype for p in ordered):
-            same = [p for p in ordered if p.dtype == dtype]
+        everything = [p for _, params in self.forward_groups for p in params]
+        for dtype in dict.fromkeys(p.dtype for p in everything):
+            same = [p for p in everything if p.dtype == dtype]
             weights = self.transport.buffer(sum(p.numel() for p in same), dtype, self.device)
             flat, offset = self.transport.local(weights), 0
-            for p in same:
-                with torch.no_grad():
-                    flat[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
-                p.data = flat[offset:offset + p.numel()].view_as(p)
-                self._weights[id(p)] = (weights, offset)
-                offset += p.numel()
+            for index, (_, params) in enumerate(self.forward_groups):
+                for owner in range(self.world):
+                    start = offset
+                    for p in params:
+                        if p.dtype == dtype and self.owner[id(p)] == owner:
+                            with torch.no_grad():
+                                flat[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+                            p.data = flat[offset:offset + p.numel()].view_as(p)
+                            self._weights[id(p)] = (weights, offset)
+                            offset += p.numel()
+                    if owner == self.rank and offset > start:
+                        self._segments.setdefault(index, []).append((weights, start, offset - start))
             share = [0] * self.world
-            landing_offsets = []
             for p in same:
                 owner = self.owner[id(p)]
-                landing_offsets.append(share[owner])
+                self._landing[id(p)] = (None, share[owner])
                 share[owner] += p.numel()
             slot = max(share)
             landing = self.transport.buffer(max(1, (self.world - 1) * slot), dtype, self.device)
             self._slot_size[landing] = slot
-            for p, offset in zip(same, landing_offsets):
-                self._landing[id(p)] = (landing, offset)
+            for p in same:
+                self._landing[id(p)] = (landing, self._landing[id(p)][1])
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the weights' old storage: symmetric memory is outside PyTorch's allocator
 
@@ -320,13 +333,12 @@ class ShardedSparseAdamW(SparseAdamW):
 
     # ---------------------------------------------------------------------------------------------- weights
     def _push_weights(self) -> None:
-        for index, (_, params) in enumerate(self.forward_groups):
-            for p in params:
-                if self.owner[id(p)] == self.rank:
-                    buffer, offset = self._weights[id(p)]
-                    for peer in range(self.world):
-                        if peer != self.rank:
-                            self.transport.copy(p, peer, buffer, offset)
+        for index in range(len(self.forward_groups)):
+            for buffer, offset, numel in self._segments.get(index, ()):
+                segment = self.transport.local(buffer)[offset:offset + numel]
+                for peer in range(self.world):
+                    if peer != self.rank:
+                        self.transport.copy(segment, peer, buffer, offset)
             self._pending[index] = self.transport.fence()  # every rank fences every group, owner or not
 
     def _wait_group(self, index: int) -> None:

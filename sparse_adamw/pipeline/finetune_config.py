@@ -188,6 +188,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "keep at most this many checkpoints"})
     disable_tqdm: Optional[bool] = field(default=True, metadata={"help": (
         "no progress bar: `Step N: loss=...` lines only (pass False for the bar and the Trainer's log dicts)")})
+    logging_nan_inf_filter: Optional[bool] = field(default=None, metadata={"nargs": "?", "const": True, "help": (
+        "leave NaN and inf losses out of the logged loss (default off: they show; on, the Trainer reads every "
+        "micro-step's loss on the host, which makes it wait for the GPU each time)")})
     fsdp: Optional[str] = field(default=None, metadata={"nargs": "?", "const": True, "help": (
         "shard weights, gradients and SparseAdamW's state over the GPUs with FSDP2 instead of DDP (torchrun, 2 or "
         "more GPUs; --fsdp_config adds accelerate's FSDP settings). With bf16 autocast, accelerate keeps the "
@@ -263,6 +266,8 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     if training.get("fsdp"):
         _resolve_fsdp(training, on_cpu, world_size)
     _resolve_data_parallel(args, training, on_cpu, world_size)
+    if training.get("logging_nan_inf_filter") is None:
+        training["logging_nan_inf_filter"] = False
     if world_size > 1 and training.get("ddp_find_unused_parameters") is None:
         # A causal LM uses every parameter: without this the Trainer asks DDP to search the graph for unused ones
         # after every backward (it does so whenever checkpointing is off).

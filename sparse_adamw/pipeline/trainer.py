@@ -206,10 +206,10 @@ class SignalCheckpointCallback(TrainerCallback):
     The checkpoint goes through the Trainer's normal path (control.should_save), so it holds the model, the
     optimizer and scheduler states, the RNG states and trainer_state.json, and `resume_from_checkpoint` continues
     from it. A second signal during that save leaves the folder without trainer_state.json (written last), so a
-    resume that looks for it skips the folder. Under DDP the ranks agree on the stop step (one all-reduce of a flag
-    per optimizer step), so a signal that reaches them at slightly different times cannot leave one rank waiting for
-    the others. The handlers are installed at on_train_begin and removed at on_train_end (SparseTrainer also removes
-    them if training raises). `SigintCheckpointCallback` is the same class.
+    resume that looks for it skips the folder. Under several processes the ranks agree on the stop step (one
+    all-reduce of a flag per optimizer step, read one step later: they stop one step after the signal), so a signal
+    that reaches them at slightly different times cannot leave one rank waiting for the others. The handlers are
+    installed at on_train_begin and removed at on_train_end (SparseTrainer also removes them if training raises). `SigintCheckpointCallback` is the same class.
     """
 
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -219,11 +219,13 @@ class SignalCheckpointCallback(TrainerCallback):
         self.stopped_at: Optional[int] = None
         self.saved = False  # the stop checkpoint is complete
         self._first: Optional[int] = None
+        self._sent = None
         self._previous: Dict[int, object] = {}
         self._pid = os.getpid()
 
     def install(self) -> None:
         self.requested, self.stopped_at, self.saved, self._first = False, None, False, None
+        self._sent = None  # under several processes: (the flag sent at the last step, its completion)
         self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread() and not self._previous:
             for signum in self.signals:
@@ -248,15 +250,34 @@ class SignalCheckpointCallback(TrainerCallback):
                                   "is kept")
         self.requested, self._first = True, signum
         if os.environ.get("RANK", "0") == "0":
-            print(f"\n{name}: saving a checkpoint at the end of this step, then stopping "
+            when = "this step" if os.environ.get("WORLD_SIZE", "1") == "1" else "the next step (the ranks agree on it)"
+            print(f"\n{name}: saving a checkpoint at the end of {when}, then stopping "
                   f"(another {name} stops at once, without it)", file=sys.stderr, flush=True)
 
     def _agreed(self, args) -> bool:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
-            flag = torch.tensor([1.0 if self.requested else 0.0], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            return bool(flag.item())
-        return self.requested
+        """Whether the ranks stop now. Each step sends this rank's flag (an all-reduce of the maximum) and reads the
+        one sent a step earlier, long complete by then: reading this step's own would hold the host until the GPU
+        has finished the step, every step, and leave the GPU idle while the host then prepares the next one. So
+        under several processes the ranks stop together one step after the signal."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1):
+            return self.requested
+        agreed = False
+        if self._sent is not None:
+            host, done = self._sent
+            if done is not None:
+                done.synchronize()
+            agreed = bool(host.item())
+        flag = torch.full((1,), 1.0 if self.requested else 0.0, device=args.device)  # no host-to-device copy
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.device.type == "cuda":
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._sent = (host, done)
+        else:
+            self._sent = (flag, None)  # gloo's all-reduce of a CPU tensor is complete on return
+        return agreed
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.install()
