@@ -14,7 +14,9 @@ torch.nn.utils.clip_grad_norm_ over every gradient, two passes).
 
 `--data_parallel sharded` replaces DDP by ShardedSparseAdamW (sparse_adamw.sharded_step): each rank steps the
 parameters it owns, gradients and weights travel by copy engine; its one variant is `sharded`, whose backward
-includes the gradients' copies and whose step includes the weights' (the next forward waits for them per layer).
+includes the gradients' copies and whose step includes the weights' (the next forward waits for them per layer); its
+clip phase also reports two parts: `wait_peer` (a fence: the peer's backward end and the gradients still on their
+way) and `add_landed` (adding the arrived gradients to the owned ones).
 
 Per step, CUDA events on the compute stream time each phase; `ddp` steps all-reduce, `no_comm` steps run the same
 micro-steps under no_sync() (nothing is reduced); every variant (and clipping) is interleaved step by step. The
@@ -133,6 +135,13 @@ class Rank:
                 c = event()
             marks.append((a, b, c))
         clipped = event()
+        if self.sharded:
+            # Split the sharded step's gathering out of the clip: an extra fence waits for the peer (its backward's
+            # end and the gradients still on their way); the gathering's own fence then passes at once.
+            self.opt.transport.wait(self.opt.transport.fence())
+            fenced = event()
+            self.opt._gather_gradients()
+            added = event()
         if clip == "fused":
             self.opt.clip_grad_norm_(self.args.max_grad_norm)
         else:
@@ -150,6 +159,9 @@ class Rank:
         for phase, ms in zip(PHASES, (forward, backward, clipped.elapsed_time(stepped), stepped.elapsed_time(end),
                                       start.elapsed_time(end))):
             self.times.setdefault(f"{variant}/{clip}", {}).setdefault(phase, []).append(ms)
+        if self.sharded:  # parts of the clip phase
+            for phase, ms in (("wait_peer", clipped.elapsed_time(fenced)), ("add_landed", fenced.elapsed_time(added))):
+                self.times[f"{variant}/{clip}"].setdefault(phase, []).append(ms)
 
     def medians(self):
         return {v: {p: round(statistics.median(ts), 2) for p, ts in phases.items()} for v, phases in self.times.items()}
@@ -268,6 +280,8 @@ def main(argv=None):
         n = sum(p.numel() for p in r.model.parameters())
         result["allreduce_alone"] = allreduce_ms(n, int(args.bucket_cap_mb * 2**20 / 2))
     result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    if r.sharded:  # the ranks' own phases: how long each waits for the other
+        print(f"rank {rank}: {json.dumps(r.medians())}", flush=True)
     if rank == 0:
         print(json.dumps(result, indent=1), flush=True)
         if args.json:
