@@ -96,6 +96,11 @@ class GlooTransport:
     def wait(self, token) -> None:
         """Make the caller's work wait for a fence's token (here the fence was already complete)."""
 
+    def after(self, token, work) -> None:
+        """Run `work()` once `token` has passed, after the caller's work so far; returns a token for its end."""
+        work()
+        return None
+
 
 class CopyEngineTransport:
     """Buffers in symmetric memory; a copy onto a peer's buffer runs on a side stream, where the copy engine moves
@@ -110,7 +115,8 @@ class CopyEngineTransport:
         self.device = torch.device(device)
         self.group = group
         self.fence_group = dist.new_group(backend="nccl")  # collective: every rank makes one
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = torch.cuda.Stream(self.device)  # copies and fences
+        self.work_stream = torch.cuda.Stream(self.device)  # work that waits for a fence (adding what landed)
         self.flag = torch.zeros(1, device=self.device)
         self.buffers: List[torch.Tensor] = []
         self.peers: List[Dict[int, torch.Tensor]] = []
@@ -145,6 +151,16 @@ class CopyEngineTransport:
 
     def wait(self, token) -> None:
         torch.cuda.current_stream(self.device).wait_event(token)
+
+    def after(self, token, work):
+        # On a stream of its own: beside the compute stream (the backward goes on), behind the fence.
+        self.work_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.work_stream.wait_event(token)
+        with torch.cuda.stream(self.work_stream):
+            work()
+            done = torch.cuda.Event()
+            done.record(self.work_stream)
+        return done
 
 
 class ShardedSparseAdamW(SparseAdamW):
@@ -199,8 +215,13 @@ class ShardedSparseAdamW(SparseAdamW):
         self.push_gradients = True
         self._gathered = False  # this step's gradients have been gathered (landed sums added)
         self._pending: Dict[int, object] = {}  # forward group -> the fence its module's pre-hook waits for
-        self._hooks = [p.register_post_accumulate_grad_hook(self._push_gradient)
-                       for p in ordered if self.owner[id(p)] != self.rank]
+        # Backward: when a group's last gradient is complete here, a fence and the add of what landed for it.
+        self._forward_group_of = {id(p): index for index, (_, params) in enumerate(self.forward_groups)
+                                  for p in params}
+        self._group_sizes = [len(params) for _, params in self.forward_groups]
+        self._remaining = list(self._group_sizes)  # gradients of each group still to come in this step
+        self._added: List[object] = []  # tokens of this step's adds
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in ordered]
         for index, (module, _) in enumerate(self.forward_groups):
             self._hooks.append(module.register_forward_pre_hook(lambda *_, i=index: self._wait_group(i)))
 
@@ -275,27 +296,32 @@ class ShardedSparseAdamW(SparseAdamW):
         return sender if sender < owner else sender - 1
 
     # --------------------------------------------------------------------------------------------- gradients
-    def _push_gradient(self, p: torch.nn.Parameter) -> None:
+    def _on_gradient(self, p: torch.nn.Parameter) -> None:
+        """A post-accumulate-grad hook: send a gradient this rank does not own to its owner; once a forward group's
+        gradients are all complete here, fence and add what landed for the group's owned parameters (on the
+        transport's work stream, while the backward goes on)."""
         if not self.push_gradients:
             return
-        owner = self.owner[id(p)]
-        buffer, offset = self._landing[id(p)]
-        self.transport.copy(p.grad, owner, buffer, self._slot(owner, self.rank) * self._slot_size[buffer] + offset)
-        p.grad = None  # its owner has it now
+        if self.owner[id(p)] != self.rank:
+            owner = self.owner[id(p)]
+            buffer, offset = self._landing[id(p)]
+            slot = self._slot(owner, self.rank) * self._slot_size[buffer] + offset
+            self.transport.copy(p.grad, owner, buffer, slot)
+            p.grad = None  # its owner has it now
+        index = self._forward_group_of[id(p)]
+        self._remaining[index] -= 1
+        if self._remaining[index] < 0:
+            raise RuntimeError("ShardedSparseAdamW got a second gradient for a parameter in one step: with gradient "
+                               "accumulation, set push_gradients = False on every micro-step but the last")
+        if self._remaining[index] == 0:
+            self._add_landed(index)
 
-    @torch.no_grad()
-    def _gather_gradients(self) -> None:
-        """Once per step: wait for the peers' gradients and add them to the owned parameters' own."""
-        if self._gathered:
-            return
-        self.synchronize()  # a step with no forward since the last one: its weights must be complete
-        self._check_storage()
-        self.transport.wait(self.transport.fence())
+    def _add_landed(self, index: int) -> None:
+        token = self.transport.fence()  # every rank fences every group, in the backward's order
         grads, landed = [], []
-        for p in self.owned:
-            if p.grad is None:
-                raise RuntimeError(f"{self._describe(p)} has no gradient on rank {self.rank}: ShardedSparseAdamW "
-                                   "needs a gradient for every trainable parameter on every rank at every step")
+        for p in self.forward_groups[index][1]:
+            if self.owner[id(p)] != self.rank:
+                continue
             buffer, offset = self._landing[id(p)]
             local, slot = self.transport.local(buffer), self._slot_size[buffer]
             for sender in range(self.world):
@@ -304,7 +330,23 @@ class ShardedSparseAdamW(SparseAdamW):
                     grads.append(p.grad)
                     landed.append(local[start:start + p.numel()].view_as(p))
         if grads:
-            torch._foreach_add_(grads, landed)
+            self._added.append(self.transport.after(token, lambda: torch._foreach_add_(grads, landed)))
+
+    @torch.no_grad()
+    def _gather_gradients(self) -> None:
+        """Once per step, before the gradients are read: wait for the adds of what landed."""
+        if self._gathered:
+            return
+        self.synchronize()  # a step with no forward since the last one: its weights must be complete
+        self._check_storage()
+        missing = sum(self._remaining)
+        if missing:
+            raise RuntimeError(f"{missing} trainable parameter(s) sent no gradient on rank {self.rank} in this step: "
+                               "ShardedSparseAdamW needs a gradient for every trainable parameter on every rank at "
+                               "every step, sent on the last micro-step (push_gradients = True)")
+        for token in self._added:
+            self.transport.wait(token)
+        self._added, self._remaining = [], list(self._group_sizes)
         self._gathered = True
 
     @torch.no_grad()

@@ -204,8 +204,8 @@ def test_two_gpus_over_copy_engines_match_ddp(impl, dtype):
                        start_method="spawn")
 
 
-def test_needs_the_models_trainable_parameters():
-    # One gloo rank is enough for the argument checks.
+def test_refuses_what_it_cannot_do_right():
+    # One gloo rank is enough for these checks.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
@@ -216,5 +216,11 @@ def test_needs_the_models_trainable_parameters():
             ShardedSparseAdamW(net.parameters(), model=net, forward_groups=net.groups()[:2])
         with pytest.raises(NotImplementedError, match="closure"):
             ShardedSparseAdamW(net.parameters(), model=net).step(lambda: 0.0)
+        opt = ShardedSparseAdamW(net.parameters(), model=net, forward_groups=net.groups())
+        with pytest.raises(RuntimeError, match="sent no gradient"):
+            opt.step()  # no backward since the last step
+        _backward(net, 0, 0, 0, torch.float32, "cpu")
+        with pytest.raises(RuntimeError, match="second gradient for a parameter in one step"):
+            _backward(net, 0, 1, 0, torch.float32, "cpu")  # accumulation without push_gradients = False
     finally:
         dist.destroy_process_group()
