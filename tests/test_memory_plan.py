@@ -250,3 +250,14 @@ def test_the_fine_tune_on_a_gpu_measures_its_plan_and_reports_it(tmp_path):
     assert "Memory plan: micro-batch 8, gradient accumulation 1" in result.stdout, result.stdout
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["memory_plan"]["micro_batch"] == 8 and report["peak_memory_bytes"] > 0
+
+
+def test_held_for_later_follows_how_the_ranks_share_the_work():
+    model = torch.nn.Linear(64, 32).to(torch.bfloat16)  # 2 * (2048 + 32) bytes of gradients
+    grads = 2 * (64 * 32 + 32)
+    assert memory_plan.held_for_later(model, 1000, 1, "ddp") == {"optimizer state": 1000}
+    assert memory_plan.held_for_later(model, 1000, 2, "ddp") == {"optimizer state": 1000}
+    assert memory_plan.held_for_later(model, 1000, 4, "fsdp") == {"optimizer state": 250}
+    assert memory_plan.held_for_later(model, 1001, 2, "sharded") == {"optimizer state": 501, "landing buffer": grads // 2}
+    assert memory_plan.held_for_later(model, 1000, 4, "sharded") == {"optimizer state": 250,
+                                                                     "landing buffer": -(-grads * 3 // 4)}

@@ -196,6 +196,23 @@ def optimizer_state_bytes(model: torch.nn.Module, masks: Dict[str, torch.Tensor]
     return total
 
 
+def held_for_later(model: torch.nn.Module, state_bytes: int, world_size: int, mode: str) -> Dict[str, int]:
+    """What training adds beyond the trial's weights, gradients and activations, per rank: {what: bytes}.
+
+    ddp (or one process): the whole optimizer state; DDP's all-reduce buckets need nothing, SparseTrainer makes the
+    gradients views into them, so the trial's own gradients stand for them. fsdp: 1 / world of the state (the trial
+    runs the whole model, which overstates the rest). sharded (ShardedSparseAdamW): the state of a rank's share, and
+    a landing buffer for the other ranks' gradients of that share.
+    """
+    if mode == "fsdp":
+        return {"optimizer state": state_bytes // world_size}
+    if mode == "sharded":
+        grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return {"optimizer state": -(-state_bytes // world_size),
+                "landing buffer": -(-grads * (world_size - 1) // world_size)}
+    return {"optimizer state": state_bytes}
+
+
 def plan_trainer(trainer, *, seq_len: int, per_process: int, world_size: int, max_memory_gb: Optional[float] = None,
                  micro_batch: Optional[int] = None, checkpointing: Optional[bool] = None) -> MemoryPlan:
     """The plan for a SparseTrainer's run, measured with its model, loss (teacher included) and settings."""
@@ -206,15 +223,8 @@ def plan_trainer(trainer, *, seq_len: int, per_process: int, world_size: int, ma
     model.to(device)  # FSDP2: the whole model (the Trainer shards it later), which overstates the memory
     state = optimizer_state_bytes(model, trainer.masks, trainer.block_size,
                                   resolve_dtype(trainer.state_dtype or torch.float32))
-    # DDP's all-reduce buckets need no placeholder: SparseTrainer makes the gradients views into them, so the
-    # trial's own gradients stand for them.
-    reserved = {"optimizer state": state // world_size if trainer.fsdp_version else state}
-    if getattr(trainer, "sharded_step", False):
-        # ShardedSparseAdamW: each rank holds the state of its share of the parameters, and a landing buffer for the
-        # other ranks' gradients of that share (the trial's gradients stand for the rank's own).
-        grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        reserved = {"optimizer state": -(-state // world_size),
-                    "landing buffer": -(-grads * (world_size - 1) // world_size)}
+    mode = "fsdp" if trainer.fsdp_version else "sharded" if getattr(trainer, "sharded_step", False) else "ddp"
+    reserved = held_for_later(model, state, world_size, mode)
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator(device).manual_seed(0)  # the global RNG, and so the run, stays untouched
     kwargs = checkpointing_kwargs(args)
