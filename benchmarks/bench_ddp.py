@@ -246,7 +246,8 @@ def main(argv=None):
     for _ in range(args.steps):
         for v in variants:
             r.step(*v)
-    result = dict(tag=args.tag, world=r.world, data_parallel=args.data_parallel, batch=args.batch, ga=r.ga, layers=args.layers, liger=r.liger,
+    result = dict(tag=args.tag, world=r.world, data_parallel=args.data_parallel, batch=args.batch, ga=r.ga,
+                  layers=args.layers, liger=r.liger,
                   bucket_cap_mb=args.bucket_cap_mb, blas=args.blas, sm_carveout=args.sm_carveout,
                   medians=r.medians(),
                   nccl_env={k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL"))},

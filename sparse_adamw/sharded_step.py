@@ -6,11 +6,12 @@ matmuls) and then clips and steps the whole model, the same work on every rank. 
 gives each trainable parameter one owner rank (greedily balanced by size, the same table on every rank):
 
 - backward: as soon as a parameter's gradient is complete, a hook copies it into its owner's landing buffer (on
-  the last micro-step of gradient accumulation only) and drops it;
-- clip and step: a fence waits for the peers' copies; each owner adds what landed to its own gradients, the norm
-  joins the ranks' square sums (one scalar all-reduce), and SparseAdamW steps the owned parameters, applying
-  DDP's 1 / world mean and the clip coefficient as it reads each gradient. Optimizer state exists for the owned
-  parameters only: 1 / world of it per rank;
+  the last micro-step of gradient accumulation only) and drops it. Once a forward group's gradients (a decoder
+  layer's) are all complete, a fence waits for the peers' copies of that group, and each owner adds what landed
+  to its own gradients on a stream of its own, while the backward goes on;
+- clip and step: the norm joins the ranks' square sums (one scalar all-reduce), and SparseAdamW steps the owned
+  parameters, applying DDP's 1 / world mean and the clip coefficient as it reads each gradient. Optimizer state
+  exists for the owned parameters only: 1 / world of it per rank;
 - after the step each owner copies its updated weights into every peer's weight buffer, one forward group (the
   embeddings, a decoder layer, ...) at a time, each with its own fence; a forward pre-hook on the group's module
   waits for that fence only, so the copies hide behind the forward of the groups before it.
@@ -33,7 +34,9 @@ depend on its order, and a halving is exact); with clipping the norm's sum runs 
     state = opt.full_state_dict(rank0_only=True)  # a single-process SparseAdamW's state dict, on rank 0
 
 Limits: one host (symmetric memory needs peer access); every trainable parameter must get a gradient on every rank
-at every step; no closure in step().
+at every step, sent once (a step without one, or a second one before the step, raises); no closure in step().
+Fences are collectives: every rank must run the same backward graph, so that its groups complete in the same
+order everywhere.
 """
 from __future__ import annotations
 
@@ -114,7 +117,8 @@ class CopyEngineTransport:
         self.symm_mem = symm_mem
         self.device = torch.device(device)
         self.group = group
-        self.fence_group = dist.new_group(backend="nccl")  # collective: every rank makes one
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        self.fence_group = dist.new_group(ranks=ranks, backend="nccl")  # collective: every rank makes one
         self.stream = torch.cuda.Stream(self.device)  # copies and fences
         self.work_stream = torch.cuda.Stream(self.device)  # work that waits for a fence (adding what landed)
         self.flag = torch.zeros(1, device=self.device)
@@ -370,7 +374,11 @@ class ShardedSparseAdamW(SparseAdamW):
         self._push_weights()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._gathered = False
+        # Also after a backward with no step: its adds must be done before the gradients go, and the next backward
+        # starts a new count.
+        for token in self._added:
+            self.transport.wait(token)
+        self._added, self._remaining, self._gathered = [], list(self._group_sizes), False
         super().zero_grad(set_to_none)
 
     # ---------------------------------------------------------------------------------------------- weights

@@ -602,11 +602,13 @@ def test_a_real_ctrl_c_outside_training_exits_130_with_one_line(tiny, tmp_path):
         _nothing_half_written(tmp_path / point, point, tiny[1])
 
 
-@pytest.mark.parametrize("distill", [False, True], ids=["lm", "distilled"])
-def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_llama, distill):
+@pytest.mark.parametrize("distill, data_parallel", [(False, "ddp"), (True, "ddp"), (False, "sharded")],
+                         ids=["lm", "distilled", "sharded"])
+def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_llama, distill, data_parallel):
     """DDP over gloo, 2 processes x accumulation 2 against 1 process x accumulation 4: the same 4 sequences per
     step (accelerate deals the sampler's batches out round-robin), so the losses agree to fp32 summation order.
-    Distilled, each rank holds its own teacher and the loss is normalized over both ranks' tokens.
+    Distilled, each rank holds its own teacher and the loss is normalized over both ranks' tokens. The sharded step
+    (ShardedSparseAdamW over gloo) the same way, through the whole command: the final model saved from its buffer.
 
     Tolerance: the two runs differ only in how the gradient sums are associated (two half-sums all-reduced
     against one running sum), a relative difference of ~1e-7 per step that Adam carries forward; 1e-4 relative on
@@ -627,10 +629,13 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_l
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "sparse_adamw.pipeline.finetune",
-         *tiny_run_args(model_dir, corpus, tmp_path / "two", *common, "--gradient_accumulation_steps", 2)],
+         *tiny_run_args(model_dir, corpus, tmp_path / "two", *common, "--gradient_accumulation_steps", 2,
+                        "--data_parallel", data_parallel)],
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "effective batch 4 (1 x 2 process(es) x 2)" in ddp.stdout
+    assert f"Data parallel: {'sharded step' if data_parallel == 'sharded' else 'DDP'}" in ddp.stdout
+    assert json.loads((tmp_path / "two" / "finetune_report.json").read_text())["data_parallel"] == data_parallel
     assert ("Distillation: 0.7 x KL" in ddp.stdout) == distill
     one, two = _losses(single.stdout), _losses(ddp.stdout)
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 7))

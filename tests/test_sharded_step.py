@@ -74,7 +74,8 @@ def _assert_same(net, ref, exact, what):
 
 def _bitwise(impl, device) -> bool:
     """Whether this backend gives DDP's bits: Triton on a GPU contracts the gradient's scaling (1 / world, which
-    DDP applies before the step) into FMAs differently, a few ulps (docs/design.md, "Stochastic rounding of bf16 weights")."""
+    DDP applies before the step) into FMAs differently, a few ulps (docs/design.md, "Stochastic rounding of bf16
+    weights")."""
     return not (impl == "triton" and device.type == "cuda")
 
 

@@ -485,8 +485,12 @@ def local_world_size(world_size: int) -> int:
 
 
 def peers_reachable(n: int) -> bool:
-    """Whether the first n visible GPUs can all map each other's memory (NVLink or PCIe peer access), which
-    ShardedSparseAdamW's copy engines need."""
+    """Whether the first n visible GPUs can all map each other's memory (NVLink or PCIe peer access) and this
+    PyTorch has symmetric memory: what ShardedSparseAdamW's copy engines need."""
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError:
+        return False
     if torch.cuda.device_count() < n:
         return False
     return all(torch.cuda.can_device_access_peer(a, b) for a in range(n) for b in range(n) if a != b)

@@ -209,7 +209,8 @@ class SignalCheckpointCallback(TrainerCallback):
     resume that looks for it skips the folder. Under several processes the ranks agree on the stop step (one
     all-reduce of a flag per optimizer step, read one step later: they stop one step after the signal), so a signal
     that reaches them at slightly different times cannot leave one rank waiting for the others. The handlers are
-    installed at on_train_begin and removed at on_train_end (SparseTrainer also removes them if training raises). `SigintCheckpointCallback` is the same class.
+    installed at on_train_begin and removed at on_train_end (SparseTrainer also removes them if training raises).
+    `SigintCheckpointCallback` is the same class.
     """
 
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -836,6 +837,7 @@ class SparseTrainer(Trainer):
         if state_dict is None and self.sharded_step:
             # ShardedSparseAdamW keeps every weight in one buffer, which save_pretrained would take for tied weights:
             # save host copies instead (tied weights stay tied: one copy per storage offset).
+            self._synchronize_weights()
             copies: Dict[tuple, torch.Tensor] = {}
             state_dict = {}
             for name, tensor in self.accelerator.unwrap_model(self.model).state_dict().items():
