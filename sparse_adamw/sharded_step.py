@@ -448,6 +448,11 @@ class ShardedSparseAdamW(SparseAdamW):
                                   if isinstance(v, torch.Tensor) else v for k, v in state.items()}
         return {"state": out, "param_groups": local["param_groups"]} if keep else {}
 
+    def buffer_bytes(self) -> int:
+        """Bytes of this rank's weight and landing buffers (on GPUs symmetric memory, which PyTorch's allocator
+        statistics leave out)."""
+        return sum(buf.numel() * buf.element_size() for buf in self.transport.buffers)
+
     def remove_hooks(self) -> None:
         """Stop pushing gradients and waiting in forwards (the weights stay in the transport's buffers)."""
         self.synchronize()

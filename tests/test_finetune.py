@@ -635,7 +635,10 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_l
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "effective batch 4 (1 x 2 process(es) x 2)" in ddp.stdout
     assert f"Data parallel: {'sharded step' if data_parallel == 'sharded' else 'DDP'}" in ddp.stdout
-    assert json.loads((tmp_path / "two" / "finetune_report.json").read_text())["data_parallel"] == data_parallel
+    report = json.loads((tmp_path / "two" / "finetune_report.json").read_text())
+    assert report["data_parallel"] == data_parallel
+    assert (report["sharded_step_buffer_bytes"] or 0) > 0 if data_parallel == "sharded" else (
+        report["sharded_step_buffer_bytes"] is None)
     assert ("Distillation: 0.7 x KL" in ddp.stdout) == distill
     one, two = _losses(single.stdout), _losses(ddp.stdout)
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 7))

@@ -102,6 +102,8 @@ def _check(rank, impl, dtype, device):
     ref = torch.nn.parallel.DistributedDataParallel(base)
     ref_opt = SparseAdamW(ref.parameters(), **_optimizer_kwargs(impl, base.masks))
     assert 0 < len(opt.owned) < 5 and opt.state_bytes() == 0
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    assert weights + weights // 2 <= opt.buffer_bytes() < 2 * weights  # the weights, and half of them landing
     bitwise = _bitwise(impl, device)
     for step in range(EXACT_STEPS + CLIPPED_STEPS):
         exact = step < EXACT_STEPS

@@ -336,7 +336,7 @@ def _record(job: _Job, **completed) -> Dict[str, Any]:
             "fingerprint": job.fingerprint, "completed_steps": None, "completed_max_steps": None, **completed,
             "processes": {"world_size": plan.world_size, "per_device_train_batch_size": t.per_device_train_batch_size,
                           "gradient_accumulation_steps": t.gradient_accumulation_steps,
-                          "data_parallel": plan.args.data_parallel if plan.world_size > 1 else None},
+                          "data_parallel": data_parallel(plan)},
             "versions": versions()}
 
 
@@ -373,6 +373,11 @@ def _load(job: _Job) -> None:
         # bf16 on GPUs (half the memory of fp32; it only runs forward), the student's dtype on the CPU.
         with timed(job.timings, "load_teacher_s"):
             job.teacher, _ = load_model(args.teacher, "cpu", args.dtype if job.plan.on_cpu else "bfloat16")
+
+
+def data_parallel(plan: Plan) -> Optional[str]:
+    """"sharded" or "ddp" for several processes without FSDP, else None (the report's and the record's field)."""
+    return plan.args.data_parallel if plan.world_size > 1 and not plan.training.get("fsdp") else None
 
 
 DATA_PARALLEL_NOTES = {
@@ -623,6 +628,9 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "liger_kernel": bool(t.use_liger_kernel),
         "peak_memory_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() and not job.plan.on_cpu
         else None,
+        # The sharded step's weight and landing buffers: symmetric memory on GPUs, outside the peak above.
+        "sharded_step_buffer_bytes": (job.trainer.sparse_optimizer.buffer_bytes()
+                                      if job.trainer.sharded_step and job.trainer.sparse_optimizer else None),
         "sparsity": job.sparsity,
         "pruned_block_fraction": job.pruned_blocks,
         # train_loss: over every step of the run, resumes included; this_process: the steps this process ran
@@ -639,7 +647,7 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "effective_batch_size": plan.effective_batch_size, "block_size": args.block_size,
         "learning_rate": t.learning_rate, "world_size": plan.world_size,
         "device": str(t.device), "dtype": args.dtype, "bf16_autocast": bool(t.bf16),
-        "fsdp": bool(job.trainer.fsdp_version), "data_parallel": args.data_parallel if plan.world_size > 1 else None,
+        "fsdp": bool(job.trainer.fsdp_version), "data_parallel": data_parallel(plan),
         "masks_file": args.masks_file, "configuration": plan.config,
         "resumed_from": plan.resume_from, "timings_s": job.timings,
         "tokens_per_s": tokens_per_s,
