@@ -414,9 +414,6 @@ class ShardedSparseAdamW(SparseAdamW):
                         self.state[p].pop(key, None)
         self._forget_layouts()
 
-    def load_full_state_dict(self, state_dict) -> None:
-        self.load_state_dict(state_dict)
-
     @torch.no_grad()
     def full_state_dict(self, *, to_cpu: bool = True, rank0_only: bool = False) -> Dict[str, object]:
         """The state dict a single-process SparseAdamW over the whole model would have (collective: each owner
@@ -427,20 +424,17 @@ class ShardedSparseAdamW(SparseAdamW):
         for group, saved in zip(self.param_groups, local["param_groups"]):
             for p, index in zip(group["params"], saved["params"]):
                 owner = self.owner[id(p)]
-                mine = local["state"].get(index, {})
+                src = owner if self.process_group is None else dist.get_global_rank(self.process_group, owner)
+                mine = local["state"].get(index, {})  # every rank holds the masks; the owner the moments
                 has = torch.tensor([1 if "exp_avg" in mine else 0, int(mine.get("step", 0))], device=self.device)
-                dist.broadcast(has, src=dist.get_global_rank(self.process_group, owner) if self.process_group
-                               else owner, group=self.process_group)
+                dist.broadcast(has, src=src, group=self.process_group)
                 state = {k: v for k, v in mine.items() if k == "block_mask"}
-                if "block_mask" not in state and p in self.state and "block_mask" in self.state[p]:
-                    state["block_mask"] = self.state[p]["block_mask"]
                 if int(has[0]):
                     shape = self._layout(p, group).state_shape if "block_mask" in state else tuple(p.shape)
                     for key in ("exp_avg", "exp_avg_sq"):
                         value = mine[key] if owner == self.rank else torch.empty(shape, dtype=self.state_dtype,
                                                                                   device=self.device)
-                        dist.broadcast(value, src=dist.get_global_rank(self.process_group, owner)
-                                       if self.process_group else owner, group=self.process_group)
+                        dist.broadcast(value, src=src, group=self.process_group)
                         state[key] = value
                     state["step"] = int(has[1])
                 if keep and state:
@@ -452,10 +446,3 @@ class ShardedSparseAdamW(SparseAdamW):
         """Bytes of this rank's weight and landing buffers (on GPUs symmetric memory, which PyTorch's allocator
         statistics leave out)."""
         return sum(buf.numel() * buf.element_size() for buf in self.transport.buffers)
-
-    def remove_hooks(self) -> None:
-        """Stop pushing gradients and waiting in forwards (the weights stay in the transport's buffers)."""
-        self.synchronize()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
