@@ -16,7 +16,8 @@ torch.nn.utils.clip_grad_norm_ over every gradient, two passes).
 parameters it owns, gradients and weights travel by copy engine; its one variant is `sharded`, whose backward
 includes the gradients' copies and whose step includes the weights' (the next forward waits for them per layer); its
 clip phase also reports two parts: `wait_peer` (a fence: the peer's backward end and the gradients still on their
-way) and `add_landed` (adding the arrived gradients to the owned ones).
+way) and `add_landed` (the wait for the adds of the arrived gradients to the owned ones, which run beside the
+backward since de173aa; before, the whole add).
 
 Per step, CUDA events on the compute stream time each phase; `ddp` steps all-reduce, `no_comm` steps run the same
 micro-steps under no_sync() (nothing is reduced); every variant (and clipping) is interleaved step by step. The

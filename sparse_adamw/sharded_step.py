@@ -258,16 +258,15 @@ class ShardedSparseAdamW(SparseAdamW):
                             offset += p.numel()
                     if owner == self.rank and offset > start:
                         self._segments.setdefault(index, []).append((weights, start, offset - start))
-            share = [0] * self.world
+            share, in_slot = [0] * self.world, []
             for p in same:
                 owner = self.owner[id(p)]
-                self._landing[id(p)] = (None, share[owner])
+                in_slot.append(share[owner])
                 share[owner] += p.numel()
             slot = max(share)
             landing = self.transport.buffer(max(1, (self.world - 1) * slot), dtype, self.device)
             self._slot_size[landing] = slot
-            for p in same:
-                self._landing[id(p)] = (landing, self._landing[id(p)][1])
+            self._landing.update((id(p), (landing, offset)) for p, offset in zip(same, in_slot))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the weights' old storage: symmetric memory is outside PyTorch's allocator
 

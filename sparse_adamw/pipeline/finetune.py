@@ -401,7 +401,7 @@ def _make_trainer(job: _Job) -> None:
         data_collator=default_data_collator, processing_class=job.tokenizer, masks_file=args.masks_file,
         block_size=job.prune_block, optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
         teacher=job.teacher, distill=distill_config(args),
-        data_parallel="sharded" if args.data_parallel == "sharded" else "ddp",
+        data_parallel=args.data_parallel,  # resolved: "sharded" or "ddp"
     )
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())

@@ -852,29 +852,21 @@ class SparseTrainer(Trainer):
         return "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.sharded_step:
-            # Every rank takes part in the gather; rank 0 writes the single-process format.
-            state = self.sparse_optimizer.full_state_dict(rank0_only=True)
-            if self.args.should_save:
-                os.makedirs(output_dir, exist_ok=True)
-                torch.save(state, os.path.join(output_dir, OPTIMIZER_FILE))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
-            return
-        if self.fsdp_version != 2:
+        if self.fsdp_version != 2 and not self.sharded_step:
             return super()._save_optimizer_and_scheduler(output_dir)
-        # accelerate's save_fsdp_optimizer goes through torch.distributed.checkpoint, which assumes param-shaped
-        # states; SparseAdamW's are compact. The model part is saved as the Trainer saves it (it loads it back).
-        from accelerate.utils import save_fsdp_model
-        from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
+        if self.fsdp_version == 2:
+            # accelerate's save_fsdp_optimizer goes through torch.distributed.checkpoint, which assumes param-shaped
+            # states; SparseAdamW's are compact. The model part is saved as the Trainer saves it (it loads it back).
+            from accelerate.utils import save_fsdp_model
+            from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
 
-        save_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir,
-                        **get_fsdp_ckpt_kwargs())
+            save_fsdp_model(self.accelerator.state.fsdp_plugin, self.accelerator, self.model, output_dir,
+                            **get_fsdp_ckpt_kwargs())
         optimizer = self.sparse_optimizer
         os.makedirs(output_dir, exist_ok=True)
-        if self._full_optimizer_state():
-            # The format of a single-process run's optimizer.pt: resumable on any number of ranks, or none.
+        if self.sharded_step or self._full_optimizer_state():
+            # The format of a single-process run's optimizer.pt: resumable on any number of ranks, or none. Every
+            # rank takes part in the gather; rank 0 writes it.
             state = optimizer.full_state_dict(rank0_only=True)
             if self.args.should_save:
                 torch.save(state, os.path.join(output_dir, OPTIMIZER_FILE))
