@@ -21,9 +21,10 @@ backward since de173aa; before, the whole add).
 
 Per step, CUDA events on the compute stream time each phase; `ddp` steps all-reduce, `no_comm` steps run the same
 micro-steps under no_sync() (nothing is reduced); every variant (and clipping) is interleaved step by step. The
-difference of the backward times of `ddp` and `no_comm` is what communication costs the step. `--profile` also records two `ddp` steps with torch.profiler and reports the
-NCCL kernels' time, how much of it no compute kernel overlaps, and how much longer the compute kernels ran than in
-a `no_comm` step (NCCL's kernels take SMs and memory bandwidth from the backward). `--allreduce` times all-reduces of
+difference of the backward times of `ddp` and `no_comm` is what communication costs the step. `--profile` also
+records two `ddp` steps with torch.profiler and reports the NCCL kernels' time, how much of it no compute kernel
+overlaps, and how much longer the compute kernels ran than in a `no_comm` step (NCCL's kernels take SMs and memory
+bandwidth from the backward); under `--data_parallel sharded` it keeps each rank's trace of two steps in $OUT. `--allreduce` times all-reduces of
 the gradients' size alone, in buckets of --bucket_cap_mb. `--blas cublaslt --sm_carveout N` has cuBLASLt's matmuls
 leave N SMs to NCCL during the backwards that all-reduce (torch._C._set_sm_carveout_experimental).
 """
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -228,6 +231,14 @@ def kernel_overlap(trace_path: str) -> dict:
                 nccl_kernels=len(nccl))
 
 
+def gzip_into_out(path: str, name: str) -> None:
+    """Keep a profiler trace: gzipped into $OUT (the device tool's folder of results), if set."""
+    out = os.environ.get("OUT")
+    if out:
+        with open(path, "rb") as src, gzip.open(os.path.join(out, name), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if "LOCAL_RANK" in os.environ:
@@ -255,6 +266,15 @@ def main(argv=None):
                   **environment())
     result["tokens_per_s"] = {name: round(args.effective_batch * args.seq / m["total"] * 1e3)
                               for name, m in result["medians"].items()}
+    if args.profile and r.sharded:  # each rank's trace of two steps: what the clip phase waits for
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r.step("sharded", args.clips[0], record=False)
+            r.step("sharded", args.clips[0], record=False)
+        trace = f"/tmp/bench_sharded_trace_rank{rank}.json"
+        prof.export_chrome_trace(trace)
+        gzip_into_out(trace, f"bench_sharded_trace_{args.tag}_rank{rank}.json.gz")
     if args.profile and r.world > 1 and not r.sharded:
         from torch.profiler import ProfilerActivity, profile
 
@@ -269,15 +289,9 @@ def main(argv=None):
             r.step("no_comm", args.clips[0], record=False)
         prof.export_chrome_trace(trace + ".nocomm")
         result["profile_2_no_comm_steps"] = kernel_overlap(trace + ".nocomm")
-        out = os.environ.get("OUT")
-        if out and rank == 0:
-            import gzip
-            import shutil
-
+        if rank == 0:
             for path, name in ((trace, "ddp"), (trace + ".nocomm", "no_comm")):
-                with open(path, "rb") as src, gzip.open(os.path.join(out, f"bench_ddp_trace_{args.tag}_{name}.json.gz"),
-                                                        "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                gzip_into_out(path, f"bench_ddp_trace_{args.tag}_{name}.json.gz")
     if args.allreduce and r.world > 1:
         n = sum(p.numel() for p in r.model.parameters())
         result["allreduce_alone"] = allreduce_ms(n, int(args.bucket_cap_mb * 2**20 / 2))
