@@ -5,10 +5,10 @@ Under DDP every rank all-reduces every gradient (NCCL's kernels take SMs and mem
 matmuls) and then clips and steps the whole model, the same work on every rank. `ShardedSparseAdamW` instead
 gives each trainable parameter one owner rank (greedily balanced by size, the same table on every rank):
 
-- backward: as soon as a parameter's gradient is complete, a hook copies it into its owner's landing buffer (on
-  the last micro-step of gradient accumulation only) and drops it. Once a forward group's gradients (a decoder
-  layer's) are all complete, a fence waits for the peers' copies of that group, and each owner adds what landed
-  to its own gradients on a stream of its own, while the backward goes on;
+- backward: once a forward group's gradients (a decoder layer's) are all complete, a hook copies those this rank
+  does not own into their owners' landing buffers (on the last micro-step of gradient accumulation only) and drops
+  them, a fence waits for the peers' copies of that group, and each owner adds what landed to its own gradients on
+  a stream of its own, while the backward goes on;
 - clip and step: the norm joins the ranks' square sums (one scalar all-reduce), and SparseAdamW steps the owned
   parameters, applying DDP's 1 / world mean and the clip coefficient as it reads each gradient. Optimizer state
   exists for the owned parameters only: 1 / world of it per rank;
@@ -18,8 +18,8 @@ gives each trainable parameter one owner rank (greedily balanced by size, the sa
 
 On GPUs (`CopyEngineTransport`) the weights and landing buffers live in symmetric memory
 (`torch.distributed._symmetric_memory`): a copy onto a peer's buffer is a plain device copy that a copy engine
-carries over NVLink, using no SMs, and a fence is a one-element all-reduce on the copies' stream. On the CPU
-(`GlooTransport`) copies travel at the fence as one collective: for tests, not for speed.
+carries over NVLink, using no SMs, and a fence is symmetric memory's barrier (signal pads) on the copies'
+stream. On the CPU (`GlooTransport`) copies travel at the fence as one collective: for tests, not for speed.
 
 The result equals DDP with SparseAdamW bit for bit when clipping is inactive (the sum of two gradients does not
 depend on its order, and a halving is exact); with clipping the norm's sum runs in a different order (ulps).
@@ -64,8 +64,10 @@ def assign_owners(sizes: Sequence[int], world: int) -> List[int]:
 
 
 class GlooTransport:
-    """Buffers in ordinary memory; copies onto a peer are held until the next fence, which delivers every rank's
-    copies at once (one all_gather_object). CPU processes under gloo: for checking the algorithm."""
+    """Buffers in ordinary memory. A fence gathers every rank's copies issued before it (one all_gather_object), and
+    they land on a rank only when it waits for the fence's token: the latest a GPU's copies can land, so that the CPU
+    tests fail where the code reads a buffer without waiting for it. CPU processes under gloo, for checking the
+    algorithm."""
 
     def __init__(self, group=None):
         self.group = group
@@ -80,54 +82,58 @@ class GlooTransport:
     def local(self, buffer: int) -> torch.Tensor:
         return self.buffers[buffer]
 
-    def copy(self, src: torch.Tensor, rank: int, buffer: int, offset: int) -> None:
-        """Copy `src` (flattened) into rank `rank`'s buffer at `offset`, by the next fence."""
-        self.pending.append((rank, buffer, offset, src.detach().reshape(-1).clone()))
+    def send(self, copies: Sequence[Tuple[torch.Tensor, int, int, int]]) -> None:
+        """For each (src, rank, buffer, offset): copy `src` (flattened) into rank `rank`'s buffer at `offset`, by
+        the next fence."""
+        self.pending.extend((rank, buffer, offset, src.detach().reshape(-1).clone())
+                            for src, rank, buffer, offset in copies)
 
-    def fence(self):
-        """After a fence every copy that any rank issued before it has landed (collective)."""
+    def fence(self) -> list:
+        """Every copy that any rank issued before the fence lands here once the fence's token is waited for
+        (collective)."""
         everyone: List[Optional[list]] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(everyone, self.pending, group=self.group)
         self.pending = []
         me = dist.get_rank(self.group)
-        for copies in everyone:
-            for rank, buffer, offset, data in copies:
-                if rank == me:
-                    self.buffers[buffer][offset:offset + data.numel()].copy_(data)
-        return None
+        return [(buffer, offset, data) for copies in everyone for rank, buffer, offset, data in copies if rank == me]
 
     def wait(self, token) -> None:
-        """Make the caller's work wait for a fence's token (here the fence was already complete)."""
+        """Make the caller's work wait for a fence's token: here, land its copies (once)."""
+        while token:
+            buffer, offset, data = token.pop()
+            self.buffers[buffer][offset:offset + data.numel()].copy_(data)
 
     def after(self, token, work) -> None:
         """Run `work()` once `token` has passed, after the caller's work so far; returns a token for its end."""
+        self.wait(token)
         work()
         return None
 
 
 class CopyEngineTransport:
     """Buffers in symmetric memory; a copy onto a peer's buffer runs on a side stream, where the copy engine moves
-    it over NVLink; a fence is a one-element all-reduce on that stream, in a process group of its own (so that the
-    program's other collectives never queue behind it), and its token is an event the compute stream can wait for.
-    """
+    it over NVLink; a fence is symmetric memory's barrier on that stream (each rank raises a flag in every peer's
+    signal pad and waits for theirs: one small kernel, launched in microseconds where a collective through a
+    process group costs a hundred), and its token is an event the compute stream can wait for."""
 
     def __init__(self, device: torch.device, group=None):
         import torch.distributed._symmetric_memory as symm_mem  # CUDA builds of torch
 
         self.symm_mem = symm_mem
         self.device = torch.device(device)
-        self.group = group
-        ranks = None if group is None else dist.get_process_group_ranks(group)
-        self.fence_group = dist.new_group(ranks=ranks, backend="nccl")  # collective: every rank makes one
+        self.group = group if group is not None else dist.group.WORLD
         self.stream = torch.cuda.Stream(self.device)  # copies and fences
         self.work_stream = torch.cuda.Stream(self.device)  # work that waits for a fence (adding what landed)
-        self.flag = torch.zeros(1, device=self.device)
         self.buffers: List[torch.Tensor] = []
         self.peers: List[Dict[int, torch.Tensor]] = []
+        self._views: Dict[tuple, torch.Tensor] = {}  # (buffer, rank, offset, shape) -> where a copy lands
+        # The fences' signal pads come with an allocation: a small one of their own (collective).
+        self._signal_buffer = symm_mem.empty(16, dtype=torch.int32, device=self.device)
+        self.signals = symm_mem.rendezvous(self._signal_buffer, self.group)
 
     def buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> int:
         buf = self.symm_mem.empty(numel, dtype=dtype, device=self.device)
-        handle = self.symm_mem.rendezvous(buf, self.group or dist.group.WORLD)
+        handle = self.symm_mem.rendezvous(buf, self.group)
         me = dist.get_rank(self.group)
         self.buffers.append(buf)
         self.peers.append({r: handle.get_buffer(r, (numel,), dtype) for r in range(dist.get_world_size(self.group))
@@ -137,18 +143,24 @@ class CopyEngineTransport:
     def local(self, buffer: int) -> torch.Tensor:
         return self.buffers[buffer]
 
-    def copy(self, src: torch.Tensor, rank: int, buffer: int, offset: int) -> None:
-        compute = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(compute)  # src was written on the compute stream
+    def send(self, copies: Sequence[Tuple[torch.Tensor, int, int, int]]) -> None:
+        # One stream switch for all of them: the hooks of a backward call this a few dozen times per step, and the
+        # host's time per call is what the GPU may end up waiting for.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the sources were written there
         with torch.cuda.stream(self.stream):
-            self.peers[buffer][rank][offset:offset + src.numel()].copy_(src.detach().reshape(-1), non_blocking=True)
-        src.record_stream(self.stream)  # its memory is not reused before the copy has read it
+            for src, rank, buffer, offset in copies:
+                key = (buffer, rank, offset, src.shape)
+                dst = self._views.get(key)
+                if dst is None:
+                    dst = self._views[key] = self.peers[buffer][rank][offset:offset + src.numel()].view(src.shape)
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(self.stream)  # its memory is not reused before the copy has read it
 
     def fence(self):
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # reads of the buffers so far come first
         with torch.cuda.stream(self.stream):
-            # Completes on this rank only once every rank's stream has reached it: their copies have landed.
-            dist.all_reduce(self.flag, group=self.fence_group)
+            # Passes on this rank once every rank's stream has reached it: their copies before it have landed.
+            self.signals.barrier(channel=0)
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
@@ -224,6 +236,7 @@ class ShardedSparseAdamW(SparseAdamW):
                                   for p in params}
         self._group_sizes = [len(params) for _, params in self.forward_groups]
         self._remaining = list(self._group_sizes)  # gradients of each group still to come in this step
+        self._outgoing: List[List[torch.nn.Parameter]] = [[] for _ in self.forward_groups]  # complete, not sent
         self._added: List[object] = []  # tokens of this step's adds
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in ordered]
         for index, (module, _) in enumerate(self.forward_groups):
@@ -238,9 +251,9 @@ class ShardedSparseAdamW(SparseAdamW):
         Landing, on owner o: one slot per other rank, each laid out as o's owned parameters in order (slot size: the
         largest rank's share, so every rank allocates alike)."""
         self._weights: Dict[int, Tuple[int, int]] = {}  # id(p) -> (buffer, offset)
-        self._segments: Dict[int, List[Tuple[int, int, int]]] = {}  # group -> this rank's [(buffer, offset, numel)]
-        self._landing: Dict[int, Tuple[int, int]] = {}  # id(p) -> (buffer, offset in slot 0); owned or not
-        self._slot_size: Dict[int, int] = {}  # landing buffer -> slot size
+        self._segments: Dict[int, List[Tuple[torch.Tensor, int, int]]] = {}  # group -> [(weights, buffer, offset)]
+        self._send_to: Dict[int, Tuple[int, int, int]] = {}  # id(p), not owned -> (owner, buffer, offset there)
+        self._landed: Dict[int, List[torch.Tensor]] = {}  # id(p), owned -> the peers' gradients of p, landed here
         everything = [p for _, params in self.forward_groups for p in params]
         for dtype in dict.fromkeys(p.dtype for p in everything):
             same = [p for p in everything if p.dtype == dtype]
@@ -256,8 +269,8 @@ class ShardedSparseAdamW(SparseAdamW):
                             p.data = flat[offset:offset + p.numel()].view_as(p)
                             self._weights[id(p)] = (weights, offset)
                             offset += p.numel()
-                    if owner == self.rank and offset > start:
-                        self._segments.setdefault(index, []).append((weights, start, offset - start))
+                    if owner == self.rank and offset > start:  # this rank's weights of the group: one copy per peer
+                        self._segments.setdefault(index, []).append((flat[start:offset], weights, start))
             share, in_slot = [0] * self.world, []
             for p in same:
                 owner = self.owner[id(p)]
@@ -265,8 +278,15 @@ class ShardedSparseAdamW(SparseAdamW):
                 share[owner] += p.numel()
             slot = max(share)
             landing = self.transport.buffer(max(1, (self.world - 1) * slot), dtype, self.device)
-            self._slot_size[landing] = slot
-            self._landing.update((id(p), (landing, offset)) for p, offset in zip(same, in_slot))
+            local = self.transport.local(landing)
+            for p, offset in zip(same, in_slot):
+                owner = self.owner[id(p)]
+                if owner != self.rank:  # where this rank's gradient of p lands on its owner
+                    self._send_to[id(p)] = (owner, landing, self._slot(owner, self.rank) * slot + offset)
+                else:  # where each peer's gradient of p lands here
+                    self._landed[id(p)] = [local[start:start + p.numel()].view_as(p) for start in
+                                           (self._slot(self.rank, sender) * slot + offset
+                                            for sender in range(self.world) if sender != self.rank)]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the weights' old storage: symmetric memory is outside PyTorch's allocator
 
@@ -300,38 +320,32 @@ class ShardedSparseAdamW(SparseAdamW):
 
     # --------------------------------------------------------------------------------------------- gradients
     def _on_gradient(self, p: torch.nn.Parameter) -> None:
-        """A post-accumulate-grad hook: send a gradient this rank does not own to its owner; once a forward group's
-        gradients are all complete here, fence and add what landed for the group's owned parameters (on the
-        transport's work stream, while the backward goes on)."""
+        """A post-accumulate-grad hook. Once a forward group's gradients are all complete here: send those this
+        rank does not own to their owners, fence, and add what landed for the owned ones (on the transport's work
+        stream, while the backward goes on). Kept short: it runs on the backward's thread, once per parameter."""
         if not self.push_gradients:
             return
-        if self.owner[id(p)] != self.rank:
-            owner = self.owner[id(p)]
-            buffer, offset = self._landing[id(p)]
-            slot = self._slot(owner, self.rank) * self._slot_size[buffer] + offset
-            self.transport.copy(p.grad, owner, buffer, slot)
-            p.grad = None  # its owner has it now
         index = self._forward_group_of[id(p)]
+        if id(p) in self._send_to:
+            self._outgoing[index].append(p)
         self._remaining[index] -= 1
         if self._remaining[index] < 0:
             raise RuntimeError("ShardedSparseAdamW got a second gradient for a parameter in one step: with gradient "
                                "accumulation, set push_gradients = False on every micro-step but the last")
         if self._remaining[index] == 0:
-            self._add_landed(index)
+            self._exchange(index)
 
-    def _add_landed(self, index: int) -> None:
+    def _exchange(self, index: int) -> None:
+        outgoing, self._outgoing[index] = self._outgoing[index], []
+        self.transport.send([(p.grad, *self._send_to[id(p)]) for p in outgoing])
+        for p in outgoing:
+            p.grad = None  # its owner has it now
         token = self.transport.fence()  # every rank fences every group, in the backward's order
         grads, landed = [], []
         for p in self.forward_groups[index][1]:
-            if self.owner[id(p)] != self.rank:
-                continue
-            buffer, offset = self._landing[id(p)]
-            local, slot = self.transport.local(buffer), self._slot_size[buffer]
-            for sender in range(self.world):
-                if sender != self.rank:
-                    start = self._slot(self.rank, sender) * slot + offset
-                    grads.append(p.grad)
-                    landed.append(local[start:start + p.numel()].view_as(p))
+            for view in self._landed.get(id(p), ()):
+                grads.append(p.grad)
+                landed.append(view)
         if grads:
             self._added.append(self.transport.after(token, lambda: torch._foreach_add_(grads, landed)))
 
@@ -378,16 +392,14 @@ class ShardedSparseAdamW(SparseAdamW):
         for token in self._added:
             self.transport.wait(token)
         self._added, self._remaining, self._gathered = [], list(self._group_sizes), False
+        self._outgoing = [[] for _ in self.forward_groups]
         super().zero_grad(set_to_none)
 
     # ---------------------------------------------------------------------------------------------- weights
     def _push_weights(self) -> None:
         for index in range(len(self.forward_groups)):
-            for buffer, offset, numel in self._segments.get(index, ()):
-                segment = self.transport.local(buffer)[offset:offset + numel]
-                for peer in range(self.world):
-                    if peer != self.rank:
-                        self.transport.copy(segment, peer, buffer, offset)
+            self.transport.send([(segment, peer, buffer, offset) for segment, buffer, offset in
+                                 self._segments.get(index, ()) for peer in range(self.world) if peer != self.rank])
             self._pending[index] = self.transport.fence()  # every rank fences every group, owner or not
 
     def _wait_group(self, index: int) -> None:

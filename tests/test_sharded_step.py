@@ -2,6 +2,7 @@
 the same losses and weights bit for bit while clipping is inactive (gradient accumulation included), within a few
 ulps with clipping; pruned blocks exactly zero; the gathered state equals DDP's optimizer state; a resume from it
 continues exactly. On the CPU over gloo (GlooTransport), and on 2 GPUs over copy engines (CopyEngineTransport)."""
+import datetime
 import os
 import socket
 
@@ -85,12 +86,13 @@ def _worker(rank, world, port, impl, dtype, device_type):
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    try:
-        _check(rank, impl, dtype, device)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    # A rank whose check fails raises at once (no barrier), and start_processes stops the other, which may be
+    # waiting in a collective; the timeout covers the rest.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=3))
+    _check(rank, impl, dtype, device)
+    dist.barrier()
+    dist.destroy_process_group()
     os._exit(0)  # see test_distributed.py: teardown under load sometimes aborts after the work is done
 
 

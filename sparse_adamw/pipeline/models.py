@@ -108,10 +108,11 @@ def liger_supports(model) -> bool:
 def forward_groups(model) -> list:
     """[(module, trainable parameters)] in the order a decoder-only LM's forward first uses them, for
     ShardedSparseAdamW, which fences each group's weights on its own and waits for them in a pre-hook on the module:
-    first everything outside the embeddings and the decoder layers (final norm, head, anything else), waited for at
-    the model's own forward, which is safe wherever the model uses them (Liger's fused cross-entropy reads the
-    head's weight without calling the head); then the embeddings; then each decoder layer. A model without
-    `model.layers` (a ModuleList) is one group."""
+    the embeddings, each decoder layer, then the final norm with the head. The head comes last because the next
+    forward then waits only for the embeddings' copies; its wait is at the final norm, which runs before anything
+    reads the head (Liger's fused cross-entropy reads the head's weight without calling the head). Parameters
+    anywhere else (a model of another layout) form a first group waited for at the model's own forward, which is
+    safe wherever the model uses them. A model without `model.layers` (a ModuleList) is one group."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -119,7 +120,14 @@ def forward_groups(model) -> list:
         return [(model, [p for p in model.parameters() if p.requires_grad])]
     groups = [(embed, list(embed.parameters()))] + [(layer, list(layer.parameters())) for layer in layers]
     seen = {id(p) for _, params in groups for p in params}
-    groups.insert(0, (model, [p for p in model.parameters() if id(p) not in seen]))
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    norm = getattr(inner, "norm", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tail = {id(p) for m in (norm, head) if isinstance(m, torch.nn.Module) for p in m.parameters()}
+    if isinstance(norm, torch.nn.Module) and all(id(p) in tail for p in rest):
+        groups.append((norm, rest))
+    else:
+        groups.insert(0, (model, rest))
     return [(module, [p for p in params if p.requires_grad]) for module, params in groups]
 
 
