@@ -9,6 +9,8 @@
 #   STATE_DTYPE=float32 for fp32 optimizer states; EXTRA="--ddp_bucket_cap_mb 100" TAG=b100: more flags, and a
 #   name for the runs' logs)
 # No checkpoint is written (--save_strategy no): the 7B state takes a minute to write and is not what is timed.
+# The loss is logged as the fine-tune does by default, every 10 steps: each log waits for the GPU. (The runs in
+# benchmarks/RESULTS.md before its section "Host time in the sharded step" logged every 2 steps.)
 set -uo pipefail
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
@@ -28,7 +30,7 @@ for run in ${RUNS:-1 2 2d 2f}; do
     name="gpu${gpus}${kind}_${STATE_DTYPE}${TAG:+_$TAG}"
     timeout "${RUN_TIMEOUT:-200}" bash run_dense_finetune.sh --yes --num_gpus "$gpus" \
         ${mode[@]+"${mode[@]}"} --model /tmp/r7b --output_dir "/tmp/$name" --overwrite_output_dir \
-        --max_train_samples $((8 * STEPS)) --num_train_epochs 1 --logging_steps 2 --skip_eval --no_distill \
+        --max_train_samples $((8 * STEPS)) --num_train_epochs 1 --skip_eval --no_distill \
         --max_memory_gb 80 --state_dtype "$STATE_DTYPE" --save_strategy no $EXTRA > "$OUT/$name.log" 2>&1
     echo "== $name: exit $?"
     grep -E "Memory plan|tried|Data parallel|^Training:|Error|error" "$OUT/$name.log" | tail -8
