@@ -24,9 +24,10 @@ micro-steps under no_sync() (nothing is reduced); every variant (and clipping) i
 difference of the backward times of `ddp` and `no_comm` is what communication costs the step. `--profile` also
 records two `ddp` steps with torch.profiler and reports the NCCL kernels' time, how much of it no compute kernel
 overlaps, and how much longer the compute kernels ran than in a `no_comm` step (NCCL's kernels take SMs and memory
-bandwidth from the backward); under `--data_parallel sharded` it keeps each rank's trace of two steps in $OUT. `--allreduce` times all-reduces of
-the gradients' size alone, in buckets of --bucket_cap_mb. `--blas cublaslt --sm_carveout N` has cuBLASLt's matmuls
-leave N SMs to NCCL during the backwards that all-reduce (torch._C._set_sm_carveout_experimental).
+bandwidth from the backward); under `--data_parallel sharded` it keeps each rank's trace of two steps in $OUT.
+`--allreduce` times all-reduces of the gradients' size alone, in buckets of --bucket_cap_mb. `--blas cublaslt
+--sm_carveout N` has cuBLASLt's matmuls leave N SMs to NCCL during the backwards that all-reduce
+(torch._C._set_sm_carveout_experimental).
 """
 from __future__ import annotations
 

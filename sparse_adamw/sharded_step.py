@@ -19,7 +19,8 @@ gives each trainable parameter one owner rank (greedily balanced by size, the sa
 On GPUs (`CopyEngineTransport`) the weights and landing buffers live in symmetric memory
 (`torch.distributed._symmetric_memory`): a copy onto a peer's buffer is a plain device copy that a copy engine
 carries over NVLink, using no SMs, and a fence is symmetric memory's barrier (signal pads) on the copies'
-stream. On the CPU (`GlooTransport`) copies travel at the fence as one collective: for tests, not for speed.
+stream. On the CPU (`GlooTransport`) a fence gathers the copies in one collective, and they land when the fence is
+waited for: for tests, not for speed.
 
 The result equals DDP with SparseAdamW bit for bit when clipping is inactive (the sum of two gradients does not
 depend on its order, and a halving is exact); with clipping the norm's sum runs in a different order (ulps).
