@@ -4,8 +4,9 @@
 # under the default memory plan on an emulated 80 GB card; the steady tokens/s of each run (finetune_report.json)
 # compare them.
 # Usage: RUNS="1 2 2d 2f" bash benchmarks/ddp_scaling.sh
-#   (the offline corpus must be importable; logs go to $OUT; RUNS: 1 = one GPU, 2 = two GPUs with the default
-#   --data_parallel (auto: the sharded step), 2d = DDP, 2f = FSDP2;
+#   (the offline corpus must be importable; logs go to $OUT; RUNS: 1 = one GPU (GPU 0), 1@N = one GPU on GPU N,
+#   2 = two GPUs with the default --data_parallel (auto: the sharded step), 2d = DDP, 2f = FSDP2;
+#   one H200 differs from the next by a few %, and two GPUs go at the slower one's pace: "1 1@1 2" measures both;
 #   STATE_DTYPE=float32 for fp32 optimizer states; EXTRA="--ddp_bucket_cap_mb 100" TAG=b100: more flags, and a
 #   name for the runs' logs)
 # No checkpoint is written (--save_strategy no): the 7B state takes a minute to write and is not what is timed.
@@ -22,9 +23,11 @@ EXTRA=${EXTRA:-}
     --output_dir /tmp/r7b > "$OUT/make.log" 2>&1 || { tail "$OUT/make.log"; exit 1; }
 for run in ${RUNS:-1 2 2d 2f}; do
     gpus=${run%[df]}
+    gpus=${gpus%@*}
     case "$run" in
         *d) mode=(--data_parallel ddp); kind=_ddp ;;
         *f) mode=(--fsdp); kind=_fsdp2 ;;
+        *@*) mode=(--gpu_ids "${run#*@}"); kind="_on${run#*@}" ;;
         *) mode=(); kind="" ;;
     esac
     name="gpu${gpus}${kind}_${STATE_DTYPE}${TAG:+_$TAG}"
