@@ -68,8 +68,9 @@ Performance:
     (benchmarks/RESULTS_cpu_finetune.md)
   SmolLM2-135M, the default (3 epochs, distilled) on one H200: 60 s of training, perplexity 375 -> 18.95
   LLaMA-2-7B shape, one H200 held to 80 GB: the memory plan trains at 14,160 tokens/s, 3.6x the guide's
-    configuration (batch 1, checkpointing, gradient masking); 2 H200s: 1.88x to 1.90x one under the
-    default sharded step, 1.71x under DDP (benchmarks/RESULTS.md)
+    configuration (batch 1, checkpointing, gradient masking); 2 H200s: 1.87x to 1.92x one (1.905x at
+    the median of three same-call pairs) under the default sharded step, 1.71x under DDP
+    (benchmarks/RESULTS.md)
   LLaMA-2-7B, the guide's estimates on A100 80GB (not measured here):
   1 GPU: ~24-36 hours
   2 GPUs: ~14-20 hours (1.7x speedup)

@@ -307,7 +307,7 @@ def test_liger_on_two_gpus_trains_lm_head_like_one_process(mode, tiny_llama, tmp
     [final norm, lm_head] as one FSDP2 unit, so FSDP2 warns that lm_head "did not run forward before backward".
     The unit is still gathered (the norm runs) and its gradients still reduced: every weight, lm_head included,
     ends where one process with Liger on the same global batch of 4 ends, and pruned blocks stay exactly zero. Under
-    the sharded step the head's weights travel by copy engine and are waited for at the model's forward (Liger reads
+    the sharded step the head's weights travel by copy engine and are waited for at the final norm (Liger reads
     them without calling lm_head)."""
     pytest.importorskip("liger_kernel")
     if torch.cuda.device_count() < 2:
