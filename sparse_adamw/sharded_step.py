@@ -362,9 +362,7 @@ class ShardedSparseAdamW(SparseAdamW):
             raise RuntimeError(f"{missing} trainable parameter(s) sent no gradient on rank {self.rank} in this step: "
                                "ShardedSparseAdamW needs a gradient for every trainable parameter on every rank at "
                                "every step, sent on the last micro-step (push_gradients = True)")
-        for token in self._added:
-            self.transport.wait(token)
-        self._added, self._remaining = [], list(self._group_sizes)
+        self._end_backward()
         self._gathered = True
 
     @torch.no_grad()
@@ -390,11 +388,16 @@ class ShardedSparseAdamW(SparseAdamW):
     def zero_grad(self, set_to_none: bool = True) -> None:
         # Also after a backward with no step: its adds must be done before the gradients go, and the next backward
         # starts a new count.
-        for token in self._added:
-            self.transport.wait(token)
-        self._added, self._remaining, self._gathered = [], list(self._group_sizes), False
+        self._end_backward()
+        self._gathered = False
         self._outgoing = [[] for _ in self.forward_groups]
         super().zero_grad(set_to_none)
+
+    def _end_backward(self) -> None:
+        """The current stream waits for this backward's adds of what landed; the next backward counts afresh."""
+        for token in self._added:
+            self.transport.wait(token)
+        self._added, self._remaining = [], list(self._group_sizes)
 
     # ---------------------------------------------------------------------------------------------- weights
     def _push_weights(self) -> None:
