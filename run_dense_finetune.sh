@@ -265,6 +265,7 @@ echo "  Block size: ${BLOCK_SIZE}"
 echo "  Max train samples: ${MAX_TRAIN_SAMPLES}"
 echo "  Distillation: ${DISTILL}"
 echo "  Precision: ${DTYPE} weights$([[ "$DTYPE" == bfloat16 ]] && echo " (stochastic rounding)")$([[ "$BF16" == 1 ]] && echo ", bf16 autocast"), ${STATE_DTYPE} optimizer states$([[ "$STATE_DTYPE" == bfloat16 ]] && echo " (exp_avg_sq rounded stochastically)")"
+echo "  Disk: ${DISK_PLAN}"
 echo "=========================================="
 echo ""
 

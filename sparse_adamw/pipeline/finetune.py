@@ -47,23 +47,25 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from transformers import TrainerCallback
 
 from ..masks import MASKS_FILE, leaked_blocks, normalize_block_size, save_masks
 from ..sparsity import check_sparsity, pruned_fraction
+from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
 from .data import DEFAULT_DATASET
+from .checkpoints import WRITE_ERRORS, describe_error, disk_refusal, out_of_memory_message, suggested_memory_gb
 from .finetune_config import (
     FinetuneArguments,
     FinetuneTrainingArguments,
     Plan,
     describe_dataset,
+    disk_plan,
     distill_config,
     format_lr,
     parse_arguments,
     print_config,
 )
-from .memory_plan import CHECKPOINTING_ARGS
+from .memory_plan import CHECKPOINTING_ARGS, MARGIN
 from .models import DEFAULT_MODEL, liger_supports
 from .run_folder import (
     RECORD_FORMAT,
@@ -90,6 +92,7 @@ from .run_folder import (
 )
 
 EXIT_INTERRUPTED = 130  # the shell's code for a job stopped by SIGINT
+EXIT_FAILED = 1  # out of GPU memory mid-run, or the final model could not be written: a rerun resumes
 # A model with at least this fraction of exact zeros in its decoder Linear weights is a pruned one (a quantized
 # but unpruned checkpoint has a few hundredths of a percent): if none of its blocks is all zero, it was pruned in
 # another block shape.
@@ -109,41 +112,6 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
-
-
-class LogAtCheckpoints(TrainerCallback):
-    """Log the loss whenever a checkpoint is saved or training stops: the checkpoints' log histories then cover every
-    step, so the whole run's mean loss survives a resume. Added after the callbacks that decide to save or stop."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save or control.should_training_stop:
-            control.should_log = True
-        return control
-
-    on_epoch_end = on_step_end
-
-
-class StepClock(TrainerCallback):
-    """When each optimizer step of this process ended: the steady rate leaves out the first steps (warm-up,
-    kernel compilation, the allocator growing). Also how long the checkpoints took to write: on a 7B model with fp32
-    states each one is ~57 GB, which dominates the whole-run rate of a short run."""
-
-    def __init__(self):
-        self.ends: List[float] = []
-        self.checkpoint_seconds = 0.0
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-    def on_save(self, args, state, control, **kwargs):  # called once the checkpoint of this step is written
-        if self.ends:
-            self.checkpoint_seconds += time.perf_counter() - self.ends[-1]
-
-    def steady_seconds_per_step(self) -> Optional[float]:
-        skip = min(3, len(self.ends) // 3)
-        if len(self.ends) - skip < 2:
-            return None
-        return (self.ends[-1] - self.ends[skip]) / (len(self.ends) - 1 - skip)
 
 
 def whole_run_loss(log_history: List[Dict[str, Any]], after: int = 0) -> Optional[float]:
@@ -228,6 +196,7 @@ class _Job:
     model: Any = None  # before training; the Trainer may wrap or shard it
     teacher: Any = None  # the dense model, with distillation
     memory: Any = None  # the MemoryPlan measured on GPUs
+    training_peak: Optional[int] = None  # GPUs: the most memory the allocator reserved while training
     clock: Any = None  # StepClock
     tokenizer: Any = None
     train: Optional[torch.Tensor] = None
@@ -402,6 +371,7 @@ def _make_trainer(job: _Job) -> None:
         block_size=job.prune_block, optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
         teacher=job.teacher, distill=distill_config(args),
         data_parallel=args.data_parallel,  # resolved: "sharded" or "ddp"
+        checkpoint_at_end=args.keep_checkpoints,  # else the end writes the fine-tuned model only
     )
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())
@@ -493,22 +463,77 @@ def _evaluate_before(job: _Job) -> None:
         job.say(f"Perplexity of the dense teacher: {job.perplexity['dense']:.4f} ({job.timings['eval_dense_s']:.1f} s)")
 
 
-def _train(job: _Job) -> bool:
-    """Train (resuming from the last checkpoint); False when Ctrl+C stopped it (after a checkpoint)."""
+def _train(job: _Job) -> Optional[int]:
+    """Train (resuming from the last checkpoint); an exit status when it stopped early: Ctrl+C (after a
+    checkpoint) or out of GPU memory."""
     trainer, resume_from = job.trainer, job.plan.resume_from
     if resume_from:
         job.say(f"Resuming from {resume_from}")
     job.say("", flush=True)
-    with timed(job.timings, "train_s"):
-        job.result = trainer.train(resume_from_checkpoint=resume_from)
+    cuda = torch.cuda.is_available() and not job.plan.on_cpu
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(job.training_args.device)
+    try:
+        with timed(job.timings, "train_s"):
+            job.result = trainer.train(resume_from_checkpoint=resume_from)
+    except torch.OutOfMemoryError:
+        return _out_of_memory(job)
+    finally:
+        if cuda:
+            job.training_peak = torch.cuda.max_memory_reserved(job.training_args.device)
     if trainer.interrupted:
         step = trainer.state.global_step
-        job.say(f"\nInterrupted at step {step}: checkpoint saved in {job.output_dir / f'checkpoint-{step}'}. "
-                "Rerun the same command to resume.")
-        return False
+        checkpoint = job.output_dir / f"checkpoint-{step}"
+        job.say(f"\nInterrupted at step {step}: " + (f"checkpoint saved in {checkpoint}" if checkpoint.is_dir() else
+                f"its checkpoint could not be written; the newest is {_newest_checkpoint(job) or 'none'}")
+                + ". Rerun the same command to resume.")
+        return EXIT_INTERRUPTED
     job.masks = trainer.optimizer_masks()  # after a resume, the checkpoint's
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
-    return True
+    return None
+
+
+def _newest_checkpoint(job: _Job) -> Optional[str]:
+    found = checkpoint_dirs(job.output_dir)
+    return found[0][1].name if found else None
+
+
+def _out_of_memory(job: _Job) -> int:
+    """One message (main process): the step, the plan, the peaks, and the flag that lowers the plan; the
+    checkpoint being written is finished first, so that the rerun resumes from it."""
+    trainer, t = job.trainer, job.training_args
+    trainer.checkpoint_writer.wait()
+    micro, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    checkpointing = any(getattr(t, k, False) for k in CHECKPOINTING_ARGS)
+    plan_text = (f"micro-batch {micro} x gradient accumulation {accumulation}"
+                 + (", activation checkpointing" if checkpointing else ""))
+    trial_peak = None
+    if job.memory is not None:
+        trial_peak = next((trial.peak for trial in job.memory.trials if trial.candidate == job.memory.chosen), None)
+        plan_text += f", measured at the start within {job.memory.budget / 1024 ** 3:.1f} GiB"
+    if trial_peak is not None:
+        flag = f"--max_memory_gb {suggested_memory_gb(trial_peak, MARGIN)}"
+    elif micro > 1:
+        flag = f"--per_device_train_batch_size {_smaller_micro_batch(job)}"
+    elif not checkpointing:
+        flag = "--gradient_checkpointing"
+    else:
+        flag = "--max_memory_gb (below the free memory) or more GPUs with --fsdp"
+    run_peak = torch.cuda.max_memory_reserved(t.device) if torch.cuda.is_available() and not job.plan.on_cpu else None
+    if job.main:
+        newest = checkpoint_dirs(job.output_dir)
+        print("\nerror: " + out_of_memory_message(trainer.state.global_step + 1, plan_text=plan_text,
+                                                   trial_peak=trial_peak, run_peak=run_peak, flag=flag,
+                                                   resume_from=str(newest[0][1]) if newest else None),
+              file=sys.stderr, flush=True)
+    return EXIT_FAILED
+
+
+def _smaller_micro_batch(job: _Job) -> int:
+    """The largest micro-batch below the current one that divides the sequences a process takes per step."""
+    micro = job.training_args.per_device_train_batch_size
+    per_process = job.plan.effective_batch_size // job.plan.world_size
+    return max(b for b in range(1, micro) if per_process % b == 0)
 
 
 def _adopt_checkpoint(job: _Job) -> None:
@@ -533,24 +558,40 @@ def _adopt_checkpoint(job: _Job) -> None:
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
 
 
-def _save(job: _Job) -> None:
+def _save(job: _Job) -> Optional[int]:
     """The final model, its trainer state and masks go to STAGING, then their files are renamed into the output
-    folder with SIGINT held back: the final model is whole or absent. Every process takes part (FSDP2 gathers)."""
+    folder with SIGINT held back: the final model is whole or absent. Every process takes part (FSDP2 gathers).
+    A write that fails (a full disk) removes STAGING and keeps the checkpoints: one line, and EXIT_FAILED."""
     from .models import save_model
+    from .trainer import SparsityViolation
 
     staging = job.output_dir / STAGING
-    with timed(job.timings, "save_s"):
-        if not job.plan.status.trained:
-            job.trainer.save_model(str(staging))
-        elif job.main:  # adopted from a checkpoint: a plain model, never wrapped
-            save_model(job.model, job.tokenizer, staging)
+    try:
+        with timed(job.timings, "save_s"):
+            if not job.plan.status.trained:
+                job.trainer.save_model(str(staging))
+            elif job.main:  # adopted from a checkpoint: a plain model, never wrapped
+                save_model(job.model, job.tokenizer, staging)
+            if job.main:
+                job.trainer.state.save_to_json(str(staging / TRAINER_STATE))
+                save_masks(staging / MASKS_FILE, job.masks, job.trainer.block_size)
+    except SparsityViolation:
+        raise
+    except WRITE_ERRORS as err:
+        shutil.rmtree(staging, ignore_errors=True)
         if job.main:
-            job.trainer.state.save_to_json(str(staging / TRAINER_STATE))
-            save_masks(staging / MASKS_FILE, job.masks, job.trainer.block_size)
-            _pause_here("install")
-            with _sigint_deferred():
-                install(staging, job.output_dir, skip=("training_args.bin",))  # run_config.json says it all
-        _barrier(job.training_args)
+            newest = _newest_checkpoint(job)
+            print(f"error: the fine-tuned model could not be written to {job.output_dir} ({describe_error(err)}); "
+                  + (f"{newest} is kept: make room and rerun the same command to resume from it" if newest else
+                     "no checkpoint was kept: make room and rerun the same command to train again"),
+                  file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    if job.main:
+        _pause_here("install")
+        with _sigint_deferred():
+            install(staging, job.output_dir, skip=("training_args.bin",))  # run_config.json says it all
+    _barrier(job.training_args)
+    return None
 
 
 def _evaluate_after(job: _Job) -> None:
@@ -604,11 +645,16 @@ def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> 
     print(f"Training: {job.trainer.state.global_step} steps, {runtime:.1f} s"
           + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else "")
           + (f" ({steady:,.0f} once warm)" if steady else "")
-          + (f", of which {job.clock.checkpoint_seconds:.1f} s writing checkpoints"
+          + (f", of which {job.clock.checkpoint_seconds:.1f} s paused for "
+             f"{_count(len(job.trainer.checkpoint_writer.records), 'checkpoint')}"
              if job.clock is not None and job.clock.checkpoint_seconds > 0 else "")
           + f"; total {job.timings['total_s']:.1f} s")
     print(f"Saved to {job.output_dir}")
     print("=" * 42)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
@@ -624,7 +670,11 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
             "gradient_accumulation_steps": job.memory.gradient_accumulation_steps, "budget_bytes": job.memory.budget,
             "reserved_bytes": job.memory.reserved,
             "trials": [{"micro_batch": tr.candidate.micro_batch, "checkpointing": tr.candidate.checkpointing,
-                        "peak_bytes": tr.peak, "seconds": tr.seconds} for tr in job.memory.trials]},
+                        "peak_bytes": tr.peak, "seconds": tr.seconds} for tr in job.memory.trials],
+            # the chosen candidate's trial peak, and the most the training of this process reserved
+            "trial_peak_bytes": next((tr.peak for tr in job.memory.trials if tr.candidate == job.memory.chosen),
+                                     None),
+            "training_peak_bytes": job.training_peak},
         "liger_kernel": bool(t.use_liger_kernel),
         "peak_memory_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() and not job.plan.on_cpu
         else None,
@@ -653,6 +703,9 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "tokens_per_s": tokens_per_s,
         "steady_tokens_per_s": _steady_tokens_per_s(job),  # leaving out the first steps (StepClock)
         "checkpoint_s": job.clock.checkpoint_seconds if job.clock is not None else None,  # within the training time
+        # each checkpoint of this process: how long training waited for it, how long its write took, its size
+        "checkpoints": [record.as_dict() for record in job.trainer.checkpoint_writer.records],
+        "training_peak_memory_bytes": job.training_peak,
         "versions": versions(),
     }
     write_json(job.output_dir / REPORT_FILE, report)
@@ -726,7 +779,34 @@ def _prepare(job: _Job, record: bool = True) -> Optional[int]:
     return None
 
 
+def _check_disk(job: _Job) -> Optional[int]:
+    """The disk plan (checkpoints.py), before anything loads: exit status 2 when the output folder's file system
+    cannot hold the run, unless --skip_disk_check."""
+    try:
+        disk = disk_plan(job.plan)
+    except (OSError, ValueError) as err:
+        job.say(f"note: no disk plan ({err})")
+        return None
+    if disk is None:
+        return None
+    job.say(f"Disk plan: {disk.describe()}")
+    if disk.fits:
+        return None
+    t = job.training_args
+    message = disk_refusal(disk, checkpoints=t.save_strategy != "no", state_dtype=torch.float32
+                           if job.args.state_dtype == "float32" else torch.bfloat16, keep=t.save_total_limit)
+    if job.args.skip_disk_check:
+        job.say(f"warning: {message.split('. Lower it')[0]} (--skip_disk_check: starting anyway)")
+        return None
+    if job.main:
+        print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _steps(job: _Job) -> int:
+    failed = _check_disk(job)
+    if failed is not None:
+        return failed
     failed = _prepare(job)
     if failed is not None:
         return failed
@@ -737,10 +817,14 @@ def _steps(job: _Job) -> int:
     job.enter("training")
     if job.plan.status.trained:
         _adopt_checkpoint(job)
-    elif not _train(job):
-        return EXIT_INTERRUPTED
+    else:
+        stopped = _train(job)
+        if stopped is not None:
+            return stopped
     job.enter("saving the fine-tuned model")
-    _save(job)
+    failed = _save(job)
+    if failed is not None:
+        return failed
     if not job.main:
         return 0
     job.enter("evaluating the fine-tuned model", "eval_after")

@@ -31,6 +31,9 @@ REPORT_FILE = "finetune_report.json"
 TRAINER_STATE = "trainer_state.json"
 STAGING = ".tmp-final"  # the final model is saved here, then its files are renamed into the output folder
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_STAGING = ".tmp-"  # + checkpoint-N: a checkpoint being written; renamed to checkpoint-N once complete
+OPTIMIZER_FILE = "optimizer.pt"  # the Trainer's name; holds SparseAdamW's state in the one-process format
+SCHEDULER_FILE = "scheduler.pt"
 RECORD_FORMAT = 1
 WAYS_OUT = "use another --output_dir, or --overwrite_output_dir to start afresh (deleting its checkpoints)"
 
@@ -89,6 +92,11 @@ def install(staging: Path, output_dir: Path, skip: Tuple[str, ...] = ()) -> List
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+def sharded_optimizer_file(rank: int, world_size) -> str:
+    """Name of one rank's optimizer state in a checkpoint saved with FSDP2's SHARDED_STATE_DICT."""
+    return f"optimizer-rank{rank}-of-{world_size}.pt"
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -166,13 +174,13 @@ def _weights_problem(path: Path) -> Optional[str]:
 
 
 def _optimizer_problem(path: Path) -> Optional[str]:
-    optimizer = [path / "optimizer.pt"] if (path / "optimizer.pt").is_file() else sorted(
-        path.glob("optimizer-rank*-of-*.pt"))
+    optimizer = [path / OPTIMIZER_FILE] if (path / OPTIMIZER_FILE).is_file() else sorted(
+        path.glob(sharded_optimizer_file("*", "*")))
     if not optimizer:
-        return "no optimizer.pt"
-    if not (path / "scheduler.pt").is_file():
-        return "no scheduler.pt"  # without it the Trainer would quietly start the optimizer afresh
-    problems = [_torch_file_problem(p) for p in optimizer + [path / "scheduler.pt"]]
+        return f"no {OPTIMIZER_FILE}"
+    if not (path / SCHEDULER_FILE).is_file():
+        return f"no {SCHEDULER_FILE}"  # without it the Trainer would quietly start the optimizer afresh
+    problems = [_torch_file_problem(p) for p in optimizer + [path / SCHEDULER_FILE]]
     problems += [_zip_problem(p) for p in sorted(path.glob("rng_state*.pth"))]
     return next((p for p in problems if p), None)
 
@@ -260,9 +268,12 @@ def remove_checkpoints(output_dir, keep_last: bool = False) -> List[Path]:
 
 
 def clear_leftovers(output_dir) -> None:
-    """What an interrupted write leaves: the staging folder and *.tmp files."""
+    """What an interrupted write leaves: the staging folders (of the final model and of checkpoints) and *.tmp
+    files."""
     output_dir = Path(output_dir)
     shutil.rmtree(output_dir / STAGING, ignore_errors=True)
+    for staging in output_dir.glob(CHECKPOINT_STAGING + "checkpoint-*"):
+        shutil.rmtree(staging, ignore_errors=True)
     for tmp in output_dir.glob("*.tmp"):
         if tmp.is_file():
             tmp.unlink(missing_ok=True)

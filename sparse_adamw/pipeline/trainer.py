@@ -80,11 +80,10 @@ in the single-process format, so a run saved under one mode resumes under the ot
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-import signal
-import sys
 import threading
 import time
 import warnings
@@ -98,18 +97,15 @@ from ..dtensor import full_tensor, is_dtensor
 from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
 from ..optimizer import SparseAdamW
 from ..sharded_step import ShardedSparseAdamW
+from .callbacks import SigintCheckpointCallback, SignalCheckpointCallback, StepLogCallback, TrainingAborted
+from .checkpoints import (HOST_MEMORY_HEADROOM, WRITE_ERRORS, CheckpointJob, CheckpointWriter, HostCopies,
+                          describe_error, host_memory_available, replace_tensors, staging_folder, tensors_of)
 from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher, shard_teacher
 from .models import forward_groups
+from .run_folder import (OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE, checkpoint_dirs, format_size,
+                         sharded_optimizer_file)
 
 logger = logging.getLogger("sparse_adamw")
-
-OPTIMIZER_FILE = "optimizer.pt"  # the Trainer's name; under FSDP2 it holds SparseAdamW.full_state_dict()
-SCHEDULER_FILE = "scheduler.pt"
-
-
-def sharded_optimizer_file(rank: int, world_size: int) -> str:
-    """Name of one rank's optimizer state in a checkpoint saved with FSDP2's SHARDED_STATE_DICT."""
-    return f"optimizer-rank{rank}-of-{world_size}.pt"
 
 __all__ = [
     "SigintCheckpointCallback",
@@ -186,298 +182,6 @@ def _sparse_optimizer(optimizer) -> Optional[SparseAdamW]:
     return optimizer
 
 
-# ------------------------------------------------------------------------------------- Ctrl+C and SIGTERM
-EXIT_ABORTED = 130  # the shell's status for a job stopped by SIGINT
-
-_SIGNAL_NAMES = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM"}
-
-
-class TrainingAborted(KeyboardInterrupt):
-    """A second Ctrl+C or SIGTERM after the first asked for a checkpoint: training stops at once, even in the middle
-    of that checkpoint's save. A command line prints `str(err)` (one line) and exits with `err.exit_status` (130)."""
-
-    exit_status = EXIT_ABORTED
-
-
-class SignalCheckpointCallback(TrainerCallback):
-    """First Ctrl+C (SIGINT) or SIGTERM: save a checkpoint at the end of the current optimizer step and stop; a second
-    one raises TrainingAborted.
-
-    The checkpoint goes through the Trainer's normal path (control.should_save), so it holds the model, the
-    optimizer and scheduler states, the RNG states and trainer_state.json, and `resume_from_checkpoint` continues
-    from it. A second signal during that save leaves the folder without trainer_state.json (written last), so a
-    resume that looks for it skips the folder. Under several processes the ranks agree on the stop step (one
-    all-reduce of a flag per optimizer step, read one step later: they stop one step after the signal), so a signal
-    that reaches them at slightly different times cannot leave one rank waiting for the others. The handlers are
-    installed at on_train_begin and removed at on_train_end (SparseTrainer also removes them if training raises).
-    `SigintCheckpointCallback` is the same class.
-    """
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self.stopped_at: Optional[int] = None
-        self.saved = False  # the stop checkpoint is complete
-        self._first: Optional[int] = None
-        self._sent = None
-        self._previous: Dict[int, object] = {}
-        self._pid = os.getpid()
-
-    def install(self) -> None:
-        self.requested, self.stopped_at, self.saved, self._first = False, None, False, None
-        self._sent = None  # under several processes: (the flag sent at the last step, its completion)
-        self._pid = os.getpid()
-        if threading.current_thread() is threading.main_thread() and not self._previous:
-            for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
-
-    def uninstall(self) -> None:
-        for signum, previous in self._previous.items():
-            if signal.getsignal(signum) == self._handle:
-                signal.signal(signum, previous)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:
-            return  # a forked DataLoader worker inherits the handler: the training process decides, the worker waits
-        name = _SIGNAL_NAMES.get(signum, f"signal {signum}")
-        if self.requested and self._first is not None:
-            first = _SIGNAL_NAMES.get(self._first, f"signal {self._first}")
-            what = f"Second {name}" if signum == self._first else f"{name} after {first}"
-            if self.saved:
-                raise TrainingAborted(f"{what}: stopped; the checkpoint of step {self.stopped_at} is complete")
-            raise TrainingAborted(f"{what}: stopped without finishing the checkpoint; the last complete checkpoint "
-                                  "is kept")
-        self.requested, self._first = True, signum
-        if os.environ.get("RANK", "0") == "0":
-            when = "this step" if os.environ.get("WORLD_SIZE", "1") == "1" else "the next step (the ranks agree on it)"
-            print(f"\n{name}: saving a checkpoint at the end of {when}, then stopping "
-                  f"(another {name} stops at once, without it)", file=sys.stderr, flush=True)
-
-    def _agreed(self, args) -> bool:
-        """Whether the ranks stop now. Each step sends this rank's flag (an all-reduce of the maximum) and reads the
-        one sent a step earlier, long complete by then: reading this step's own would hold the host until the GPU
-        has finished the step, every step, and leave the GPU idle while the host then prepares the next one. So
-        under several processes the ranks stop together one step after the signal."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1):
-            return self.requested
-        agreed = False
-        if self._sent is not None:
-            host, done = self._sent
-            if done is not None:
-                done.synchronize()
-            agreed = bool(host.item())
-        flag = torch.full((1,), 1.0 if self.requested else 0.0, device=args.device)  # no host-to-device copy
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.device.type == "cuda":
-            host = torch.empty(1, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._sent = (host, done)
-        else:
-            self._sent = (flag, None)  # gloo's all-reduce of a CPU tensor is complete on return
-        return agreed
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.install()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped_at is None and self._agreed(args):
-            self.requested = True
-            self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        self.saved = self.stopped_at is not None
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.uninstall()
-
-
-SigintCheckpointCallback = SignalCheckpointCallback  # the name README and older code use
-
-
-# ------------------------------------------------------------------------------------------------ step log
-HEARTBEAT_S = 15.0  # in a log file, the longest silence between two lines while training
-REDRAW_S = 0.2  # on a terminal, the shortest interval between two redraws of the progress line
-
-
-class _ProgressLine:
-    """One line on a terminal, redrawn in place with '\\r'; `clear` blanks it so that the next output starts on a
-    clean line."""
-
-    def __init__(self, stream):
-        self.stream, self.width = stream, 0
-
-    def draw(self, text: str) -> None:
-        text = text[:max(shutil.get_terminal_size().columns - 1, 20)]  # a wrapped line cannot be redrawn
-        self.stream.write("\r" + text + " " * (self.width - len(text)))  # blanks the rest of a longer one
-        self.stream.flush()
-        self.width = len(text)
-
-    def clear(self) -> None:
-        if self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
-
-
-class _ClearsFirst:
-    """Stands in for sys.stdout or sys.stderr (and logging handlers' streams) while the progress line is up: any
-    other output clears the line first, so it never lands after the progress text."""
-
-    def __init__(self, stream, line: _ProgressLine):
-        self._stream, self._line = stream, line
-
-    def write(self, text):
-        if text:
-            self._line.clear()
-        return self._stream.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-class StepLogCallback(TrainerCallback):
-    """Prints `Step 10: loss=2.5432` at every logging step (main process), then the learning rate and timing, and
-    between logging steps shows that training is alive.
-
-    On a terminal (`stream.isatty()`): one progress line, `step 13/40, 8.10 s/step, 3 min 30 s left`, redrawn in
-    place; the Step lines and any other output start on a clean line (sys.stdout, sys.stderr and the logging
-    handlers that write to them clear it first while training). Elsewhere (a log file): that text as a heartbeat
-    line whenever `heartbeat_s` seconds passed without a line. Heartbeats start with a lowercase `step`, so they
-    never match `^Step (\\d+): loss=`. `stream` defaults to sys.stdout; `clock` to time.monotonic (tests pass fakes).
-    """
-
-    def __init__(self, stream=None, clock=None, heartbeat_s: float = HEARTBEAT_S):
-        self.stream, self.clock, self.heartbeat_s = stream, clock or time.monotonic, heartbeat_s
-        self._out = None  # the stream in use, chosen at on_train_begin
-        self._start = None  # (time, step) when this train() began: the rate of the progress text
-        self._last = None  # (time, step) of the last Step line: the rate in the next one
-        self._said = self._drawn = 0.0  # when a line was last written (log file) or the progress line drawn
-        self._line: Optional[_ProgressLine] = None
-        self._redirected = []  # (sys attribute or logging handler, its stream, the _ClearsFirst)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.close()
-        if not state.is_world_process_zero:
-            return
-        now = self.clock()
-        self._start = self._last = (now, state.global_step)
-        self._said = self._drawn = now
-        self._out = self.stream or sys.stdout
-        if getattr(self._out, "isatty", lambda: False)():
-            self._line = _ProgressLine(self._out)
-            self._redirect()
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._tick(state)  # a micro-batch of gradient accumulation: steps can be long
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._tick(state)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if "loss" in logs:
-            now, step = self.clock(), state.global_step
-            extra = []
-            if "learning_rate" in logs:
-                extra.append(f"lr {logs['learning_rate']:.3g}")
-            if self._last is not None and step > self._last[1]:
-                per_step = (now - self._last[0]) / (step - self._last[1])
-                extra.append(f"{per_step:.2f} s/step")
-                if state.max_steps > step:
-                    extra.append(f"{_duration((state.max_steps - step) * per_step)} left")
-            self._last = (now, step)
-            self._print(f"Step {step}: loss={logs['loss']:.4f}" + (f"  ({', '.join(extra)})" if extra else ""))
-        elif "train_runtime" in logs:
-            self._print(f"Training: {state.global_step} steps in {_duration(logs['train_runtime'])}, "
-                        f"mean loss {logs.get('train_loss', float('nan')):.4f}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.close()
-
-    def close(self) -> None:
-        """Clear the progress line and give the streams back (SparseTrainer calls this if training raises)."""
-        if self._line is not None:
-            self._line.clear()
-            self._line = None
-        self._restore()
-
-    def _print(self, text: str) -> None:
-        if self._line is not None:
-            self._line.clear()
-        print(text, file=self._out or self.stream or sys.stdout, flush=True)
-        self._said = self.clock()
-
-    def _tick(self, state) -> None:
-        if self._start is None or not state.is_world_process_zero:
-            return
-        now = self.clock()
-        if self._line is not None:
-            if now - self._drawn >= REDRAW_S:
-                self._line.draw(self._progress(state, now))
-                self._drawn = now
-        elif now - self._said >= self.heartbeat_s:
-            self._print(self._progress(state, now))
-
-    def _progress(self, state, now: float) -> str:
-        """`step 13/40, 8.10 s/step, 3 min 30 s left` (the rate over this train() so far)."""
-        (began, first), step = self._start, state.global_step
-        text = f"step {step}/{state.max_steps}" if state.max_steps > 0 else f"step {step}"
-        if step <= first:
-            return f"{text}, {_duration(now - began)} into the first step"
-        per_step = (now - began) / (step - first)
-        text += f", {per_step:.2f} s/step"
-        if state.max_steps > step:
-            text += f", {_duration((state.max_steps - step) * per_step)} left"
-        return text
-
-    def _redirect(self) -> None:
-        """While the progress line is up, everything else written to the terminal clears it first."""
-        for attr in ("stdout", "stderr"):
-            stream = getattr(sys, attr)
-            if stream is self._out or getattr(stream, "isatty", lambda: False)():
-                proxy = _ClearsFirst(stream, self._line)
-                setattr(sys, attr, proxy)
-                self._redirected.append((attr, stream, proxy))
-                for handler in _stream_handlers(stream):
-                    handler.setStream(proxy)
-                    self._redirected.append((handler, stream, proxy))
-
-    def _restore(self) -> None:
-        """Undo _redirect, except where someone else has swapped the stream since."""
-        for target, stream, proxy in reversed(self._redirected):
-            if isinstance(target, str):
-                if getattr(sys, target) is proxy:
-                    setattr(sys, target, stream)
-            elif target.stream is proxy:
-                target.setStream(stream)
-        self._redirected = []
-
-
-def _stream_handlers(stream) -> list:
-    """The logging handlers (of every logger so far) that write to `stream`."""
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is stream]
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 class _SparsityGuard(TrainerCallback):
     """Binds the masks under FSDP2 once the optimizer is in place. Checks them only where the weights or the masks
     were not the ones the trainer was made with: after a resume (both come from the checkpoint's files) or a
@@ -492,6 +196,39 @@ class _SparsityGuard(TrainerCallback):
         if trainer._resumed or trainer.model_init is not None:
             trainer.verify_sparsity("at the start of training")
         trainer._resumed = False
+
+
+class _CheckpointTiming(TrainerCallback):
+    """When checkpoints happen: the host buffers of a snapshot are allocated after the first step of a train(), and
+    the end of training writes a checkpoint only with `checkpoint_at_end` (or when a signal stops it there): the
+    final model follows at once, and a checkpoint beside it would only cost its time and disk."""
+
+    def __init__(self, trainer: "SparseTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.save_strategy != "no":
+            self.trainer.reserve_snapshot_buffers()
+        return self.on_epoch_end(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        stopped_by_signal = trainer.sigint_callback is not None and trainer.sigint_callback.stopped_at is not None
+        if state.global_step >= state.max_steps > 0 and not trainer.checkpoint_at_end and not stopped_by_signal:
+            control.should_save = False
+        return control
+
+
+def _unique(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict with each tensor once: tied weights (lm_head and the embeddings) share storage, and a
+    checkpoint holds one of them, as save_pretrained writes it."""
+    seen, unique = set(), {}
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor
+    return unique
 
 
 class SparseTrainer(Trainer):
@@ -533,6 +270,8 @@ class SparseTrainer(Trainer):
         teacher: Optional[torch.nn.Module] = None,
         distill: Optional[DistillConfig] = None,
         data_parallel: str = "ddp",
+        background_checkpoints: bool = True,
+        checkpoint_at_end: bool = True,
         **kwargs,
     ):
         if masks is not None and masks_file is not None:
@@ -548,6 +287,14 @@ class SparseTrainer(Trainer):
         self.state_dtype = state_dtype
         self._fsdp_masks_pending = False
         self._resumed = False  # set when a checkpoint's optimizer state is loaded
+        self.checkpoint_at_end = checkpoint_at_end
+        self.checkpoint_writer = CheckpointWriter(background=background_checkpoints)
+        self._host_copies = HostCopies()
+        self._copy_stream = None  # CUDA: the stream the snapshot's copies run on
+        self._snapshot_copied = None  # CUDA event: the next optimizer update waits for it, on the GPU
+        self._snapshot_buffers: Optional[threading.Thread] = None  # allocating the host buffers ahead of time
+        self._buffers_reserved = False
+        self._step_hook = None
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
@@ -572,6 +319,7 @@ class SparseTrainer(Trainer):
         if self.sigint_callback is not None:
             self.add_callback(self.sigint_callback)
         self.add_callback(_SparsityGuard(self))
+        self.add_callback(_CheckpointTiming(self))
         # The one pass over the weights before training: the model is not sharded yet, so nothing is gathered.
         if masks is None:
             masks = linear_block_masks(self.model, self.block_size)
@@ -704,6 +452,9 @@ class SparseTrainer(Trainer):
             masks = {params[n]: m.to(params[n].device) for n, m in masks.items() if params[n].requires_grad}
             if masks:
                 self.optimizer.set_masks(masks, check=False)  # derived from these weights, or checked against them
+        optimizer = self.sparse_optimizer
+        if optimizer is not None and self._step_hook is None:
+            self._step_hook = optimizer.register_step_pre_hook(self._wait_for_snapshot)
         return self.optimizer
 
     def _bind_fsdp_masks(self, required: bool = False) -> None:
@@ -767,6 +518,7 @@ class SparseTrainer(Trainer):
     def train(self, *args, **kwargs):
         try:
             output = super().train(*args, **kwargs)
+            self.checkpoint_writer.wait()  # the last checkpoint is complete before anything else is written
         finally:  # on_train_end does not run when training raises (TrainingAborted included)
             if self.sigint_callback is not None:
                 self.sigint_callback.uninstall()
@@ -827,6 +579,178 @@ class SparseTrainer(Trainer):
             return any(p not in missing and model.get_parameter(p) is param for p in partners)
         except AttributeError:  # not a parameter (a buffer, or a name the model does not have)
             return False
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        """A snapshot now, written by self.checkpoint_writer while training goes on (checkpoints.py); in place
+        where the snapshot cannot be taken (FSDP2, fp16's scaler, hyperparameter trials). Either way a failed write
+        costs only that checkpoint."""
+        if not self._snapshots_checkpoints(trial):
+            return self._save_checkpoint_in_place(model, trial)
+        start = time.perf_counter()
+        self.checkpoint_writer.wait()  # the last checkpoint is complete, and the host buffers are free again
+        self.store_flos()
+        final = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        staging = staging_folder(final)
+        job = self._snapshot(final, staging)
+        if job is None:
+            return
+        job.stall_s = time.perf_counter() - start
+        # The last checkpoint of this train() (a Ctrl+C's, or the end's): complete before train() returns.
+        self.checkpoint_writer.submit(job, wait=self.control.should_training_stop)
+
+    def _snapshots_checkpoints(self, trial) -> bool:
+        return (trial is None and self.hp_search_backend is None and not self.fsdp_version
+                and not self.is_deepspeed_enabled and not self.args.save_only_model and not self.args.push_to_hub
+                and not self.args.fp16)
+
+    def _save_checkpoint_in_place(self, model, trial) -> None:
+        final = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except SparsityViolation:
+            raise
+        except WRITE_ERRORS as err:
+            self._checkpoint_failed(final, final, err)
+
+    def _checkpoint_failed(self, final: Path, partial: Path, err: BaseException) -> None:
+        """One line; the partial files go; training goes on."""
+        if self.args.should_save:
+            shutil.rmtree(partial, ignore_errors=True)
+            newest = next((path.name for _, path in checkpoint_dirs(final.parent) if path != final), None)
+            print(f"warning: {final.name} could not be written ({describe_error(err)}); its partial files are removed, "
+                  + (f"the newest complete checkpoint is {newest}" if newest else "no checkpoint is kept yet")
+                  + "; training goes on", flush=True)
+
+    def _snapshot(self, final: Path, staging: Path) -> Optional[CheckpointJob]:
+        """Every rank: the collectives a checkpoint needs and its own RNG state; the main process: the small files
+        into `staging`, and the weights and optimizer state copied to host buffers (or, written in place, the live
+        tensors). None when a small file could not be written (every rank then skips this checkpoint)."""
+        args = self.args
+        self.verify_sparsity(f"before saving {final}")
+        self._synchronize_weights()
+        model = self.accelerator.unwrap_model(self.model)
+        weights = _unique(model.state_dict())
+        state, fresh = None, False
+        if self.sharded_step:  # gathered to rank 0, as host copies of its own
+            state, fresh = self.sparse_optimizer.full_state_dict(rank0_only=True), True
+        elif args.should_save:
+            state = self.optimizer.state_dict()
+        failed = None
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            self._save_rng_state(str(staging))
+            if args.should_save:
+                self._save_small_files(model, staging)
+        except WRITE_ERRORS as err:
+            failed = err
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([0.0 if failed is None else 1.0], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if failed is None and flag.item():
+                failed = OSError("another process could not write its files")
+        if failed is not None:
+            self._checkpoint_failed(final, staging, failed)
+            return None
+        if not args.should_save:
+            return None
+        job = CheckpointJob(self.state.global_step, staging, final, weights, state, keep=args.save_total_limit)
+        if self.checkpoint_writer.background and self._room_for_snapshot(weights, [] if fresh else state):
+            self._copy_to_host(job, fresh)
+        return job
+
+    def _save_small_files(self, model, staging: Path) -> None:
+        """What a checkpoint holds besides the weights and optimizer.pt, as the Trainer writes it."""
+        from transformers.trainer import TRAINING_ARGS_NAME
+        from transformers.trainer_callback import ExportableState
+
+        model.config.dtype = str(model.dtype).split(".")[1]  # as save_pretrained records it
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(staging)
+        if model.can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(str(staging))
+        torch.save(self.args, staging / TRAINING_ARGS_NAME)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note that the optimizer state is saved separately
+            torch.save(self.lr_scheduler.state_dict(), staging / SCHEDULER_FILE)
+        for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
+            name = type(cb).__name__
+            if isinstance(self.state.stateful_callbacks.get(name), list):
+                self.state.stateful_callbacks[name].append(cb.state())
+            else:
+                self.state.stateful_callbacks[name] = cb.state()
+        self.state.save_to_json(str(staging / TRAINER_STATE))
+
+    def _room_for_snapshot(self, weights: Dict[str, torch.Tensor], state) -> bool:
+        """Whether host memory holds a snapshot (the buffers already held count as room); else the checkpoints are
+        written in place from now on, and the run is told once."""
+        needed = sum(t.numel() * t.element_size() for t in list(weights.values()) + tensors_of(state))
+        available = host_memory_available()
+        if available is None or needed <= self._host_copies.nbytes + available * (1 - HOST_MEMORY_HEADROOM):
+            return True
+        self.checkpoint_writer.background = False
+        self._host_copies.release()
+        print(f"note: checkpoints are written in place, before training goes on: a snapshot needs "
+              f"{format_size(needed)} of host memory and {format_size(available)} is available", flush=True)
+        return False
+
+    def _copy_to_host(self, job: CheckpointJob, fresh: bool) -> None:
+        """Replace the job's live tensors by host copies. On a GPU in one process the copies run on a stream of
+        their own, alongside the next step's forward and backward, and that step's optimizer update waits for them
+        on the GPU; with several processes the host waits for them here (the peers' weights keep arriving)."""
+        if self._snapshot_buffers is not None:
+            self._snapshot_buffers.join()  # allocated ahead of time (_CheckpointTiming)
+            self._snapshot_buffers = None
+        names = list(job.weights)
+        state_tensors = [] if fresh or job.optimizer is None else tensors_of(job.optimizer)
+        sources = list(job.weights.values()) + state_tensors
+        cuda = any(t.is_cuda for t in sources)
+        if cuda:
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream()
+            self._copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._copy_stream) if cuda else contextlib.nullcontext():
+            weights = self._host_copies.copy("weights", list(job.weights.values()))
+            state = self._host_copies.copy("optimizer", state_tensors) if state_tensors else []
+            if cuda:
+                for t in sources:
+                    if t.is_cuda:
+                        t.record_stream(self._copy_stream)
+                job.ready = torch.cuda.Event()
+                job.ready.record(self._copy_stream)
+        job.weights = dict(zip(names, weights))
+        if state_tensors:
+            job.optimizer = replace_tensors(job.optimizer, state)
+        if cuda and self.args.world_size > 1:
+            job.ready.synchronize()
+        elif cuda:
+            self._snapshot_copied = job.ready
+
+    def _wait_for_snapshot(self, optimizer, args, kwargs) -> None:
+        """Optimizer step pre-hook: the update must not start before the snapshot's copies have read the weights and
+        the state (a wait on the GPU: the host goes on)."""
+        event, self._snapshot_copied = self._snapshot_copied, None
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def reserve_snapshot_buffers(self) -> None:
+        """Allocate (and on a GPU page-lock) the host buffers of a snapshot on a thread of its own, while training
+        goes on, so that the first checkpoint does not pay for it."""
+        if self._buffers_reserved or not self.checkpoint_writer.background or not self.args.should_save:
+            return
+        self._buffers_reserved = True
+        weights = list(_unique(self.accelerator.unwrap_model(self.model).state_dict()).values())
+        state = [] if self.sharded_step else tensors_of(self.optimizer.state_dict())
+        if not self._room_for_snapshot(dict(enumerate(weights)), state):
+            return
+        layouts = {kind: [(tuple(t.shape), t.dtype) for t in tensors]
+                   for kind, tensors in (("weights", weights), ("optimizer", state)) if tensors}
+        pin = any(t.is_cuda for t in weights)
+        self._snapshot_buffers = threading.Thread(target=self._host_copies.reserve, args=(layouts, pin),
+                                                  name="snapshot-buffers", daemon=True)
+        self._snapshot_buffers.start()
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         # Every checkpoint and the final save pass through here: never write a model that lost its sparsity.
