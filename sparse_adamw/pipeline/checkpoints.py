@@ -435,28 +435,38 @@ def _checkpoints(n: int, size: int) -> str:
         ": the newest complete one and the one being written" if n == 2 else "")
 
 
-def model_shapes(model: str) -> Tuple[Any, Dict[str, Tuple[int, ...]]]:
-    """(config, {parameter name: shape}) of a saved model, from its config on the meta device: nothing is loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def config_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """{parameter name: shape} of a causal LM of this config, instantiated on the meta device (nothing allocated;
+    tied weights once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(p.shape) for name, p in meta.named_parameters()}
+
+
+def model_shapes(model: str) -> Dict[str, Tuple[int, ...]]:
+    """{parameter name: shape} of a saved model, from its config: nothing is loaded."""
+    from transformers import AutoConfig
 
     from .models import DEFAULT_MODEL, default_model_path
 
     path = default_model_path() if model == DEFAULT_MODEL else Path(model)
     config = (AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name) if path.suffix == ".gguf"
               else AutoConfig.from_pretrained(str(path)))
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
-    return config, {name: tuple(p.shape) for name, p in meta.named_parameters()}
+    return config_shapes(config)
 
 
-def plan_disk(output_dir, model: str, *, dtype: torch.dtype, state_dtype: torch.dtype, masks_file: Optional[str],
-              world_size: int, mode: Optional[str], save_steps: Optional[int], max_steps: Optional[int],
-              keep: Optional[int], checkpoint_at_end: bool, start_step: int = 0, present_checkpoints: int = 0,
-              fsdp_fp32_weights: bool = False) -> DiskPlan:
-    """The disk plan of a fine-tune (module docstring). `mode`: None (one process), "ddp", "sharded" or "fsdp"."""
+def plan_disk(output_dir, model: Optional[str], *, dtype: torch.dtype, state_dtype: torch.dtype,
+              masks_file: Optional[str], world_size: int, mode: Optional[str], save_steps: Optional[int],
+              max_steps: Optional[int], keep: Optional[int], checkpoint_at_end: bool, start_step: int = 0,
+              present_checkpoints: int = 0, fsdp_fp32_weights: bool = False,
+              shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> DiskPlan:
+    """The disk plan of a fine-tune of `model` (or of a model with these parameter `shapes`; module docstring).
+    `mode`: None (one process), "ddp", "sharded" or "fsdp"."""
     from ..masks import load_masks
 
-    _, shapes = model_shapes(model)
+    shapes = model_shapes(model) if shapes is None else shapes
     masks, block, notes = {}, (16, 16), []
     if masks_file and Path(masks_file).is_file():
         masks, block = load_masks(masks_file)
@@ -469,15 +479,17 @@ def plan_disk(output_dir, model: str, *, dtype: torch.dtype, state_dtype: torch.
     weights = sum(numel.values()) * item
     optimizer = 2 * state_item * sum(live.values())
     optimizer += sum(int(m.numel()) for m in masks.values())  # the masks travel with the state, a byte a block
-    small = _small_files(model) + 64 * 1024 * max(1, world_size)  # + RNG states, scheduler, trainer state
-    checkpoint = weights + optimizer + small
+    small = _small_files(model)  # config and tokenizer, in every checkpoint and the final model
+    # + each process's RNG state, the scheduler, the trainer state and the training arguments (a few kB each)
+    checkpoint = weights + optimizer + small + 16 * 1024 * (max(1, world_size) + 1)
     if mode == "fsdp":
         # The gathered model twice (model.safetensors and accelerate's own copy), in fp32 under bf16 autocast.
         fsdp_weights = sum(numel.values()) * (4 if fsdp_fp32_weights else item)
-        checkpoint = 2 * fsdp_weights + optimizer + small
+        checkpoint += 2 * fsdp_weights - weights
         weights = fsdp_weights
         notes.append("FSDP2's layout is estimated, not measured")
-    final = weights + small + sum(int(m.numel()) for m in masks.values())
+    # + the trainer state, the run's record and its report
+    final = weights + small + sum(int(m.numel()) for m in masks.values()) + 16 * 1024
     peak, when = peak_of(checkpoint, final, keep=keep, save_steps=save_steps, max_steps=max_steps,
                          start_step=start_step, present_checkpoints=present_checkpoints,
                          checkpoint_at_end=checkpoint_at_end)
@@ -487,10 +499,10 @@ def plan_disk(output_dir, model: str, *, dtype: torch.dtype, state_dtype: torch.
                     free_bytes(output_dir), notes)
 
 
-def _small_files(model: str) -> int:
+def _small_files(model: Optional[str]) -> int:
     """Bytes of the tokenizer and config files next to a saved model (what every checkpoint copies)."""
-    path = Path(model)
-    if not path.is_dir():
+    path = Path(model or "")
+    if model is None or not path.is_dir():
         return 16 * 1024 * 1024  # a .gguf model: its tokenizer, written out, is a few MB
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".model", ".txt")
                and not p.name.endswith(".index.json"))

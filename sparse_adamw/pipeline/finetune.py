@@ -197,6 +197,7 @@ class _Job:
     teacher: Any = None  # the dense model, with distillation
     memory: Any = None  # the MemoryPlan measured on GPUs
     training_peak: Optional[int] = None  # GPUs: the most memory the allocator reserved while training
+    disk: Any = None  # the DiskPlan checked before loading
     clock: Any = None  # StepClock
     tokenizer: Any = None
     train: Optional[torch.Tensor] = None
@@ -545,7 +546,11 @@ def _adopt_checkpoint(job: _Job) -> None:
     from .trainer import SparsityViolation
 
     checkpoint, trainer = job.plan.resume_from, job.trainer
-    job.say(f"{checkpoint} holds all {job.plan.status.resume_step} steps: finishing the run from it")
+    if Path(checkpoint) == job.output_dir:
+        job.say(f"{checkpoint} holds the fine-tuned model of all {job.plan.status.resume_step} steps: finishing the run "
+                "from it")
+    else:
+        job.say(f"{checkpoint} holds all {job.plan.status.resume_step} steps: finishing the run from it")
     load_weights(job.model, checkpoint)
     params = dict(job.model.named_parameters())
     leaked = [name for name, mask in trainer.masks.items() if bool(leaked_blocks(params[name], mask,
@@ -565,6 +570,8 @@ def _save(job: _Job) -> Optional[int]:
     from .models import save_model
     from .trainer import SparsityViolation
 
+    if job.plan.status.trained and Path(job.plan.resume_from) == job.output_dir:
+        return None  # the fine-tuned model is in place already
     staging = job.output_dir / STAGING
     try:
         with timed(job.timings, "save_s"):
@@ -706,6 +713,9 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         # each checkpoint of this process: how long training waited for it, how long its write took, its size
         "checkpoints": [record.as_dict() for record in job.trainer.checkpoint_writer.records],
         "training_peak_memory_bytes": job.training_peak,
+        "disk_plan": None if job.disk is None else {
+            "high_water_bytes": job.disk.high_water, "checkpoint_bytes": job.disk.checkpoint,
+            "final_bytes": job.disk.final, "free_bytes": job.disk.free, "peak": job.disk.peak_when},
         "versions": versions(),
     }
     write_json(job.output_dir / REPORT_FILE, report)
@@ -789,6 +799,7 @@ def _check_disk(job: _Job) -> Optional[int]:
         return None
     if disk is None:
         return None
+    job.disk = disk
     job.say(f"Disk plan: {disk.describe()}")
     if disk.fits:
         return None

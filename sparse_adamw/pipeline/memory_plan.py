@@ -125,6 +125,12 @@ def _agree(values: Sequence[float]) -> List[float]:
     return t.tolist()
 
 
+def _hold(nbytes: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The placeholder that holds `nbytes` on `device` through a trial (None for none): the memory training adds
+    later (a seam for the tests, which watch it)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+
+
 def measure(run: Callable[[Candidate], None], candidate: Candidate, device: torch.device, hold: int,
             clear: Callable[[], None]) -> Trial:
     """Peak memory and time of `run(candidate)` (forward and backward), run twice with `hold` bytes held."""
@@ -134,7 +140,7 @@ def measure(run: Callable[[Candidate], None], candidate: Candidate, device: torc
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        placeholder = torch.empty(hold, dtype=torch.uint8, device=device) if hold else None
+        placeholder = _hold(hold, device)
         run(candidate)  # the first pass also allocates the gradients, as the first micro-step does
         torch.cuda.synchronize(device)
         start = time.perf_counter()

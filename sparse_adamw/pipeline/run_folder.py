@@ -203,6 +203,20 @@ def read_checkpoint(path) -> Tuple[Optional[Checkpoint], Optional[str]]:
     return Checkpoint(path, step, max_steps if isinstance(max_steps, int) else None), None
 
 
+def read_final_model(output_dir) -> Optional[Checkpoint]:
+    """The fine-tuned model in the output folder itself, when its weights are whole and its trainer_state.json says
+    which step it holds (what a run leaves when it stops after writing it and before marking itself complete)."""
+    path = Path(output_dir)
+    try:
+        state = read_json(path / TRAINER_STATE) or {}
+    except ValueError:
+        return None
+    step, max_steps = state.get("global_step"), state.get("max_steps")
+    if not isinstance(step, int) or isinstance(step, bool) or _weights_problem(path):
+        return None
+    return Checkpoint(path, step, max_steps if isinstance(max_steps, int) else None)
+
+
 def find_checkpoint(output_dir) -> Tuple[Optional[Checkpoint], List[Tuple[Path, str]]]:
     """The newest checkpoint that passes read_checkpoint's checks, and the damaged ones newer than it."""
     broken = []
@@ -442,4 +456,9 @@ def inspect(output_dir, config: dict, schedule: dict) -> Status:
     if checkpoint is not None:
         status.resume_from, status.resume_step = str(checkpoint.path), checkpoint.step
         status.trained = _reached(schedule, same, checkpoint.step, checkpoint.max_steps)
+    final = read_final_model(output_dir)
+    if (final is not None and final.step > status.resume_step
+            and _reached(schedule, same, final.step, final.max_steps)):
+        # The end writes no checkpoint: a run stopped after writing its final model finishes from the model itself.
+        status.resume_from, status.resume_step, status.trained = str(final.path), final.step, True
     return status
