@@ -129,7 +129,7 @@ def main():
         rows.append({"step": record.step, "paused_s": round(record.stall_s, 3),
                      "lost_s": round(sum(t - median for t in after), 3), "steps_after": len(after),
                      "write_s": None if record.write_s is None else round(record.write_s, 2),
-                     "snapshot_gb": round(trainer._host_copies.nbytes / 1e9, 2), "error": record.error})
+                     "snapshot_gb": round(trainer.snapshots.copies.nbytes / 1e9, 2), "error": record.error})
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "layers": args.layers,
               "params": sum(p.numel() for p in model.parameters()), "median_step_s": round(median, 4),
               "tokens_per_s": round(args.micro_batch * args.accumulation * args.seq / median),

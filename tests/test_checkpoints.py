@@ -7,8 +7,6 @@ the safetensors library reading what the writer wrote, and the sizes of the file
 """
 import errno
 import json
-import math
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from finetune_helpers import (REPO, ArithmeticTokens, learnable_corpus, pruned_tiny_model, subprocess_env,
+from finetune_helpers import (ArithmeticTokens, learnable_corpus, pruned_tiny_model, subprocess_env,
                               tiny_run_args, trainer_args)
 from sparse_adamw.pipeline import checkpoints
 from sparse_adamw.pipeline.checkpoints import (GiB, peak_of, plan_disk, save_safetensors, suggested_memory_gb)
@@ -132,7 +130,7 @@ def test_a_disk_too_small_stops_the_run_before_anything_loads(tiny, tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
     message = err[0]
-    assert message.startswith(f"error: the run needs ") and f"more in {out} at its peak (2 checkpoints of " in message
+    assert message.startswith("error: the run needs ") and f"more in {out} at its peak (2 checkpoints of " in message
     assert "and 1.0 MB is free there. Lower it with " in message
     for flag in ("--save_strategy no", "--output_dir on a larger disk", "--state_dtype bfloat16",
                  "--skip_disk_check"):
@@ -221,8 +219,6 @@ def test_a_run_resumed_from_a_background_checkpoint_ends_bit_for_bit_as_one_that
 def test_where_host_memory_cannot_hold_a_snapshot_checkpoints_are_written_in_place(tiny_llama, tmp_path, monkeypatch,
                                                                                     capsys):
     monkeypatch.setattr(checkpoints, "host_memory_available", lambda: 1000)
-    import sparse_adamw.pipeline.trainer as trainer_module
-    monkeypatch.setattr(trainer_module, "host_memory_available", lambda: 1000)
     trainer, copy = _trainer(tiny_llama, tmp_path / "out", save_total_limit=None)
     trainer.train()
     out = capsys.readouterr().out
@@ -255,10 +251,8 @@ def _failing(step, error=NO_SPACE, target="save_safetensors"):
 @pytest.mark.parametrize("background", [True, False], ids=["background", "in_place"])
 def test_a_checkpoint_that_cannot_be_written_costs_only_itself(tiny, tmp_path, monkeypatch, capsys, target, error,
                                                                shown, background):
-    import sparse_adamw.pipeline.trainer as trainer_module
-
     if not background:
-        monkeypatch.setattr(trainer_module, "host_memory_available", lambda: 1000)
+        monkeypatch.setattr(checkpoints, "host_memory_available", lambda: 1000)
     monkeypatch.setattr(checkpoints, target, _failing(4, error, target))
     out = tmp_path / "out"
     assert main(_args(tiny, out, "--max_steps", 7, "--save_steps", 2, "--keep_checkpoints")) == 0

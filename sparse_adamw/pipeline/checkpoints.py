@@ -30,6 +30,7 @@ processes share the work, then compares it with the free space there before anyt
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -204,6 +205,85 @@ def replace_tensors(tree, tensors: Sequence[torch.Tensor]):
         return copy.deepcopy(node)
 
     return rebuild(tree)
+
+
+class Snapshots:
+    """A checkpoint's weights and optimizer state copied into host buffers (HostCopies) while training goes on.
+
+    On a GPU the copies run on a stream of their own; `take(..., wait=False)` leaves the waiting to the next
+    optimizer update, through `wait_for_copies` (an optimizer step pre-hook: a wait on the GPU, the host goes on).
+    `reserve` allocates and page-locks the buffers on a thread, ahead of the first checkpoint. Both say no (False),
+    and print one line, when host memory cannot hold a snapshot: the checkpoints are then written in place.
+    """
+
+    def __init__(self):
+        self.copies = HostCopies()
+        self.reserved = False
+        self._stream = None
+        self._pending = None  # the CUDA event of the last snapshot's copies, until an update waits for it
+        self._reserving: Optional[threading.Thread] = None
+
+    def room(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether host memory holds a snapshot of `tensors` (the buffers already held count as room)."""
+        needed = sum(t.numel() * t.element_size() for t in tensors)
+        available = host_memory_available()
+        if available is None or needed <= self.copies.nbytes + available * (1 - HOST_MEMORY_HEADROOM):
+            return True
+        self.copies.release()
+        print(f"note: checkpoints are written in place, before training goes on: a snapshot needs "
+              f"{format_size(needed)} of host memory and {format_size(available)} is available", flush=True)
+        return False
+
+    def reserve(self, weights: Sequence[torch.Tensor], state: Sequence[torch.Tensor]) -> bool:
+        self.reserved = True
+        if not self.room(list(weights) + list(state)):
+            return False
+        layouts = {kind: [(tuple(t.shape), t.dtype) for t in tensors]
+                   for kind, tensors in (("weights", weights), ("optimizer", state)) if tensors}
+        self._reserving = threading.Thread(target=self.copies.reserve, args=(layouts, any(t.is_cuda for t in weights)),
+                                           name="snapshot-buffers", daemon=True)
+        self._reserving.start()
+        return True
+
+    def take(self, job: "CheckpointJob", fresh: bool, wait: bool) -> bool:
+        """Replace the job's live weights (and, unless `fresh`, its optimizer state's tensors) by host copies; False,
+        leaving the job as it is, where host memory cannot hold them."""
+        state = [] if fresh or job.optimizer is None else tensors_of(job.optimizer)
+        sources = list(job.weights.values()) + state
+        if not self.room(sources):
+            return False
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
+        cuda = any(t.is_cuda for t in sources)
+        if cuda:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream) if cuda else contextlib.nullcontext():
+            weights = self.copies.copy("weights", list(job.weights.values()))
+            copied = self.copies.copy("optimizer", state) if state else []
+            if cuda:
+                for t in sources:
+                    if t.is_cuda:
+                        t.record_stream(self._stream)
+                job.ready = torch.cuda.Event()
+                job.ready.record(self._stream)
+        job.weights = dict(zip(job.weights, weights))
+        if state:
+            job.optimizer = replace_tensors(job.optimizer, copied)
+        if cuda and wait:
+            job.ready.synchronize()
+        elif cuda:
+            self._pending = job.ready
+        return True
+
+    def wait_for_copies(self, optimizer=None, args=None, kwargs=None) -> None:
+        """Optimizer step pre-hook: the update must not start before the snapshot's copies have read the weights and
+        the state."""
+        event, self._pending = self._pending, None
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
 
 def host_memory_available() -> Optional[int]:

@@ -80,11 +80,9 @@ in the single-process format, so a run saved under one mode resumes under the ot
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -98,12 +96,11 @@ from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks,
 from ..optimizer import SparseAdamW
 from ..sharded_step import ShardedSparseAdamW
 from .callbacks import SigintCheckpointCallback, SignalCheckpointCallback, StepLogCallback, TrainingAborted
-from .checkpoints import (HOST_MEMORY_HEADROOM, WRITE_ERRORS, CheckpointJob, CheckpointWriter, HostCopies,
-                          describe_error, host_memory_available, replace_tensors, staging_folder, tensors_of)
+from .checkpoints import (WRITE_ERRORS, CheckpointJob, CheckpointWriter, Snapshots, describe_error, staging_folder,
+                          tensors_of)
 from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher, shard_teacher
 from .models import forward_groups
-from .run_folder import (OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE, checkpoint_dirs, format_size,
-                         sharded_optimizer_file)
+from .run_folder import OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE, checkpoint_dirs, sharded_optimizer_file
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -289,11 +286,7 @@ class SparseTrainer(Trainer):
         self._resumed = False  # set when a checkpoint's optimizer state is loaded
         self.checkpoint_at_end = checkpoint_at_end
         self.checkpoint_writer = CheckpointWriter(background=background_checkpoints)
-        self._host_copies = HostCopies()
-        self._copy_stream = None  # CUDA: the stream the snapshot's copies run on
-        self._snapshot_copied = None  # CUDA event: the next optimizer update waits for it, on the GPU
-        self._snapshot_buffers: Optional[threading.Thread] = None  # allocating the host buffers ahead of time
-        self._buffers_reserved = False
+        self.snapshots = Snapshots()
         self._step_hook = None
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
@@ -454,7 +447,7 @@ class SparseTrainer(Trainer):
                 self.optimizer.set_masks(masks, check=False)  # derived from these weights, or checked against them
         optimizer = self.sparse_optimizer
         if optimizer is not None and self._step_hook is None:
-            self._step_hook = optimizer.register_step_pre_hook(self._wait_for_snapshot)
+            self._step_hook = optimizer.register_step_pre_hook(self.snapshots.wait_for_copies)
         return self.optimizer
 
     def _bind_fsdp_masks(self, required: bool = False) -> None:
@@ -655,8 +648,11 @@ class SparseTrainer(Trainer):
         if not args.should_save:
             return None
         job = CheckpointJob(self.state.global_step, staging, final, weights, state, keep=args.save_total_limit)
-        if self.checkpoint_writer.background and self._room_for_snapshot(weights, [] if fresh else state):
-            self._copy_to_host(job, fresh)
+        if self.checkpoint_writer.background:
+            # In one process the next step's update waits for the copies on the GPU (the step pre-hook); with
+            # several, the host waits here: the sharded step's peers keep sending weights into these tensors.
+            if not self.snapshots.take(job, fresh, wait=args.world_size > 1):
+                self.checkpoint_writer.background = False  # no room in host memory: in place from now on
         return job
 
     def _save_small_files(self, model, staging: Path) -> None:
@@ -683,74 +679,14 @@ class SparseTrainer(Trainer):
                 self.state.stateful_callbacks[name] = cb.state()
         self.state.save_to_json(str(staging / TRAINER_STATE))
 
-    def _room_for_snapshot(self, weights: Dict[str, torch.Tensor], state) -> bool:
-        """Whether host memory holds a snapshot (the buffers already held count as room); else the checkpoints are
-        written in place from now on, and the run is told once."""
-        needed = sum(t.numel() * t.element_size() for t in list(weights.values()) + tensors_of(state))
-        available = host_memory_available()
-        if available is None or needed <= self._host_copies.nbytes + available * (1 - HOST_MEMORY_HEADROOM):
-            return True
-        self.checkpoint_writer.background = False
-        self._host_copies.release()
-        print(f"note: checkpoints are written in place, before training goes on: a snapshot needs "
-              f"{format_size(needed)} of host memory and {format_size(available)} is available", flush=True)
-        return False
-
-    def _copy_to_host(self, job: CheckpointJob, fresh: bool) -> None:
-        """Replace the job's live tensors by host copies. On a GPU in one process the copies run on a stream of
-        their own, alongside the next step's forward and backward, and that step's optimizer update waits for them
-        on the GPU; with several processes the host waits for them here (the peers' weights keep arriving)."""
-        if self._snapshot_buffers is not None:
-            self._snapshot_buffers.join()  # allocated ahead of time (_CheckpointTiming)
-            self._snapshot_buffers = None
-        names = list(job.weights)
-        state_tensors = [] if fresh or job.optimizer is None else tensors_of(job.optimizer)
-        sources = list(job.weights.values()) + state_tensors
-        cuda = any(t.is_cuda for t in sources)
-        if cuda:
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream()
-            self._copy_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._copy_stream) if cuda else contextlib.nullcontext():
-            weights = self._host_copies.copy("weights", list(job.weights.values()))
-            state = self._host_copies.copy("optimizer", state_tensors) if state_tensors else []
-            if cuda:
-                for t in sources:
-                    if t.is_cuda:
-                        t.record_stream(self._copy_stream)
-                job.ready = torch.cuda.Event()
-                job.ready.record(self._copy_stream)
-        job.weights = dict(zip(names, weights))
-        if state_tensors:
-            job.optimizer = replace_tensors(job.optimizer, state)
-        if cuda and self.args.world_size > 1:
-            job.ready.synchronize()
-        elif cuda:
-            self._snapshot_copied = job.ready
-
-    def _wait_for_snapshot(self, optimizer, args, kwargs) -> None:
-        """Optimizer step pre-hook: the update must not start before the snapshot's copies have read the weights and
-        the state (a wait on the GPU: the host goes on)."""
-        event, self._snapshot_copied = self._snapshot_copied, None
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
-
     def reserve_snapshot_buffers(self) -> None:
-        """Allocate (and on a GPU page-lock) the host buffers of a snapshot on a thread of its own, while training
-        goes on, so that the first checkpoint does not pay for it."""
-        if self._buffers_reserved or not self.checkpoint_writer.background or not self.args.should_save:
+        """After the first step: the host buffers of a snapshot, allocated on a thread while training goes on."""
+        if not self.checkpoint_writer.background or not self.args.should_save or self.snapshots.reserved:
             return
-        self._buffers_reserved = True
         weights = list(_unique(self.accelerator.unwrap_model(self.model).state_dict()).values())
         state = [] if self.sharded_step else tensors_of(self.optimizer.state_dict())
-        if not self._room_for_snapshot(dict(enumerate(weights)), state):
-            return
-        layouts = {kind: [(tuple(t.shape), t.dtype) for t in tensors]
-                   for kind, tensors in (("weights", weights), ("optimizer", state)) if tensors}
-        pin = any(t.is_cuda for t in weights)
-        self._snapshot_buffers = threading.Thread(target=self._host_copies.reserve, args=(layouts, pin),
-                                                  name="snapshot-buffers", daemon=True)
-        self._snapshot_buffers.start()
+        if not self.snapshots.reserve(weights, state):
+            self.checkpoint_writer.background = False
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         # Every checkpoint and the final save pass through here: never write a model that lost its sparsity.
