@@ -1,5 +1,6 @@
 import os
 import random
+import sys
 import tempfile
 
 import pytest
@@ -37,6 +38,16 @@ def _subprocess_tmpdir(tmp_path_factory):
         os.environ.pop("TMPDIR", None)
     else:
         os.environ["TMPDIR"] = before
+
+
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test():
+    """A test that fails while a finetune_helpers.Child still runs (the other run of a pair, say) would leave it
+    running, and taking a core, for the rest of the session: kill its process group."""
+    yield
+    helpers = sys.modules.get("finetune_helpers")  # not imported: no test started a Child
+    for child in list(helpers.Child.running) if helpers is not None else []:
+        child.kill()
 
 
 @pytest.fixture(autouse=True)

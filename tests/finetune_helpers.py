@@ -1,13 +1,16 @@
-"""Shared by the fine-tuning tests: a tiny pruned LLaMA on disk, a learnable local corpus, subprocess settings and
-the fine-tune command in a subprocess (read line by line, to signal it at a given moment), a small checkpoint
-folder, a callback that logs the training losses."""
+"""Shared by the fine-tuning tests: a tiny pruned LLaMA on disk, a learnable local corpus, subprocess settings, a
+command in a subprocess whose every wait has a deadline (Child) and the fine-tune command so (read line by line, to
+signal it at a given moment), a small checkpoint folder, a callback that logs the training losses."""
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -83,28 +86,77 @@ def run_finetune(args, timeout=300, **env):
                           env=subprocess_env(**env), timeout=timeout)
 
 
-class Finetune:
-    """The fine-tune command in a subprocess whose stdout is read line by line (stderr goes to a file, so that
-    neither pipe can fill up and stall it)."""
+def _default_signals():
+    """In the child, before it execs: SIGINT and SIGTERM at their default dispositions and unblocked. A disposition
+    of SIG_IGN survives exec (a test run from a background job of a non-interactive shell ignores SIGINT), and a
+    Python started with SIGINT ignored never installs its KeyboardInterrupt handler: a test's Ctrl+C would not
+    reach it."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
-    def __init__(self, args, **env):
+
+class Child:
+    """A command in a subprocess of its own session (a signal a test sends reaches it and nothing else; a timeout
+    kills its whole process group), with SIGINT and SIGTERM at their defaults whatever this process's are (see
+    _default_signals). Its stdout is read line by line on a thread into a queue, its stderr goes to a file, so that
+    neither pipe can fill up and stall it. Every wait has a deadline: past it, the child is killed and the wait
+    fails with an AssertionError that shows what the child printed so far."""
+
+    running = set()  # children not yet waited for: conftest kills what a failing test left behind
+
+    def __init__(self, command, env=None, cwd=None):
+        self.command = [str(c) for c in command]
         self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-        self.proc = subprocess.Popen(FINETUNE + [str(a) for a in args], stdout=subprocess.PIPE, stderr=self._stderr,
-                                     text=True, env=subprocess_env(**env))
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True, encoding="utf-8", errors="replace", env=env,
+                                     cwd=cwd, start_new_session=True, preexec_fn=_default_signals)
+        Child.running.add(self)
         self.lines = []
+        self._queue = queue.Queue()
+        self._ended = False  # stdout reached its end
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def wait_for(self, prefix):
-        """Read stdout up to the first line that starts with `prefix` and return it."""
-        for line in self.proc.stdout:
+    def _read(self):
+        try:
+            for line in self.proc.stdout:
+                self._queue.put(line)
+        finally:
+            self._queue.put(None)
+
+    def _next_line(self, deadline, waiting_for):
+        """The next line of stdout, None at its end; past `deadline` (time.monotonic()), kill and fail."""
+        if self._ended:
+            return None
+        try:
+            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            self._give_up(waiting_for)
+        if line is None:
+            self._ended = True
+        else:
             self.lines.append(line)
+        return line
+
+    def _give_up(self, waiting_for):
+        self.kill()
+        raise AssertionError(f"gave up waiting for {waiting_for}: killed {' '.join(self.command)}\n"
+                             f"--- its stdout (tail):\n{self.stdout[-4000:]}\n--- its stderr (tail):\n"
+                             f"{self.stderr[-4000:]}") from None
+
+    def wait_for(self, prefix, timeout=300):
+        """Read stdout up to the first line that starts with `prefix` and return it."""
+        deadline = time.monotonic() + timeout
+        while (line := self._next_line(deadline, f"a line starting {prefix!r} (timeout {timeout} s)")) is not None:
             if line.startswith(prefix):
                 return line
         raise AssertionError(f"the run ended without printing {prefix!r}:\n{self.stdout}\n{self.stderr}")
 
-    def wait_for_step(self, accept):
+    def wait_for_step(self, accept, timeout=300):
         """Read stdout up to the first `Step N: loss=...` line whose N `accept(N)` takes, and return N."""
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        deadline = time.monotonic() + timeout
+        while (line := self._next_line(deadline, f"the step asked for (timeout {timeout} s)")) is not None:
             if line.startswith("Step ") and accept(int(line[5:line.index(":")])):
                 return int(line[5:line.index(":")])
         raise AssertionError(f"the run ended without the step asked for:\n{self.stdout}\n{self.stderr}")
@@ -112,10 +164,44 @@ class Finetune:
     def send(self, sig):
         self.proc.send_signal(sig)
 
-    def finish(self, timeout=180):
+    def finish(self, timeout=300):
         """Read the rest and wait: the exit status."""
-        self.lines.extend(self.proc.stdout)
-        return self.proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        waiting_for = f"the end of the run (timeout {timeout} s)"
+        while self._next_line(deadline, waiting_for) is not None:
+            pass
+        try:
+            status = self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self._give_up(waiting_for)
+        Child.running.discard(self)
+        return status
+
+    def kill(self):
+        """SIGKILL to the child's process group (what it started goes too), and reap it."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        finally:
+            self._reader.join(timeout=5)
+            Child.running.discard(self)
+        while True:  # what it printed before it died, for the message of the wait that gave up
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._ended = True
+            else:
+                self.lines.append(line)
+
+    @property
+    def returncode(self):
+        """The exit status once waited for, else None."""
+        return self.proc.returncode
 
     @property
     def stdout(self):
@@ -125,6 +211,13 @@ class Finetune:
     def stderr(self):
         self._stderr.seek(0)
         return self._stderr.read()
+
+
+class Finetune(Child):
+    """The fine-tune command in a subprocess (see Child), to signal it at a given moment."""
+
+    def __init__(self, args, **env):
+        super().__init__(FINETUNE + [str(a) for a in args], env=subprocess_env(**env))
 
 
 def small_checkpoint(output_dir, step, max_steps=100):

@@ -196,7 +196,7 @@ def test_missing_sources_say_how_to_install(tmp_path, monkeypatch, fresh_caches)
 def test_importing_compiles_nothing():
     code = ("import sys, sparse_adamw, sparse_adamw.backends.ext_impl, sparse_adamw.backends.build; "
             "sys.exit(any(m == 'sparse_adamw._C' or m.startswith('sparse_adamw_C') for m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------------------- build
@@ -250,9 +250,15 @@ def test_cuda_sources_compile(tmp_path):
            "-DTORCH_EXTENSION_NAME=_C", os.path.join(ROOT, build.CPU_SOURCES[0])]
     jobs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             for cmd in (nvcc, gxx)]  # side by side: each takes most of the time
-    for cmd, job in jobs:
-        _, err = job.communicate()
-        assert job.returncode == 0, f"{' '.join(cmd)}\n{err[-4000:]}"
+    try:
+        for cmd, job in jobs:
+            _, err = job.communicate(timeout=900)
+            assert job.returncode == 0, f"{' '.join(cmd)}\n{err[-4000:]}"
+    finally:  # a compiler past its deadline (TimeoutExpired) or left running by a failed assertion
+        for _, job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait(timeout=30)
     text = ptx.read_text()
     assert text.count(".entry") == 3 * 3 * 2 * 2 * 2  # param, grad, state dtypes x int32/int64 x vector/scalar
     assert "fma.rn.f32" not in text
@@ -270,9 +276,9 @@ def test_link_flags_keep_libstdcxx_shared_on_a_static_by_default_toolchain(tmp_p
     def build_so(flags):
         out = tmp_path / f"t{len(flags)}.so"
         subprocess.run(["c++", "-shared", "-fPIC", str(src), "-o", str(out), "-static-libstdc++", *flags],
-                       check=True, capture_output=True)
-        needed = subprocess.run(["readelf", "-d", str(out)], capture_output=True, text=True).stdout
-        symbols = subprocess.run(["nm", "-C", str(out)], capture_output=True, text=True).stdout
+                       check=True, capture_output=True, timeout=300)
+        needed = subprocess.run(["readelf", "-d", str(out)], capture_output=True, text=True, timeout=60).stdout
+        symbols = subprocess.run(["nm", "-C", str(out)], capture_output=True, text=True, timeout=60).stdout
         return "libstdc++.so" in needed, "codecvt" in symbols
 
     assert build_so([]) == (False, True)  # the failure mode: static

@@ -10,7 +10,7 @@ import torch
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, block_mask_from_zeros, random_block_mask
 from sparse_adamw.masks import expand_block_mask
-from tests.utils import assert_close_verbose
+from tests.utils import assert_close_verbose, spawn_ranks
 
 # (backend, device): every backend, on the CPU here and on a GPU with `pytest -m gpu`
 CASES = [
@@ -222,9 +222,7 @@ def _free_port():
 def test_clipping_on_fsdp2_shards_is_one_process_clipping(tmp_path):
     """Each rank sums its rows' live blocks, an all-reduce joins them: the one-process norm, and after the clipped
     step the weights of the one-process run (which the tests above hold to torch.optim.AdamW)."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     result = torch.load(tmp_path / "clip.pt", weights_only=True)
     model, batch = _ragged_model_and_batch()
     optimizer = SparseAdamW(model.parameters(), lr=1e-2, masks="auto")

@@ -350,12 +350,12 @@ def _fsdp_models():
 def test_under_fsdp2_the_sharded_teacher_gives_the_one_process_loss_and_gradients(tmp_path):
     import socket
 
-    import torch.multiprocessing as mp
+    from tests.utils import spawn_ranks
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     result = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     student, teacher, ids = _fsdp_models()
     loss = distill_loss(student, teacher, {"input_ids": ids, "labels": ids},

@@ -8,10 +8,10 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask
 from tests.test_kernels import INTERPRET
+from tests.utils import spawn_ranks
 
 STEPS, SAVE_AT = 5, 3
 
@@ -95,8 +95,7 @@ def test_fsdp2_matches_single_process(impl, dtype, tmp_path):
         from sparse_adamw.backends import build
 
         build.extension(cuda=False)
-    mp.start_processes(_worker, args=(2, _free_port(), impl, dtype, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_worker, args=(2, _free_port(), impl, dtype, str(tmp_path)), nprocs=2)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
 
     model = _model(dtype, 0)
@@ -206,8 +205,7 @@ def test_full_state_dict_is_the_single_process_state_dict(impl, tmp_path):
         torch.set_num_threads(threads)
     assert any(s["exp_avg"].dim() == 3 for s in expected["state"].values()), "no compact state to compare"
 
-    mp.start_processes(_full_worker, args=(2, _free_port(), impl, dtype, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_full_worker, args=(2, _free_port(), impl, dtype, str(tmp_path)), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"full_rank{rank}.pt", weights_only=True)
         _assert_state_dicts_equal(result["full"], expected)  # bitwise, straddling blocks joined
@@ -281,8 +279,7 @@ def test_two_gpus_over_nccl_match_one(mode, dtype, tmp_path):
     agree within a few ulps; pruned blocks are exactly zero."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    mp.start_processes(_nccl_worker, args=(2, _free_port(), mode, dtype, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_nccl_worker, args=(2, _free_port(), mode, dtype, str(tmp_path)), nprocs=2)
     result = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
     model = _model(dtype, 0).cuda()
     masks = {n: (p == 0).cpu() for n, p in model.state_dict().items() if n.endswith("weight")}

@@ -1,7 +1,7 @@
 """python -m sparse_adamw.pipeline.finetune: defaults, a short run on a tiny model, another block shape, resume,
 Ctrl+C, DDP through torchrun; reruns (complete, another configuration, other weights, damaged checkpoints), Ctrl+C in
-every phase, bad input that fails at once, and runs interrupted and killed that end bitwise equal to one that was
-not."""
+every phase (and between the renames of the final model), SIGTERM outside training, bad input that fails at once,
+and runs interrupted and killed that end bitwise equal to one that was not."""
 import json
 import math
 import re
@@ -9,12 +9,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 from finetune_helpers import (
+    Child,
     Finetune,
     learnable_corpus,
     pruned_blocks_are_zero,
@@ -216,7 +218,8 @@ def test_a_short_run_learns_keeps_sparsity_and_saves_a_loadable_model(tiny, tmp_
 
     model_dir, masks, corpus = tiny
     out = tmp_path / "finetuned"
-    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 12, "--max_eval_windows", 8)) == 0
+    assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", 12, "--max_eval_windows", 8, "--save_steps",
+                              10)) == 0
     text = capsys.readouterr().out
     assert "*** Starting sparse full fine-tuning ***\nInitial model sparsity: 0.2500\n" in text
     assert re.search(r"^Trainable params: 106,816 \|\| All params: 106,816 \|\| Trainable%: 100\.00$", text, re.M)
@@ -234,10 +237,12 @@ def test_a_short_run_learns_keeps_sparsity_and_saves_a_loadable_model(tiny, tmp_
     assert report["sparsity"]["before"] == report["sparsity"]["after"] == 0.25
     assert report["pruned_block_fraction"]["before"] == report["pruned_block_fraction"]["after"] == 0.25
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 12
-    # the checkpoints (steps 10 and 12) are timed apart from the steps: a short run's whole-run rate is mostly them
+    # the checkpoint of step 10, taken while training went on, is timed apart from the steps; the end writes the
+    # fine-tuned model only, no checkpoint of step 12 beside it
+    assert [c["step"] for c in report["checkpoints"]] == [10] and report["checkpoints"][0]["background"]
     assert report["checkpoint_s"] > 0 and report["steady_tokens_per_s"] > 0
-    assert re.search(r"^Training: 12 steps, [\d.]+ s, [\d,]+ tokens/s \([\d,]+ once warm\), of which [\d.]+ s writing "
-                     r"checkpoints; total [\d.]+ s$", text, re.M), text
+    assert re.search(r"^Training: 12 steps, [\d.]+ s, [\d,]+ tokens/s \([\d,]+ once warm\), of which [\d.]+ s paused "
+                     r"for 1 checkpoint; total [\d.]+ s$", text, re.M), text
 
     model = AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
@@ -433,25 +438,20 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny, tmp_path):
     crash at the end reading it. The report's train_loss is the whole run's; this_process says what this one ran."""
     model_dir, _, corpus = tiny
     out = tmp_path / "finetuned"
-    command = [sys.executable, "-m", "sparse_adamw.pipeline.finetune",
-               *tiny_run_args(model_dir, corpus, out, "--max_steps", 100000, "--skip_eval", "--logging_steps", 1,
-                              "--save_steps", 1)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("Step 2:"):
-            proc.send_signal(signal.SIGINT)
-    text = "".join(lines)
-    assert proc.wait(timeout=120) == 130, text
-    assert "Traceback" not in text, text
-    stopped = int(re.search(r"Interrupted at step (\d+): checkpoint saved", text).group(1))
+    args = tiny_run_args(model_dir, corpus, out, "--max_steps", 100000, "--skip_eval", "--logging_steps", 1,
+                         "--save_steps", 1)
+    run = Finetune(args)
+    run.wait_for("Step 2:")
+    run.send(signal.SIGINT)
+    assert run.finish(timeout=120) == 130, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr, run.stdout + run.stderr
+    stopped = int(re.search(r"Interrupted at step (\d+): checkpoint saved", run.stdout).group(1))
     checkpoint = out / f"checkpoint-{stopped}"
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
     assert not (out / "model.safetensors").exists()  # no final model from an interrupted run
 
-    command[command.index("100000")] = str(stopped + 2)
-    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    args[args.index("100000")] = str(stopped + 2)
+    done = run_finetune(args, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Resuming from {checkpoint}" in done.stdout
     assert [s for s, _ in _losses(done.stdout)] == [stopped + 1, stopped + 2]
@@ -476,11 +476,11 @@ def _interrupted_run(model_dir, corpus, out, *extra):
 def test_a_rerun_resumes_from_the_newest_usable_checkpoint(tiny, tmp_path, capsys):
     model_dir, _, corpus = tiny
     out = tmp_path / "finetuned"
-    stopped = _interrupted_run(model_dir, corpus, out, "--save_steps", 1)
+    stopped = _interrupted_run(model_dir, corpus, out, "--save_steps", 1, "--save_total_limit", 2)
     newest = out / f"checkpoint-{stopped}"
     _truncate(newest / "optimizer.pt")
     assert main(tiny_run_args(model_dir, corpus, out, "--max_steps", stopped + 1, "--skip_eval", "--logging_steps",
-                              1, "--save_steps", 1)) == 0
+                              1, "--save_steps", 1, "--save_total_limit", 2)) == 0
     captured = capsys.readouterr()
     assert f"Resuming from {out / f'checkpoint-{stopped - 1}'}" in captured.out
     assert f"skipping the damaged checkpoint {newest}: optimizer.pt does not load" in captured.err
@@ -561,8 +561,9 @@ def _nothing_half_written(out, point, masks):
 @pytest.mark.parametrize("point", PHASES)
 def test_ctrl_c_in_any_phase_exits_130_with_nothing_half_written(tiny, tmp_path, capsys, monkeypatch, point):
     """KeyboardInterrupt (what Ctrl+C raises) at a point in each phase outside the training loop: exit 130 with one
-    line, every file in the output folder whole or absent; the same command then completes (from the checkpoint of
-    the last step, without training again) or says the run is complete."""
+    line, every file in the output folder whole or absent; the same command then completes, or says the run is
+    complete. The end of training writes no checkpoint: stopped before the fine-tuned model is in place, the rerun
+    trains again from the last checkpoint (step 2); once it is in place, it finishes from it without training."""
     import sparse_adamw.pipeline.finetune as finetune
 
     def ctrl_c_at(here):
@@ -580,26 +581,135 @@ def test_ctrl_c_in_any_phase_exits_130_with_nothing_half_written(tiny, tmp_path,
     _nothing_half_written(out, point, tiny[1])
     monkeypatch.undo()
     assert main(_phase_args(tiny, out)) == 0
-    expected = {"load": "Step 4:", "eval_before": "Step 4:", "cleanup": "This run is already complete (4 steps)"}.get(
-        point, f"{out / 'checkpoint-4'} holds all 4 steps: finishing the run from it")
+    expected = {"load": "Step 4:", "eval_before": "Step 4:", "install": f"Resuming from {out / 'checkpoint-2'}",
+                "cleanup": "This run is already complete (4 steps)"}.get(
+        point, f"{out} holds the fine-tuned model of all 4 steps: finishing the run from it")
     assert expected in capsys.readouterr().out
     assert json.loads((out / "finetune_report.json").read_text())["steps"] == 4
+
+
+class _SigintFromAnotherThread:
+    """A thread started before the run, so that SIGINT is open in it, that sends itself SIGINT on send(): as the
+    kernel hands a process-wide Ctrl+C to any thread that does not block it (a fine-tune has several: tqdm's
+    monitor, the math libraries' workers), and CPython then raises KeyboardInterrupt in the main thread. send()
+    returns once the signal has been delivered."""
+
+    def __init__(self):
+        self._go, self._done = threading.Event(), threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        if self._go.wait(timeout=600):
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            self._done.set()
+
+    def send(self):
+        self._go.set()
+        assert self._done.wait(timeout=60), "the signalling thread did not signal itself"
+
+
+@pytest.mark.parametrize("to", ["the renaming thread", "another thread"])
+def test_ctrl_c_between_the_renames_of_the_final_model_waits_until_every_file_is_in_place(tiny, tmp_path, capsys,
+                                                                                           monkeypatch, to):
+    """The final model is renamed from the staging folder into the output folder file by file, with SIGINT and
+    SIGTERM held back (_sigint_deferred). A real SIGINT right after the first of those renames, delivered to the
+    thread doing them or taken by another: every file the staging folder held still arrives, byte for byte (the
+    safetensors loads, its pruned blocks zero), and only then does the interrupt end the run (exit 130, one line);
+    without the hold, the run stopped with one file of the model in place and the rest left behind."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from sparse_adamw.pipeline.run_folder import STAGING
+
+    model_dir, masks, corpus = tiny
+    out = tmp_path / "out"
+    staging = (out / STAGING).resolve()
+    real_replace = os.replace
+    staged, moved = {}, []
+    if to == "another thread":
+        send = _SigintFromAnotherThread().send
+    else:
+        def send():
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    def replace(src, dst, *args, **kwargs):
+        into_place = Path(src).resolve().parent == staging and Path(dst).resolve().parent == out.resolve()
+        if into_place and not moved:  # the staging folder as the renames find it, before the first
+            staged.update({f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                           for f in staging.iterdir() if f.is_file()})
+        real_replace(src, dst, *args, **kwargs)
+        if into_place:
+            moved.append(Path(dst).name)
+            if len(moved) == 1:
+                send()  # a Ctrl+C between two renames
+
+    monkeypatch.setattr(os, "replace", replace)
+    # Python's own handler, so that the signal raises KeyboardInterrupt even where the test process ignores SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = main(tiny_run_args(model_dir, corpus, out, "--max_steps", 2, "--skip_eval"))
+    except KeyboardInterrupt:  # uncaught, it would end the whole test session
+        pytest.fail("the SIGINT escaped main()")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "Interrupted while saving the fine-tuned model; rerun the same command to resume")
+    expected = set(staged) - {"training_args.bin"}  # install() leaves it out: run_config.json says it all
+    assert {"model.safetensors", "config.json", MASKS_FILE} <= expected and moved, (staged, moved)
+    assert sorted(moved) == sorted(expected), f"the interrupt stopped the renames after {moved}"
+    for name in expected:
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == staged[name], f"{name} is not whole"
+    weights = load_file(out / "model.safetensors")
+    assert all(pruned_blocks_are_zero(weights[name], mask) for name, mask in masks.items())
+    assert not (out / "finetune_report.json").exists()  # the interrupt came before the report
+
+
+def _real_signal_outside_training(tiny, tmp_path, sig):
+    """Subprocesses paused by SPARSE_ADAMW_TEST_PAUSE, one while evaluating and one between writing the final model
+    and renaming it into place, each sent `sig`: exit 130 within a minute, one last line naming the phase, no
+    traceback, nothing half-written."""
+    runs = {point: Finetune(_phase_args(tiny, tmp_path / point), SPARSE_ADAMW_TEST_PAUSE=point)
+            for point in ("eval_before", "install")}
+    for point, run in runs.items():
+        run.wait_for(f"[SPARSE_ADAMW_TEST_PAUSE] paused at {point}", timeout=240)
+        run.send(sig)
+    for point, run in runs.items():
+        assert run.finish(timeout=60) == 130, run.stdout + run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1] == (f"Interrupted while {PHASES[point][0]}; rerun the same "
+                                                       "command to resume")
+        _nothing_half_written(tmp_path / point, point, tiny[1])
 
 
 def test_a_real_ctrl_c_outside_training_exits_130_with_one_line(tiny, tmp_path):
     """The same with real signals, in subprocesses paused by SPARSE_ADAMW_TEST_PAUSE: while evaluating, and between
     writing the final model and renaming it into place."""
-    runs = {point: Finetune(_phase_args(tiny, tmp_path / point), SPARSE_ADAMW_TEST_PAUSE=point)
-            for point in ("eval_before", "install")}
-    for point, run in runs.items():
-        run.wait_for(f"[SPARSE_ADAMW_TEST_PAUSE] paused at {point}")
-        run.send(signal.SIGINT)
-    for point, run in runs.items():
-        assert run.finish() == 130, run.stdout + run.stderr
-        assert "Traceback" not in run.stderr, run.stderr
-        assert run.stderr.strip().splitlines()[-1] == (f"Interrupted while {PHASES[point][0]}; rerun the same "
-                                                       "command to resume")
-        _nothing_half_written(tmp_path / point, point, tiny[1])
+    _real_signal_outside_training(tiny, tmp_path, signal.SIGINT)
+
+
+def test_a_real_ctrl_c_reaches_the_run_when_the_tests_ignore_sigint(tiny, tmp_path):
+    """Run from a background job of a non-interactive shell, the test process ignores SIGINT, and a child inherits
+    SIG_IGN through exec: its Python then never installs the KeyboardInterrupt handler, the Ctrl+C above is lost and
+    the test used to wait forever on the paused run. The helper starts its children with SIGINT at its default
+    whatever this process's disposition, so the run still exits 130 with its one line (and a wait would give up
+    at its deadline rather than hang)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _real_signal_outside_training(tiny, tmp_path, signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_real_sigterm_outside_training_exits_130_with_one_line(tiny, tmp_path):
+    """SIGTERM (a batch scheduler's) outside the training loop ends the run as Ctrl+C does: main() turns it into
+    KeyboardInterrupt (_sigterm_as_ctrl_c). Without that handler SIGTERM's default would end the process at once,
+    status -15, with no line saying what to do. Training's own SIGTERM handling is tested in
+    test_interrupted_and_killed_runs_end_bitwise_equal_to_an_uninterrupted_one."""
+    _real_signal_outside_training(tiny, tmp_path, signal.SIGTERM)
 
 
 @pytest.mark.parametrize("distill, data_parallel", [(False, "ddp"), (True, "ddp"), (False, "sharded")],
@@ -730,14 +840,13 @@ def test_two_nodes_through_the_script_match_one_node_with_two_processes(tiny, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    nodes = [subprocess.Popen(
-        ["bash", str(REPO / "run_dense_finetune.sh"), "--nnodes", "2", "--node_rank", str(rank), "--master_addr",
-         "127.0.0.1", "--master_port", str(port), *tiny_run_args(model_dir, corpus, tmp_path / "two", *common)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=tmp_path)
-        for rank in (0, 1)]
-    outs = [node.communicate(timeout=300) for node in nodes]
-    for node, (out, err) in zip(nodes, outs):
-        assert node.returncode == 0, out + err
+    nodes = [Child(["bash", REPO / "run_dense_finetune.sh", "--nnodes", "2", "--node_rank", rank, "--master_addr",
+                    "127.0.0.1", "--master_port", port, *tiny_run_args(model_dir, corpus, tmp_path / "two", *common)],
+                   env=subprocess_env(), cwd=tmp_path)
+             for rank in (0, 1)]
+    for node in nodes:
+        assert node.finish(timeout=300) == 0, node.stdout + node.stderr
+    outs = [(node.stdout, node.stderr) for node in nodes]
     assert "Nodes: 2 x 1 process(es) = 2 in all; this is node 0, meeting at 127.0.0.1:" in outs[0][0]
     assert "this is node 1" in outs[1][0] and "Gradient accumulation: 2" in outs[1][0]
     single_node, two_nodes = _losses(one.stdout), _losses(outs[0][0])

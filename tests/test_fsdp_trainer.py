@@ -16,11 +16,11 @@ import types
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import TrainerCallback
 
 from finetune_helpers import ArithmeticTokens, LossLog, pruned_blocks_are_zero, pruned_tiny_model, trainer_args
 from sparse_adamw.pipeline.trainer import SparseTrainer
+from tests.utils import spawn_ranks
 
 STEPS, SAVE_AT = 6, 3
 # hidden 48, intermediate 80: rank 1's shard of every Linear weight starts mid-block (row 24, 12 or 40).
@@ -84,8 +84,7 @@ def _finish_rank(rank, result, out_dir):
 def _two_ranks_and_one_process(worker, model_dir, out_dir, tmp_path, *worker_args, reference_args=None):
     """`worker` on 2 spawned ranks (their saved results), and the one-process run on the same global batch of 4 (the
     trainer and its logged losses), with `reference_args` if given."""
-    mp.start_processes(worker, args=(2, _free_port(), str(model_dir), str(out_dir), *worker_args), nprocs=2,
-                       join=True, start_method="spawn")
+    spawn_ranks(worker, args=(2, _free_port(), str(model_dir), str(out_dir), *worker_args), nprocs=2)
     results = [torch.load(out_dir / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
     losses = LossLog()
     args = reference_args or _args(tmp_path / "one", per_device_train_batch_size=4)
@@ -247,8 +246,7 @@ def test_sharded_step_trainer_equals_ddp_saves_its_format_and_resumes_exactly(ti
 
     model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama, **SIZES)
     out = tmp_path / "modes"
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(model_dir), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_sharded_worker, args=(2, _free_port(), str(model_dir), str(out)), nprocs=2)
     results = [torch.load(out / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
     for rank, result in enumerate(results):
         ddp, sharded = result["ddp"], result["sharded"]

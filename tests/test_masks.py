@@ -27,3 +27,51 @@ def test_masks_file_round_trips(tmp_path):
     torch.save({"something": "else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a block masks file"):
         load_masks(tmp_path / "other.pt")
+
+
+def _leaked_by_hand(weight, mask, bh, bw):
+    """The oracle: block by block, in plain Python over the weight's rows and columns (the last blocks cut short
+    where the shape is not a multiple of the block), which blocks the mask marks pruned yet hold a nonzero."""
+    rows, cols = weight.shape
+    values = weight.tolist()
+    leaked = set()
+    for br in range((rows + bh - 1) // bh):
+        for bc in range((cols + bw - 1) // bw):
+            cells = [values[r][c] for r in range(br * bh, min(rows, (br + 1) * bh))
+                     for c in range(bc * bw, min(cols, (bc + 1) * bw))]
+            if not mask[br][bc] and any(v != 0 for v in cells):
+                leaked.add((br, bc))
+    return leaked
+
+
+@pytest.mark.parametrize("shape, where", [
+    ((40, 48), (39, 20)),  # the last row of the last, partial block-row (rows 32..39)
+    ((40, 48), (32, 0)),  # its first row
+    ((48, 40), (7, 39)),  # the last column of the last, partial block-column (columns 32..39)
+    ((40, 40), (39, 39)),  # the partial corner block
+], ids=["last-row", "first-row-of-last-block-row", "last-column", "corner"])
+def test_leaked_blocks_sees_a_leak_in_the_last_partial_block_row_and_column(shape, where):
+    """A weight whose rows (or columns) are not a multiple of 16: a nonzero in a pruned block of the last, partial
+    block-row or block-column is reported, that block alone, as the plain loop over blocks finds it."""
+    from sparse_adamw.masks import leaked_blocks
+
+    rows, cols = shape
+    generator = torch.Generator().manual_seed(0)
+    grid = ((rows + 15) // 16, (cols + 15) // 16)
+    mask = torch.rand(grid, generator=generator) > 0.5
+    mask[where[0] // 16, where[1] // 16] = False  # the block of the leak is pruned
+    mask[0, 1] = True  # and some other block is live
+    weight = torch.randn(shape, generator=generator)
+    for br in range(grid[0]):
+        for bc in range(grid[1]):
+            if not mask[br, bc]:
+                weight[br * 16:(br + 1) * 16, bc * 16:(bc + 1) * 16] = 0.0
+    assert not leaked_blocks(weight, mask, 16).any()
+    assert _leaked_by_hand(weight, mask.tolist(), 16, 16) == set()
+
+    weight[where] = 1e-3
+    found = leaked_blocks(weight, mask, 16)
+    assert found.shape == grid and found.dtype == torch.bool
+    expected = _leaked_by_hand(weight, mask.tolist(), 16, 16)
+    assert expected == {(where[0] // 16, where[1] // 16)}
+    assert {tuple(i) for i in found.nonzero().tolist()} == expected

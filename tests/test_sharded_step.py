@@ -9,11 +9,11 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sparse_adamw import SparseAdamW, apply_block_mask_, random_block_mask
 from sparse_adamw.sharded_step import ShardedSparseAdamW, assign_owners
 from tests.test_kernels import INTERPRET
+from tests.utils import spawn_ranks
 
 EXACT_STEPS, CLIPPED_STEPS = 3, 2
 
@@ -195,7 +195,7 @@ def _free_port():
 def test_two_ranks_match_ddp(impl, dtype):
     if impl == "triton" and not INTERPRET:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    mp.start_processes(_worker, args=(2, _free_port(), impl, dtype, "cpu"), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_worker, args=(2, _free_port(), impl, dtype, "cpu"), nprocs=2)
 
 
 @pytest.mark.gpu
@@ -205,8 +205,7 @@ def test_two_gpus_over_copy_engines_match_ddp(impl, dtype):
     """The same check on 2 GPUs: the gradients and weights travel by copy engine through symmetric memory."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    mp.start_processes(_worker, args=(2, _free_port(), impl, dtype, "cuda"), nprocs=2, join=True,
-                       start_method="spawn")
+    spawn_ranks(_worker, args=(2, _free_port(), impl, dtype, "cuda"), nprocs=2)
 
 
 def test_refuses_what_it_cannot_do_right():

@@ -188,6 +188,35 @@ def test_a_nonzero_pruned_block_stops_a_save(tiny_llama, tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+class _LeakAt(TrainerCallback):
+    """At the end of optimizer step `step`, writes a nonzero into pruned block (row, col) of `param` through
+    param.data (as code that writes the weights behind the optimizer's back would)."""
+
+    def __init__(self, param, block, step):
+        self.param, self.block, self.step = param, block, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            row, col = self.block
+            self.param.data[16 * row + 3, 16 * col + 5] = 1e-3
+
+
+def test_a_pruned_block_made_nonzero_during_a_run_that_saves_nothing_fails_train(tiny_llama, tmp_path):
+    """save_strategy "no": no checkpoint and no save_model checks the weights on the way, so the check at the end
+    of train() is what catches a pruned block that became nonzero during training (here at the last step, after
+    the optimizer's last update)."""
+    model, masks = _pruned(tiny_llama)
+    name, mask = next(iter(masks.items()))
+    block = tuple((~mask).nonzero()[0].tolist())
+    trainer = SparseTrainer(model=model, args=_args(tmp_path, max_steps=3, save_strategy="no"),
+                            train_dataset=_Tokens(), callbacks=[_LeakAt(_params(model)[name], block, step=3)])
+    with pytest.raises(SparsityViolation, match=rf"at the end of training: {re.escape(name)}: 1 of "):
+        trainer.train()
+    assert trainer.state.global_step == 3  # the whole run happened; only its end found the leak
+    assert not pruned_blocks_are_zero(_params(model)[name], mask)
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
 class _StateAtStart(TrainerCallback):
     """A copy of the optimizer state when training (re)starts, after a checkpoint's state is loaded."""
 

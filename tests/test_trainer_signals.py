@@ -1,20 +1,20 @@
 """Signals in a subprocess, as a terminal or a batch scheduler sends them.
 
 A second Ctrl+C (or SIGTERM) while the first one's checkpoint is being saved: the process stops at once with status
-130 and one line on stderr, no traceback, and the half-written checkpoint has no trainer_state.json (so a resume skips
-it). The script sends the first signal at the end of step 2 and the second from inside the checkpoint's save, after
-the model is written and before the optimizer state is.
+130 and one line on stderr, no traceback, and the half-written checkpoint stays in its staging folder,
+.tmp-checkpoint-2, never renamed to checkpoint-2 (so a resume cannot take it; the next run removes it). The script
+sends the first signal at the end of step 2 and the second from inside the checkpoint's write, after the model is
+written and before the optimizer state is.
 
 Ctrl+C in a terminal sends SIGINT to the whole foreground process group, the DataLoader's workers included: they
 inherit the handler when they are forked, keep working, and only the training process says anything and checkpoints.
 """
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from finetune_helpers import REPO, subprocess_env
+from finetune_helpers import REPO, Child, subprocess_env
 
 SCRIPT = textwrap.dedent('''
     import os, signal, sys, time
@@ -37,12 +37,17 @@ SCRIPT = textwrap.dedent('''
                     os.kill(os.getpid(), sig)
 
 
-    class SecondSignalDuringTheSave(SparseTrainer):
-        def _save_optimizer_and_scheduler(self, output_dir):
-            if mode == "second":
-                os.kill(os.getpid(), sig)  # the handler runs before the next line
-                time.sleep(30)
-            super()._save_optimizer_and_scheduler(output_dir)
+    from sparse_adamw.pipeline import checkpoints
+
+    save_torch = checkpoints._save_torch
+
+    def second_signal_before_the_optimizer_state(obj, path):
+        if mode == "second":
+            os.kill(os.getpid(), sig)  # the handler runs before the next line
+            time.sleep(30)
+        return save_torch(obj, path)
+
+    checkpoints._save_torch = second_signal_before_the_optimizer_state
 
 
     torch.manual_seed(0)
@@ -52,8 +57,7 @@ SCRIPT = textwrap.dedent('''
     args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=2, max_steps=8, save_strategy="no",
                              report_to="none", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False,
                              dataloader_num_workers=2 if mode == "group" else 0)
-    trainer = SecondSignalDuringTheSave(model=model, args=args, train_dataset=ArithmeticTokens(),
-                                        callbacks=[FirstSignal()])
+    trainer = SparseTrainer(model=model, args=args, train_dataset=ArithmeticTokens(), callbacks=[FirstSignal()])
     try:
         trainer.train()
     except TrainingAborted as err:  # what sparse_adamw.pipeline.finetune.main does
@@ -67,9 +71,10 @@ def _run(tmp_path, signame, mode):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     output_dir = tmp_path / "out"
-    # A session of its own: a signal to the script's process group reaches nothing else.
-    run = subprocess.run([sys.executable, str(script), signame, str(output_dir), str(REPO), mode],
-                         env=subprocess_env(), capture_output=True, text=True, timeout=300, start_new_session=True)
+    # Child: a session of its own (a signal to the script's process group reaches nothing else), SIGINT and SIGTERM
+    # at their defaults even where this process ignores them, and a deadline.
+    run = Child([sys.executable, script, signame, output_dir, REPO, mode], env=subprocess_env())
+    run.finish(timeout=300)
     return run, output_dir
 
 
@@ -83,9 +88,9 @@ def test_a_second_signal_during_the_save_exits_130_with_one_line(tmp_path, signa
     aborted = f"Second {name}: stopped without finishing the checkpoint; the last complete checkpoint is kept"
     assert lines[-1] == aborted and lines.count(aborted) == 1, lines[-5:]
     assert f"{name}: saving a checkpoint at the end of this step, then stopping" in run.stderr
-    checkpoint = output_dir / "checkpoint-2"
-    assert (checkpoint / "model.safetensors").is_file()  # half written: the model, then the second signal
-    assert not (checkpoint / "optimizer.pt").exists() and not (checkpoint / "trainer_state.json").exists()
+    staging = output_dir / ".tmp-checkpoint-2"
+    assert (staging / "model.safetensors").is_file()  # half written: the model, then the second signal
+    assert not (staging / "optimizer.pt").exists() and not (output_dir / "checkpoint-2").exists()
 
 
 def test_ctrl_c_to_the_process_group_spares_the_dataloader_workers(tmp_path):

@@ -1,4 +1,6 @@
 """Shared test helpers."""
+import time
+
 import torch
 
 
@@ -27,3 +29,24 @@ def rel_err(actual, expected):
     """max |actual - expected| over max |expected|, in float64."""
     a, e = actual.double().cpu(), expected.double().cpu()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() if e.numel() else 0.0
+
+
+def spawn_ranks(fn, args=(), nprocs=2, timeout=900):
+    """torch.multiprocessing.start_processes(fn, args, nprocs, start_method="spawn"), joined with a deadline: a rank
+    that fails fails the test as join=True does (the other ranks stopped, its traceback in the exception); past
+    `timeout` seconds the ranks still running are killed and the test fails with an AssertionError, where join=True
+    would wait forever on a rank stuck in a collective."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            stuck = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join(timeout=30)
+            raise AssertionError(f"gave up after {timeout} s: rank(s) {stuck} of {nprocs} running "
+                                 f"{getattr(fn, '__name__', fn)} had not finished (killed)")

@@ -171,15 +171,25 @@ def _pause_here(point: str) -> None:
 
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while the block runs (renaming the final files into place: all or none)."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT and SIGTERM back while the block runs (renaming the final files into place: all or none).
+
+    Masking the signals (pthread_sigmask) would cover the calling thread only: the process's other threads (tqdm's
+    monitor, the checkpoint writer) would take a Ctrl+C, and Python would still raise it in the main thread mid-block.
+    So the handlers themselves wait: a signal that arrives during the block (on any thread: Python runs handlers on
+    the main thread) is noted, and raised again once the block is done."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: List[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in signals}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 @dataclass
