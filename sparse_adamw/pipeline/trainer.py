@@ -246,6 +246,11 @@ class SparseTrainer(Trainer):
         distill: DistillConfig (alpha, temperature, hidden-state weight); default DistillConfig() with a teacher.
         data_parallel: "ddp" (default) or "sharded": under torchrun, ShardedSparseAdamW instead of DDP (see the
             module docstring); not with FSDP or DeepSpeed.
+        background_checkpoints: take a snapshot of the weights and optimizer state into host memory at each
+            checkpoint and write it on a thread while training goes on (default True; checkpoints.py). A checkpoint
+            is complete once its folder is renamed from .tmp-checkpoint-N; a failed write costs only itself.
+        checkpoint_at_end: write a checkpoint at the last step, as the Trainer does (default True); the fine-tune
+            passes False, since it writes the final model there.
 
     The optimizer uses args.learning_rate, adam_beta1/2, adam_epsilon, weight_decay and seed (for the stochastic
     rounding of bf16 weights); `args.optim` is ignored. Given masks are checked against the model right away
