@@ -335,8 +335,8 @@ class LogAtCheckpoints(TrainerCallback):
 
 class StepClock(TrainerCallback):
     """When each optimizer step of this process ended: the steady rate leaves out the first steps (warm-up,
-    kernel compilation, the allocator growing). Also how long the checkpoints took to write: on a 7B model with fp32
-    states each one is ~57 GB, which dominates the whole-run rate of a short run."""
+    kernel compilation, the allocator growing). Also how long training paused for checkpoints (from the end of the
+    step to on_save): the snapshot of one written in the background, or the whole write of one written in place."""
 
     def __init__(self):
         self.ends: List[float] = []
@@ -345,7 +345,7 @@ class StepClock(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(time.perf_counter())
 
-    def on_save(self, args, state, control, **kwargs):  # called once the checkpoint of this step is written
+    def on_save(self, args, state, control, **kwargs):  # called once the checkpoint's snapshot is taken
         if self.ends:
             self.checkpoint_seconds += time.perf_counter() - self.ends[-1]
 
