@@ -254,6 +254,7 @@ echo "GPU Configuration:"
 echo "  Number of GPUs: $([[ "$CPU_MODE" == 1 ]] && echo 0 || echo "$NUM_GPUS")"
 echo "  GPU IDs: ${GPU_IDS:-none}"
 echo "  Training mode: ${TRAINING_MODE}"
+[[ -z "${DATA_PARALLEL_WHY:-}" || "$FSDP" == 1 ]] || echo "  Data parallel: ${DATA_PARALLEL_WHY}"
 if (( NNODES > 1 )); then
     echo "  Nodes: ${NNODES} x ${NPROC} process(es) = $(( NNODES * NPROC )) in all; this is node ${NODE_RANK}," \
          "meeting at ${RDZV_ENDPOINT:-${MASTER_ADDR}:${MASTER_PORT}}$([[ -n "$RDZV_ENDPOINT" ]] && echo " (c10d)")"

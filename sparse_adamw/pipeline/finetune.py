@@ -394,7 +394,8 @@ def _make_trainer(job: _Job) -> None:
         job.say(f"Distillation: {d.alpha:g} x KL(teacher || student) at T={d.temperature:g} + {1 - d.alpha:g} x LM "
                 f"loss{f' + {d.hidden_weight:g} x SquareHead' if d.hidden_weight else ''}; teacher {args.teacher}")
     if job.plan.world_size > 1 and not job.trainer.fsdp_version:
-        job.say(f"Data parallel: {DATA_PARALLEL_NOTES[args.data_parallel]} ({job.plan.world_size} processes)")
+        job.say(f"Data parallel: {DATA_PARALLEL_NOTES[args.data_parallel]} ({job.plan.world_size} processes; "
+                f"{job.plan.data_parallel_why})")
     if job.training_args.use_liger_kernel:
         job.say(f"Liger-Kernel: fused RMSNorm, SwiGLU, RoPE and linear cross-entropy ({job.model.config.model_type})")
     if job.plan.masks_found:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 EFFECTIVE_BATCH_SIZE = 8
 DATA_PARALLEL_MODES = ("auto", "ddp", "sharded")
+SHARDED_MEASURED_GPUS = 2  # the sharded step's speed is measured on this many GPUs (benchmarks/RESULTS.md)
 DEFAULT_MAX_TRAIN_SAMPLES = 30000
 DEFAULT_LEARNING_RATE = 5e-5
 DEFAULT_SAVE_STEPS = 500
@@ -245,6 +246,7 @@ class Plan:
     # checkpointing. The given ones are kept.
     memory_plan: bool = False
     given: Dict[str, Any] = field(default_factory=dict)
+    data_parallel_why: str = ""  # how --data_parallel was resolved, and whether that mode is measured here
     # Filled by inspect_output_dir: what changes the result, the schedule, and what the output folder holds.
     config: Dict[str, Any] = field(default_factory=dict)
     schedule: Dict[str, Any] = field(default_factory=dict)
@@ -274,7 +276,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     _resolve_precision(args, training, on_cpu, bf16_supported)
     if training.get("fsdp"):
         _resolve_fsdp(training, on_cpu, world_size)
-    _resolve_data_parallel(args, training, on_cpu, world_size)
+    data_parallel_why = _resolve_data_parallel(args, training, on_cpu, world_size)
     if training.get("logging_nan_inf_filter") is None:
         training["logging_nan_inf_filter"] = False
     if world_size > 1 and training.get("ddp_find_unused_parameters") is None:
@@ -292,7 +294,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     if Path(training["output_dir"]).is_file():
         raise ValueError(f"--output_dir {training['output_dir']} is a file, not a folder")
     return Plan(args, training, world_size, on_cpu, cpu_default, Path(args.model).exists(), None, masks_found,
-                memory_plan, given)
+                memory_plan, given, data_parallel_why)
 
 
 _TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -466,10 +468,10 @@ def _resolve_fsdp(training: Dict[str, object], on_cpu: bool, world_size: int) ->
 
 
 def _resolve_data_parallel(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool,
-                           world_size: int) -> None:
+                           world_size: int) -> str:
     """auto: sharded on 2 or more GPUs of one host that reach each other's memory (not under --fsdp), else ddp.
     ddp and sharded differ only in rounding (the clip norm's summation order) and share the checkpoint format, so
-    a run may resume under the other."""
+    a run may resume under the other. Returns why the mode was chosen, for the banner (empty for one process)."""
     asked = args.data_parallel
     if asked not in DATA_PARALLEL_MODES:
         raise ValueError(f"--data_parallel must be one of {', '.join(DATA_PARALLEL_MODES)}, got {asked!r}")
@@ -482,10 +484,52 @@ def _resolve_data_parallel(args: FinetuneArguments, training: Dict[str, object],
         if not on_cpu and world_size > local_world_size(world_size):
             raise ValueError("--data_parallel sharded runs on the GPUs of one host (copy engines through each "
                              "other's memory); this run spans several nodes: use ddp")
-    elif asked == "auto":
-        args.data_parallel = "sharded" if (world_size > 1 and not on_cpu and not training.get("fsdp")
-                                           and world_size == local_world_size(world_size)
-                                           and peers_reachable(world_size)) else "ddp"
+    if world_size < 2:
+        args.data_parallel = "ddp" if asked == "auto" else asked  # one process: nothing to share
+        return ""
+    if asked != "auto":
+        return f"as asked (--data_parallel {asked})"
+    why = ("the CPU" if on_cpu else "--fsdp" if training.get("fsdp")
+           else "several nodes" if world_size != local_world_size(world_size)
+           else None if peers_reachable(world_size) else "GPUs that cannot map each other's memory, or a PyTorch "
+           "without symmetric memory")
+    if why is not None:
+        args.data_parallel = "ddp"
+        return f"auto: DDP, since the sharded step needs the GPUs of one host that reach each other ({why})"
+    args.data_parallel = "sharded"
+    nvlink = nvlink_between(world_size)
+    measured = world_size == SHARDED_MEASURED_GPUS and nvlink is not False
+    return (f"auto: the sharded step, on {world_size} GPUs of one host that reach each other's memory"
+            + (" (measured on 2 H200s joined by NVLink: 1.87x to 1.92x one GPU, DDP 1.71x)" if measured else
+               f"; not measured on {world_size} GPUs{' linked by PCIe only' if nvlink is False else ''} yet: "
+               "--data_parallel ddp runs DDP instead"))
+
+
+def nvlink_between(n: int) -> Optional[bool]:
+    """Whether each of the first n visible GPUs has an active NVLink (NVML, through nvidia-ml-py); None where it
+    cannot tell."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        ids = [int(i) for i in visible.split(",")] if visible and all(
+            i.strip().isdigit() for i in visible.split(",")) else list(range(n))
+        for index in ids[:n]:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            links = 0
+            for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+                try:
+                    links += pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED
+                except pynvml.NVMLError:
+                    break
+            if not links:
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - no driver, no NVML: unknown
+        return None
 
 
 def local_world_size(world_size: int) -> int:
@@ -671,6 +715,7 @@ def print_config(plan: Plan) -> None:
         "STATE_DTYPE": a.state_dtype,
         "FSDP": int(bool(t.get("fsdp"))),
         "DATA_PARALLEL": a.data_parallel,
+        "DATA_PARALLEL_WHY": plan.data_parallel_why,
         "DISTILL": (f"alpha {a.distill_alpha:g} (KL to the dense model, T={a.distill_temperature:g}"
                     + (f", SquareHead {a.distill_hidden_weight:g}" if a.distill_hidden_weight else "")
                     + f"), teacher {a.teacher}") if a.distill else (

@@ -1,0 +1,49 @@
+"""How `--data_parallel auto` resolves, and what the banner says about it (sparse_adamw/pipeline/finetune_config.py):
+the sharded step where GPUs of one host reach each other's memory, DDP elsewhere, and a word where the chosen mode
+has not been measured (more GPUs than the 2 it was measured on, or GPUs linked by PCIe only)."""
+import pytest
+
+from sparse_adamw.pipeline import finetune_config
+from sparse_adamw.pipeline.finetune_config import _split, build_parser, print_config, resolve_arguments
+
+
+def _plan(monkeypatch, *flags, cuda=True, world=2, peers=True, nvlink=True, local=None):
+    monkeypatch.setattr(finetune_config, "peers_reachable", lambda n: peers)
+    monkeypatch.setattr(finetune_config, "nvlink_between", lambda n: nvlink)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    args, training = _split(build_parser().parse_args(["--model", "m", *flags]))
+    return resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=world)
+
+
+@pytest.mark.parametrize("kwargs, mode, says", [
+    (dict(world=2), "sharded", "(measured on 2 H200s joined by NVLink"),
+    (dict(world=4), "sharded", "; not measured on 4 GPUs yet: --data_parallel ddp runs DDP instead"),
+    (dict(world=8), "sharded", "; not measured on 8 GPUs yet"),
+    (dict(world=2, nvlink=False), "sharded", "; not measured on 2 GPUs linked by PCIe only yet"),
+    (dict(world=2, nvlink=None), "sharded", "(measured on 2 H200s"),  # NVML cannot tell: the measured case
+    (dict(world=2, peers=False), "ddp", "auto: DDP, since the sharded step needs the GPUs of one host that reach "
+                                        "each other (GPUs that cannot map each other's memory"),
+    (dict(world=4, local=2), "ddp", "(several nodes)"),
+    (dict(world=2, cuda=False), "ddp", "(the CPU)"),
+])
+def test_auto_says_what_it_chose_and_whether_that_is_measured(monkeypatch, kwargs, mode, says):
+    plan = _plan(monkeypatch, **kwargs)
+    assert plan.args.data_parallel == mode and says in plan.data_parallel_why, plan.data_parallel_why
+    assert plan.data_parallel_why.startswith("auto: ")
+
+
+def test_an_explicit_mode_and_one_process(monkeypatch):
+    assert _plan(monkeypatch, "--data_parallel", "ddp", world=4).data_parallel_why == "as asked (--data_parallel ddp)"
+    one = _plan(monkeypatch, world=1)
+    assert one.args.data_parallel == "ddp" and one.data_parallel_why == ""
+
+
+def test_the_banner_gets_the_reason(monkeypatch, capsys):
+    print_config(_plan(monkeypatch, world=4))
+    lines = capsys.readouterr().out.splitlines()
+    assert "DATA_PARALLEL=sharded" in lines
+    why = next(line for line in lines if line.startswith("DATA_PARALLEL_WHY="))
+    assert "not measured on 4 GPUs yet" in why
