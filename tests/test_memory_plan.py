@@ -322,6 +322,10 @@ def test_the_fine_tune_on_a_gpu_measures_its_plan_and_reports_it(tmp_path):
     assert "Memory plan: micro-batch 8, gradient accumulation 1" in result.stdout, result.stdout
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["memory_plan"]["micro_batch"] == 8 and report["peak_memory_bytes"] > 0
+    # the training's peak beside the chosen candidate's trial peak: the trial holds what training adds later
+    plan = report["memory_plan"]
+    assert 0 < plan["training_peak_bytes"] <= plan["trial_peak_bytes"] <= plan["budget_bytes"], plan
+    assert report["training_peak_memory_bytes"] == plan["training_peak_bytes"]
 
 
 def test_held_for_later_follows_how_the_ranks_share_the_work():
