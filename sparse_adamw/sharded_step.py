@@ -317,7 +317,7 @@ class ShardedSparseAdamW(SparseAdamW):
                                        "after placing the model, and copy into parameters instead of replacing them")
 
     def _slot(self, owner: int, sender: int) -> int:
-        return sender if sender < owner else sender - 1
+        return owner if owner < sender else owner - 1
 
     # --------------------------------------------------------------------------------------------- gradients
     def _on_gradient(self, p: torch.nn.Parameter) -> None:
