@@ -251,13 +251,13 @@ class Snapshots:
     def take(self, job: "CheckpointJob", fresh: bool, wait: bool) -> bool:
         """Replace the job's live weights (and, unless `fresh`, its optimizer state's tensors) by host copies; False,
         leaving the job as it is, where host memory cannot hold them."""
+        if self._reserving is not None:  # the buffers allocated ahead of time
+            self._reserving.join()
+            self._reserving = None
         state = [] if fresh or job.optimizer is None else tensors_of(job.optimizer)
         sources = list(job.weights.values()) + state
         if not self.room(sources):
             return False
-        if self._reserving is not None:
-            self._reserving.join()
-            self._reserving = None
         cuda = any(t.is_cuda for t in sources)
         if cuda:
             if self._stream is None:
@@ -325,7 +325,7 @@ class CheckpointJob:
     staging: Path
     final: Path
     weights: Dict[str, torch.Tensor]
-    optimizer: Any = None  # the optimizer file's contents, or None when it is written elsewhere (FSDP2)
+    optimizer: Any = None  # optimizer.pt's contents (None: no optimizer file)
     ready: Any = None  # a CUDA event the host copies complete at
     keep: Optional[int] = None  # complete checkpoints to keep once this one is (save_total_limit)
     stall_s: float = 0.0  # training time the snapshot took
