@@ -283,7 +283,7 @@ class ShardedSparseAdamW(SparseAdamW):
             for p, offset in zip(same, in_slot):
                 owner = self.owner[id(p)]
                 if owner != self.rank:  # where this rank's gradient of p lands on its owner
-                    self._send_to[id(p)] = (owner, landing, self._slot(self.rank, owner) * slot + offset)
+                    self._send_to[id(p)] = (owner, landing, self._slot(owner, self.rank) * slot + offset)
                 else:  # where each peer's gradient of p lands here
                     self._landed[id(p)] = [local[start:start + p.numel()].view_as(p) for start in
                                            (self._slot(self.rank, sender) * slot + offset

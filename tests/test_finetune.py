@@ -825,6 +825,20 @@ def test_two_nodes_through_the_script_match_one_node_with_two_processes(tiny, tm
     """run_dense_finetune.sh --nnodes 2: two "machines" of one process each on localhost (gloo), launched as a user
     would launch them, one per node, train exactly like one machine with two processes: the same world size and
     gradient accumulation, so the same batches and the same sums."""
+    _two_nodes_through_the_script(tiny, tmp_path, per_node=1)
+
+
+def test_two_nodes_of_two_processes_through_the_script_match_one_node_with_four(tiny, tmp_path):
+    """The same with 2 processes per node: 2 nodes x 2 processes through the script train exactly like one machine
+    with 4 processes (ranks 0, 1 on node 0 and 2, 3 on node 1: each gets the batches of the same rank there). Without
+    a GPU the script runs one process per node, so the node is given 2 GPUs by an nvidia-smi on PATH that lists them
+    (as test_run_script.py fakes them): the script starts torchrun with --nproc_per_node 2, and the run itself stays
+    on the CPU (--use_cpu; this PyTorch cannot use CUDA, as the script warns)."""
+    _two_nodes_through_the_script(tiny, tmp_path, per_node=2)
+
+
+def _two_nodes_through_the_script(tiny, tmp_path, per_node):
+    import os
     import socket
 
     from finetune_helpers import REPO
@@ -833,22 +847,45 @@ def test_two_nodes_through_the_script_match_one_node_with_two_processes(tiny, tm
     common = ["--max_steps", 4, "--skip_eval", "--logging_steps", 1, "--max_train_samples", 64,
               "--gradient_accumulation_steps", 2]
     one = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(2 * per_node),
          "-m", "sparse_adamw.pipeline.finetune", *tiny_run_args(model_dir, corpus, tmp_path / "one", *common)],
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert one.returncode == 0, one.stdout + one.stderr
+    env, gpus = subprocess_env(), []
+    if per_node > 1:
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        (fake / "nvidia-smi").write_text("#!/usr/bin/env bash\n" + "".join(f'echo "{i}, 81000"\n'
+                                                                           for i in range(per_node)))
+        (fake / "nvidia-smi").chmod(0o755)
+        env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
+        gpus = ["--num_gpus", per_node]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    nodes = [Child(["bash", REPO / "run_dense_finetune.sh", "--nnodes", "2", "--node_rank", rank, "--master_addr",
-                    "127.0.0.1", "--master_port", port, *tiny_run_args(model_dir, corpus, tmp_path / "two", *common)],
-                   env=subprocess_env(), cwd=tmp_path)
+    nodes = [Child(["bash", REPO / "run_dense_finetune.sh", *gpus, "--nnodes", "2", "--node_rank", rank,
+                    "--master_addr", "127.0.0.1", "--master_port", port,
+                    *tiny_run_args(model_dir, corpus, tmp_path / "two", *common)],
+                   env=env, cwd=tmp_path)
              for rank in (0, 1)]
     for node in nodes:
         assert node.finish(timeout=300) == 0, node.stdout + node.stderr
     outs = [(node.stdout, node.stderr) for node in nodes]
-    assert "Nodes: 2 x 1 process(es) = 2 in all; this is node 0, meeting at 127.0.0.1:" in outs[0][0]
+    assert (f"Nodes: 2 x {per_node} process(es) = {2 * per_node} in all; this is node 0, meeting at 127.0.0.1:"
+            in outs[0][0])
     assert "this is node 1" in outs[1][0] and "Gradient accumulation: 2" in outs[1][0]
+    for out, _ in outs:
+        assert f"--nproc_per_node {per_node} -m sparse_adamw.pipeline.finetune" in out
+        if per_node > 1:  # the listed GPUs are not used
+            assert "the training runs on the CPU" in out
+    assert f"effective batch {4 * per_node} (1 x {2 * per_node} process(es) x 2)" in one.stdout
+    assert f"effective batch {4 * per_node} (1 x {2 * per_node} process(es) x 2)" in outs[0][0]
     single_node, two_nodes = _losses(one.stdout), _losses(outs[0][0])
     assert [s for s, _ in two_nodes] == list(range(1, 5))
     assert two_nodes == single_node
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert set(w1) == set(w2)
+    for name in w1:  # the same ranks and the same all-reduces, wherever the ranks run
+        assert torch.equal(w1[name], w2[name]), f"{name}: the two nodes' weights differ from one node's"
