@@ -686,7 +686,8 @@ class SparseTrainer(Trainer):
 
     def reserve_snapshot_buffers(self) -> None:
         """After the first step: the host buffers of a snapshot, allocated on a thread while training goes on."""
-        if not self.checkpoint_writer.background or not self.args.should_save or self.snapshots.reserved:
+        if (not self.checkpoint_writer.background or not self.args.should_save or self.snapshots.reserved
+                or not self._snapshots_checkpoints(None)):  # FSDP2 and the like write in place: no buffers
             return
         weights = list(_unique(self.accelerator.unwrap_model(self.model).state_dict()).values())
         state = [] if self.sharded_step else tensors_of(self.optimizer.state_dict())
