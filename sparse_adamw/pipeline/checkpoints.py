@@ -118,6 +118,9 @@ class _Flat:
         self.buffers = {dtype: torch.empty(max(n, 1), dtype=dtype) for dtype, n in totals.items()}
         self.nbytes = sum(b.numel() * b.element_size() for b in self.buffers.values())
         self.pinned = [b for b in self.buffers.values() if pin and _register(b)]
+        for buffer in self.buffers.values():
+            if all(buffer is not locked for locked in self.pinned):
+                buffer.zero_()  # its pages now (page-locking does that too), not in the first snapshot's copies
         if pin and len(self.pinned) < len(self.buffers):
             print(f"note: {format_size(self.nbytes)} of host memory could not be page-locked for checkpoint "
                   "snapshots (the locked-memory limit?): their copies from the GPU run at pageable speed", flush=True)
