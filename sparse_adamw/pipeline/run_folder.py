@@ -2,8 +2,9 @@
 
     run_config.json       the resolved configuration (everything that changes the result), the schedule, a
                           fingerprint of the starting weights and masks and, once the run is complete, its steps
-    checkpoint-N/         the Trainer's checkpoints while the run goes on; once it is complete, none (or only the
-                          last one, with --keep_checkpoints)
+    checkpoint-N/         the newest complete checkpoint while the run goes on (written as .tmp-checkpoint-N/ and
+                          renamed once complete: checkpoints.py); once the run is complete, none (or the last one,
+                          with --keep_checkpoints)
     the fine-tuned model (weights, config, tokenizer), block_masks.pt, trainer_state.json, finetune_report.json
 
 Every file is written under a temporary name and renamed into place (os.replace), so a kill leaves the old file or
