@@ -400,12 +400,8 @@ class CheckpointWriter:
             os.replace(job.staging, job.final)
             _sync_folder(job.final.parent)
         except WRITE_ERRORS as err:
-            shutil.rmtree(job.staging, ignore_errors=True)
-            newest = next((path.name for _, path in checkpoint_dirs(job.final.parent)), None)
             record.error = describe_error(err)
-            self.say(f"warning: {job.final.name} could not be written ({record.error}); its partial files are "
-                     f"removed, {'the newest complete checkpoint is ' + newest if newest else 'no checkpoint is kept yet'}"
-                     "; training goes on")
+            self.say(discard_failed_checkpoint(job.final, job.staging, err))
             return
         finally:
             job.weights, job.optimizer = {}, None  # the host buffers are free for the next snapshot
@@ -416,6 +412,15 @@ class CheckpointWriter:
                if record.background else f"written in {record.write_s + record.stall_s:.1f} s")
         self.say(f"Checkpoint {job.final.name}: {format_size(record.bytes)}, {how}"
                  + (f" (deleted {', '.join(p.name for p in removed)})" if removed else ""))
+
+
+def discard_failed_checkpoint(final: Path, partial: Path, err: BaseException) -> str:
+    """Remove what a failed write of checkpoint `final` left at `partial`; the one line that says so."""
+    shutil.rmtree(partial, ignore_errors=True)
+    newest = next((path.name for _, path in checkpoint_dirs(final.parent) if path != final), None)
+    return (f"warning: {final.name} could not be written ({describe_error(err)}); its partial files are removed, "
+            + (f"the newest complete checkpoint is {newest}" if newest else "no checkpoint is kept yet")
+            + "; training goes on")
 
 
 def _sync_folder(path: Path) -> None:

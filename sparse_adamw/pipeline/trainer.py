@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -96,11 +95,11 @@ from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks,
 from ..optimizer import SparseAdamW
 from ..sharded_step import ShardedSparseAdamW
 from .callbacks import SigintCheckpointCallback, SignalCheckpointCallback, StepLogCallback, TrainingAborted
-from .checkpoints import (WRITE_ERRORS, CheckpointJob, CheckpointWriter, Snapshots, describe_error, staging_folder,
-                          tensors_of)
+from .checkpoints import (WRITE_ERRORS, CheckpointJob, CheckpointWriter, Snapshots, discard_failed_checkpoint,
+                          staging_folder, tensors_of)
 from .distill import DistillConfig, check_teacher, distill_loss, freeze_teacher, shard_teacher
 from .models import forward_groups
-from .run_folder import OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE, checkpoint_dirs, sharded_optimizer_file
+from .run_folder import OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE, sharded_optimizer_file
 
 logger = logging.getLogger("sparse_adamw")
 
@@ -216,12 +215,16 @@ class _CheckpointTiming(TrainerCallback):
         return control
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Equal for two names of one tensor (tied weights: lm_head and the embeddings)."""
+    return tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
+
+
 def _unique(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The state dict with each tensor once: tied weights (lm_head and the embeddings) share storage, and a
-    checkpoint holds one of them, as save_pretrained writes it."""
+    """The state dict with each tensor once: a checkpoint holds one of tied weights, as save_pretrained writes it."""
     seen, unique = set(), {}
     for name, tensor in state_dict.items():
-        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        key = _storage_key(tensor)
         if key not in seen:
             seen.add(key)
             unique[name] = tensor
@@ -614,11 +617,7 @@ class SparseTrainer(Trainer):
     def _checkpoint_failed(self, final: Path, partial: Path, err: BaseException) -> None:
         """One line; the partial files go; training goes on."""
         if self.args.should_save:
-            shutil.rmtree(partial, ignore_errors=True)
-            newest = next((path.name for _, path in checkpoint_dirs(final.parent) if path != final), None)
-            print(f"warning: {final.name} could not be written ({describe_error(err)}); its partial files are removed, "
-                  + (f"the newest complete checkpoint is {newest}" if newest else "no checkpoint is kept yet")
-                  + "; training goes on", flush=True)
+            print(discard_failed_checkpoint(final, partial, err), flush=True)
 
     def _snapshot(self, final: Path, staging: Path) -> Optional[CheckpointJob]:
         """Every rank: the collectives a checkpoint needs and its own RNG state; the main process: the small files
@@ -707,7 +706,7 @@ class SparseTrainer(Trainer):
             copies: Dict[tuple, torch.Tensor] = {}
             state_dict = {}
             for name, tensor in self.accelerator.unwrap_model(self.model).state_dict().items():
-                key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+                key = _storage_key(tensor)
                 if key not in copies:
                     copies[key] = tensor.detach().to("cpu", copy=True)
                 state_dict[name] = copies[key]
