@@ -378,6 +378,17 @@ def test_the_suggested_memory_cap_no_longer_fits_the_chosen_candidate():
         assert cap * 0.95 < peak_gib <= (cap + 2) * 0.95, (peak_gib, cap)
 
 
+def test_the_flag_that_lowers_the_plan():
+    common = dict(margin=0.05, per_process=8, checkpointing=False)
+    assert checkpoints.lower_plan_flag(trial_peak=int(61.9 * GiB), micro_batch=4, **common) == "--max_memory_gb 64"
+    assert checkpoints.lower_plan_flag(trial_peak=None, micro_batch=4, **common) == "--per_device_train_batch_size 2"
+    assert checkpoints.lower_plan_flag(trial_peak=None, micro_batch=3, margin=0.05, per_process=6,
+                                       checkpointing=False) == "--per_device_train_batch_size 2"
+    assert checkpoints.lower_plan_flag(trial_peak=None, micro_batch=1, **common) == "--gradient_checkpointing"
+    assert checkpoints.lower_plan_flag(trial_peak=None, micro_batch=1, margin=0.05, per_process=8,
+                                       checkpointing=True).startswith("--max_memory_gb (below the free memory)")
+
+
 def test_out_of_memory_mid_run_stops_with_one_message_and_the_flag_resumes(tiny, tmp_path, monkeypatch, capsys):
     """Out of memory in step 5 (after checkpoint-4, at micro-batch 2): one message naming the step, the plan and the
     flag; the same command with that flag resumes from checkpoint-4 at micro-batch 1 (the effective batch stays)."""

@@ -622,16 +622,28 @@ def suggested_memory_gb(trial_peak: int, margin: float) -> int:
     return max(1, math.floor(trial_peak / GiB / (1 - margin)) - 1)
 
 
+def lower_plan_flag(*, trial_peak: Optional[int], margin: float, micro_batch: int, per_process: int,
+                    checkpointing: bool) -> str:
+    """The flag that lowers the plan: under the memory plan, a --max_memory_gb its choice no longer fits; else the
+    next smaller micro-batch that divides the sequences a process takes per step, or checkpointing."""
+    if trial_peak is not None:
+        return f"--max_memory_gb {suggested_memory_gb(trial_peak, margin)}"
+    if micro_batch > 1:
+        return f"--per_device_train_batch_size {max(b for b in range(1, micro_batch) if per_process % b == 0)}"
+    if not checkpointing:
+        return "--gradient_checkpointing"
+    return "--max_memory_gb (below the free memory) or more GPUs with --fsdp"
+
+
 def out_of_memory_message(step: int, *, plan_text: str, trial_peak: Optional[int], run_peak: Optional[int],
                           flag: str, resume_from: Optional[str]) -> str:
-    """One message: the step, the plan, the peaks, the flag that lowers the plan, and where a rerun resumes."""
+    """One message: the step, the plan, the peaks, the flag that lowers the plan, and where a rerun resumes (the
+    name of the newest checkpoint)."""
     peaks = []
     if trial_peak is not None:
         peaks.append(f"trial peak {trial_peak / GiB:.1f} GiB")
     if run_peak is not None:
         peaks.append(f"this run's peak {run_peak / GiB:.1f} GiB")
-    where = (f"resumes from {Path(resume_from).name}" if resume_from else "starts again (no checkpoint was written "
-             "yet)")
+    where = f"resumes from {resume_from}" if resume_from else "starts again (no checkpoint was written yet)"
     return (f"out of GPU memory in step {step} (plan: {plan_text}" + (f"; {', '.join(peaks)}" if peaks else "")
             + f"). The same command with {flag} {where}, with a smaller plan")
-

@@ -53,7 +53,7 @@ from ..sparsity import check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
 from .data import DEFAULT_DATASET
-from .checkpoints import WRITE_ERRORS, describe_error, disk_refusal, out_of_memory_message, suggested_memory_gb
+from .checkpoints import WRITE_ERRORS, describe_error, disk_refusal, lower_plan_flag, out_of_memory_message
 from .finetune_config import (
     FinetuneArguments,
     FinetuneTrainingArguments,
@@ -523,29 +523,15 @@ def _out_of_memory(job: _Job) -> int:
     if job.memory is not None:
         trial_peak = next((trial.peak for trial in job.memory.trials if trial.candidate == job.memory.chosen), None)
         plan_text += f", measured at the start within {job.memory.budget / 1024 ** 3:.1f} GiB"
-    if trial_peak is not None:
-        flag = f"--max_memory_gb {suggested_memory_gb(trial_peak, MARGIN)}"
-    elif micro > 1:
-        flag = f"--per_device_train_batch_size {_smaller_micro_batch(job)}"
-    elif not checkpointing:
-        flag = "--gradient_checkpointing"
-    else:
-        flag = "--max_memory_gb (below the free memory) or more GPUs with --fsdp"
+    flag = lower_plan_flag(trial_peak=trial_peak, margin=MARGIN, micro_batch=micro, checkpointing=checkpointing,
+                           per_process=job.plan.effective_batch_size // job.plan.world_size)
     run_peak = torch.cuda.max_memory_reserved(t.device) if torch.cuda.is_available() and not job.plan.on_cpu else None
     if job.main:
-        newest = checkpoint_dirs(job.output_dir)
         print("\nerror: " + out_of_memory_message(trainer.state.global_step + 1, plan_text=plan_text,
                                                    trial_peak=trial_peak, run_peak=run_peak, flag=flag,
-                                                   resume_from=str(newest[0][1]) if newest else None),
+                                                   resume_from=_newest_checkpoint(job)),
               file=sys.stderr, flush=True)
     return EXIT_FAILED
-
-
-def _smaller_micro_batch(job: _Job) -> int:
-    """The largest micro-batch below the current one that divides the sequences a process takes per step."""
-    micro = job.training_args.per_device_train_batch_size
-    per_process = job.plan.effective_batch_size // job.plan.world_size
-    return max(b for b in range(1, micro) if per_process % b == 0)
 
 
 def _adopt_checkpoint(job: _Job) -> None:
