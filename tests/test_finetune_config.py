@@ -1,4 +1,4 @@
-"""How `--data_parallel auto` resolves, and what the banner says about it (sparse_adamw/pipeline/finetune_config.py):
+"""How `--data_parallel` resolves, and what the banner says about it (sparse_adamw/pipeline/finetune_config.py):
 the sharded step where GPUs of one host reach each other's memory, DDP elsewhere, and a word where the chosen mode
 has not been measured (more GPUs than the 2 it was measured on, or GPUs linked by PCIe only)."""
 import pytest
@@ -16,6 +16,25 @@ def _plan(monkeypatch, *flags, cuda=True, world=2, peers=True, nvlink=True, loca
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     args, training = _split(build_parser().parse_args(["--model", "m", *flags]))
     return resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=world)
+
+
+def test_data_parallel_auto_picks_the_sharded_step_on_one_host_whose_gpus_reach_each_other(monkeypatch):
+    def resolved(*flags, cuda=True, world=2, peers=True, local=None):
+        return _plan(monkeypatch, *flags, cuda=cuda, world=world, peers=peers, local=local).args
+
+    assert resolved().data_parallel == "sharded"
+    assert resolved(local=2).data_parallel == "sharded"
+    assert resolved(world=4, local=2).data_parallel == "ddp"  # two nodes
+    assert resolved(peers=False).data_parallel == "ddp"  # GPUs without peer access
+    assert resolved("--fsdp").data_parallel == "ddp"
+    assert resolved(cuda=False).data_parallel == "ddp"
+    assert resolved(world=1).data_parallel == "ddp"
+    assert resolved("--data_parallel", "ddp").data_parallel == "ddp"
+    assert resolved("--data_parallel", "sharded", cuda=False).data_parallel == "sharded"  # gloo: for tests
+    for flags, kwargs, message in ((("--fsdp",), {}, "pick one"), ((), {"world": 1}, "launch it with torchrun"),
+                                   ((), {"world": 4, "local": 2}, "spans several nodes")):
+        with pytest.raises(ValueError, match=message):
+            resolved("--data_parallel", "sharded", *flags, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, mode, says", [

@@ -361,34 +361,6 @@ def test_fsdp_on_the_cpu_is_refused_by_finetune():
     assert plan.training["gradient_accumulation_steps"] == 4  # the effective batch stays 8
 
 
-def test_data_parallel_auto_picks_the_sharded_step_on_one_host_whose_gpus_reach_each_other(monkeypatch):
-    from sparse_adamw.pipeline import finetune_config
-    from sparse_adamw.pipeline.finetune_config import _split, build_parser, resolve_arguments
-
-    def resolved(*flags, cuda=True, world=2, peers=True, local=None):
-        monkeypatch.setattr(finetune_config, "peers_reachable", lambda n: peers)
-        if local is None:
-            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-        else:
-            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
-        args, training = _split(build_parser().parse_args(["--model", "m", *flags]))
-        return resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=world).args
-
-    assert resolved().data_parallel == "sharded"
-    assert resolved(local=2).data_parallel == "sharded"
-    assert resolved(world=4, local=2).data_parallel == "ddp"  # two nodes
-    assert resolved(peers=False).data_parallel == "ddp"  # GPUs without peer access
-    assert resolved("--fsdp").data_parallel == "ddp"
-    assert resolved(cuda=False).data_parallel == "ddp"
-    assert resolved(world=1).data_parallel == "ddp"
-    assert resolved("--data_parallel", "ddp").data_parallel == "ddp"
-    assert resolved("--data_parallel", "sharded", cuda=False).data_parallel == "sharded"  # gloo: for tests
-    for flags, kwargs, message in ((("--fsdp",), {}, "pick one"), ((), {"world": 1}, "launch it with torchrun"),
-                                   ((), {"world": 4, "local": 2}, "spans several nodes")):
-        with pytest.raises(ValueError, match=message):
-            resolved("--data_parallel", "sharded", *flags, **kwargs)
-
-
 def test_print_config_says_fsdp(capsys):
     from sparse_adamw.pipeline.finetune_config import _split, build_parser, print_config, resolve_arguments
 
