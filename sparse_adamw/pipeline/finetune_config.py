@@ -686,6 +686,7 @@ def liger_note(training: Dict[str, object], on_cpu: bool) -> str:
 def print_config(plan: Plan) -> None:
     """Shell-quoted KEY=VALUE lines for run_dense_finetune.sh."""
     t, a = plan.training, plan.args
+    input_error = _input_error(a)
     values = {
         "MODEL": a.model,
         "MODEL_NOTE": "" if plan.model_exists else (
@@ -720,10 +721,10 @@ def print_config(plan: Plan) -> None:
                     + (f", SquareHead {a.distill_hidden_weight:g}" if a.distill_hidden_weight else "")
                     + f"), teacher {a.teacher}") if a.distill else (
                         "off (--no_distill)" if a.no_distill else "off (no dense teacher at hand: --teacher DIR)"),
-        "DISK_PLAN": describe_disk_plan(plan) if not _input_error(a) else "not estimated",
+        "DISK_PLAN": describe_disk_plan(plan) if not input_error else "not estimated",
         "RESUME_FROM": plan.resume_from or "",
         "RUN_STATE": "complete" if plan.status.complete else "resume" if plan.resume_from else "new",
-        "INPUT_ERROR": _input_error(a),  # what a run (not --print_config) would stop at, before the banner
+        "INPUT_ERROR": input_error,  # what a run (not --print_config) would stop at, before the banner
     }
     for key, value in values.items():
         print(f"{key}={shlex.quote(str(value))}")
