@@ -590,6 +590,42 @@ def plan_disk(output_dir, model: Optional[str], *, dtype: torch.dtype, state_dty
                     free_bytes(output_dir), notes)
 
 
+def disk_plan(plan) -> Optional[DiskPlan]:
+    """plan_disk for a fine-tune's resolved Plan (finetune_config.py), before anything is loaded; None when the model
+    is not there yet (the prune step makes it)."""
+    from .models import DEFAULT_MODEL, resolve_dtype
+
+    a, t = plan.args, plan.training
+    if not Path(a.model).exists() and a.model != DEFAULT_MODEL:
+        return None
+    strategy = str(t.get("save_strategy", "steps")).rsplit(".", 1)[-1].lower()
+    save_steps, max_steps = t["save_steps"], (t["max_steps"] if t["max_steps"] > 0 else None)
+    if strategy == "no":
+        save_steps = None
+    elif strategy != "steps" or save_steps < 1:  # per epoch, or a fraction of the run: cadence unknown here
+        save_steps, max_steps = 1, None
+    else:
+        save_steps = int(save_steps)
+    mode = "fsdp" if t.get("fsdp") else None if plan.world_size == 1 else a.data_parallel
+    return plan_disk(t["output_dir"], a.model, dtype=resolve_dtype(a.dtype), state_dtype=resolve_dtype(a.state_dtype),
+                     masks_file=a.masks_file, world_size=plan.world_size, mode=mode, save_steps=save_steps,
+                     max_steps=max_steps, keep=t.get("save_total_limit"), checkpoint_at_end=a.keep_checkpoints,
+                     start_step=plan.status.resume_step,
+                     present_checkpoints=len(checkpoint_dirs(t["output_dir"])) if plan.resume_from else 0,
+                     fsdp_fp32_weights=bool(t.get("bf16")))
+
+
+def describe_disk_plan(plan) -> str:
+    """The banner's line: the estimate, or why there is none."""
+    try:
+        disk = disk_plan(plan)
+    except (OSError, ValueError) as err:
+        return f"not estimated ({err})"
+    if disk is None:
+        return "estimated once the prune step has made the model"
+    return disk.describe() + ("" if disk.fits else " -- DOES NOT FIT")
+
+
 def _small_files(model: Optional[str]) -> int:
     """Bytes of the tokenizer and config files next to a saved model (what every checkpoint copies)."""
     path = Path(model or "")

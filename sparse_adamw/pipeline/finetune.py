@@ -53,13 +53,13 @@ from ..sparsity import check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
 from .data import DEFAULT_DATASET
-from .checkpoints import WRITE_ERRORS, describe_error, disk_refusal, lower_plan_flag, out_of_memory_message
+from .checkpoints import (WRITE_ERRORS, describe_error, disk_plan, disk_refusal, lower_plan_flag,
+                          out_of_memory_message)
 from .finetune_config import (
     FinetuneArguments,
     FinetuneTrainingArguments,
     Plan,
     describe_dataset,
-    disk_plan,
     distill_config,
     format_lr,
     parse_arguments,

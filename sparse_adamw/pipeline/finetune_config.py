@@ -9,7 +9,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
@@ -28,9 +28,6 @@ from .run_folder import (
     inspect,
     last_checkpoint,  # noqa: F401 - public here since before run_folder.py
     )
-
-if TYPE_CHECKING:
-    from .checkpoints import DiskPlan
 
 EFFECTIVE_BATCH_SIZE = 8
 DATA_PARALLEL_MODES = ("auto", "ddp", "sharded")
@@ -624,44 +621,6 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> Plan:
     return plan
 
 
-def disk_plan(plan: Plan) -> Optional["DiskPlan"]:
-    """The output folder's high-water mark against its free space (checkpoints.plan_disk), from the model's config
-    and masks, before anything is loaded; None when the model is not there yet (the prune step makes it)."""
-    from .checkpoints import plan_disk
-    from .models import resolve_dtype
-    from .run_folder import checkpoint_dirs
-
-    a, t = plan.args, plan.training
-    if not Path(a.model).exists() and a.model != DEFAULT_MODEL:
-        return None
-    strategy = str(t.get("save_strategy", "steps")).rsplit(".", 1)[-1].lower()
-    save_steps, max_steps = t["save_steps"], (t["max_steps"] if t["max_steps"] > 0 else None)
-    if strategy == "no":
-        save_steps = None
-    elif strategy != "steps" or save_steps < 1:  # per epoch, or a fraction of the run: cadence unknown here
-        save_steps, max_steps = 1, None
-    else:
-        save_steps = int(save_steps)
-    mode = "fsdp" if t.get("fsdp") else None if plan.world_size == 1 else a.data_parallel
-    return plan_disk(t["output_dir"], a.model, dtype=resolve_dtype(a.dtype), state_dtype=resolve_dtype(a.state_dtype),
-                     masks_file=a.masks_file, world_size=plan.world_size, mode=mode, save_steps=save_steps,
-                     max_steps=max_steps, keep=t.get("save_total_limit"), checkpoint_at_end=a.keep_checkpoints,
-                     start_step=plan.status.resume_step,
-                     present_checkpoints=len(checkpoint_dirs(t["output_dir"])) if plan.resume_from else 0,
-                     fsdp_fp32_weights=bool(t.get("bf16")))
-
-
-def describe_disk_plan(plan: Plan) -> str:
-    """The banner's line: the estimate, or why there is none."""
-    try:
-        disk = disk_plan(plan)
-    except (OSError, ValueError) as err:
-        return f"not estimated ({err})"
-    if disk is None:
-        return "estimated once the prune step has made the model"
-    return disk.describe() + ("" if disk.fits else " -- DOES NOT FIT")
-
-
 def _input_error(args: FinetuneArguments) -> str:
     try:
         check_inputs(args)
@@ -685,6 +644,8 @@ def liger_note(training: Dict[str, object], on_cpu: bool) -> str:
 
 def print_config(plan: Plan) -> None:
     """Shell-quoted KEY=VALUE lines for run_dense_finetune.sh."""
+    from . import checkpoints
+
     t, a = plan.training, plan.args
     input_error = _input_error(a)
     values = {
@@ -721,7 +682,7 @@ def print_config(plan: Plan) -> None:
                     + (f", SquareHead {a.distill_hidden_weight:g}" if a.distill_hidden_weight else "")
                     + f"), teacher {a.teacher}") if a.distill else (
                         "off (--no_distill)" if a.no_distill else "off (no dense teacher at hand: --teacher DIR)"),
-        "DISK_PLAN": describe_disk_plan(plan) if not input_error else "not estimated",
+        "DISK_PLAN": checkpoints.describe_disk_plan(plan) if not input_error else "not estimated",
         "RESUME_FROM": plan.resume_from or "",
         "RUN_STATE": "complete" if plan.status.complete else "resume" if plan.resume_from else "new",
         "INPUT_ERROR": input_error,  # what a run (not --print_config) would stop at, before the banner
