@@ -24,6 +24,9 @@ DEFAULT_PRUNE_BLOCK = (16, 16)
 # SmolLM2-135M); on a GPU, 1024-token windows over the whole split.
 CPU_BLOCK_SIZE = 256
 CPU_MAX_EVAL_WINDOWS = 16
+# Windows of held-out text unlike the corpus (held_out.py), shared equally by its kinds.
+DEFAULT_OOD_WINDOWS = 48
+CPU_OOD_WINDOWS = 8
 
 
 # Set by run_dense_finetune.sh, so that the parser's errors point to the script the user ran, not to the module.
@@ -55,6 +58,10 @@ def default_block_size(device) -> int:
 
 def default_max_eval_windows(device) -> Optional[int]:
     return CPU_MAX_EVAL_WINDOWS if is_cpu(device) else None
+
+
+def default_ood_windows(device) -> int:
+    return CPU_OOD_WINDOWS if is_cpu(device) else DEFAULT_OOD_WINDOWS
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,13 +13,15 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..sparsity import check_sparsity, sparsity_report
-from .cli import add_eval_arguments, default_pruned_model, load_for_eval, parse_eval_command, timed
+from . import held_out
+from .cli import (CPU_OOD_WINDOWS, DEFAULT_OOD_WINDOWS, add_eval_arguments, default_ood_windows,
+                  default_pruned_model, load_for_eval, parse_eval_command, timed)
 from .data import load_eval_windows  # noqa: F401  (its home before data.py; benchmarks import it from here)
 from .models import DEFAULT_MODEL
 
@@ -28,22 +30,27 @@ ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "
 LM_EVAL_INSTALL = 'pip install "lm-eval[hf]"'
 
 
+def _check_windows(blocks: torch.Tensor, batch_size: int) -> None:
+    if blocks.dim() != 2 or blocks.shape[1] < 2 or blocks.shape[0] == 0:
+        raise ValueError(f"blocks must be [n >= 1, seq >= 2] token ids, got shape {tuple(blocks.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
 @torch.no_grad()
-def perplexity(
+def negative_log_likelihood(
     model,
     blocks: torch.Tensor,
     batch_size: int = 4,
     device=None,
     progress: bool = True,
     desc: str = "perplexity",
-) -> float:
-    """exp(mean next-token NLL) over [n, seq] token windows, each scored on its own; logits in fp32."""
+) -> Tuple[float, int]:
+    """(summed next-token NLL, number of predicted tokens) over [n, seq] token windows, each scored on its own;
+    logits in fp32."""
     from tqdm.auto import tqdm
 
-    if blocks.dim() != 2 or blocks.shape[1] < 2 or blocks.shape[0] == 0:
-        raise ValueError(f"blocks must be [n >= 1, seq >= 2] token ids, got shape {tuple(blocks.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _check_windows(blocks, batch_size)
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -59,7 +66,22 @@ def perplexity(
             count += ids[:, 1:].numel()
     finally:
         model.train(was_training)
+    return nll, count
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, device=None, progress: bool = True,
+               desc: str = "perplexity") -> float:
+    """exp(mean next-token NLL) over [n, seq] token windows, each scored on its own; logits in fp32."""
+    nll, count = negative_log_likelihood(model, blocks, batch_size, device, progress, desc)
     return math.exp(nll / count)
+
+
+def held_out_perplexity(model, windows: Dict[str, torch.Tensor], batch_size: int = 4, device=None,
+                        progress: bool = True) -> Dict[str, float]:
+    """{"all": ..., kind: ...}: the perplexity over the held-out windows (held_out.py), all together and by kind."""
+    return held_out.perplexity_by_kind(
+        lambda blocks: negative_log_likelihood(model, blocks, batch_size, device, progress, "held-out perplexity"),
+        windows)
 
 
 def require_lm_eval() -> None:
@@ -96,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the output of `python -m sparse_adamw.pipeline.prune` with its defaults)",
     )
     add_eval_arguments(parser)
+    parser.add_argument(
+        "--ood_windows", type=int, default=None,
+        help=f"also the perplexity on N windows of held-out text unlike the corpus (novels, plays, speeches, "
+        f"recipes: see held_out.py), shared equally by the kinds; 0 = off (default {DEFAULT_OOD_WINDOWS}, or "
+        f"{CPU_OOD_WINDOWS} on CPU)",
+    )
     parser.add_argument("--eval_zero_shot", action="store_true", help=f"also run lm-eval ({LM_EVAL_INSTALL})")
     parser.add_argument(
         "--tasks", default=",".join(ZERO_SHOT_TASKS), help="comma-separated lm-eval tasks (default: Wanda's seven)"
@@ -122,17 +150,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"no pruned model at {args.model}: run `python -m sparse_adamw.pipeline.prune` first, or pass "
             f"--model {DEFAULT_MODEL} for the dense packaged model, or --model DIR"
         )
+    if args.ood_windows is None:
+        args.ood_windows = default_ood_windows(args.device)
+    if args.ood_windows < 0:
+        parser.error(f"--ood_windows must be >= 0, got {args.ood_windows}")
     timings: Dict[str, float] = {}
-    loaded = load_for_eval(parser, args, timings)
+    loaded = load_for_eval(parser, args, timings,
+                           more=lambda tokenizer: held_out.load_or_note(tokenizer, args.block_size, args.ood_windows))
     print(f"evaluating: {loaded.evaluated}")
     with timed(timings, "perplexity_s"):
         ppl = perplexity(loaded.model, loaded.windows, args.batch_size, args.device)
     print(f"perplexity: {ppl:.4f} ({timings['perplexity_s']:.1f} s)")
+    ood_windows, ood_what = loaded.extra
+    ood = None
+    print(f"out of domain: {ood_what}")
+    if ood_windows is not None:
+        with timed(timings, "perplexity_ood_s"):
+            ood = held_out_perplexity(loaded.model, ood_windows, args.batch_size, args.device)
+        print(f"out-of-domain perplexity: {ood['all']:.4f} ("
+              + ", ".join(f"{kind} {value:.2f}" for kind, value in ood.items() if kind != "all")
+              + f"; {timings['perplexity_ood_s']:.1f} s)")
     sparsity = check_sparsity(loaded.model, verbose=args.per_layer)  # one line per layer: 30 for SmolLM2
     print(f"sparsity (exact zeros in the decoder layers' Linear weights): {sparsity:.6f}")
     results = {
         "model": args.model, "evaluated": loaded.evaluated, "perplexity": ppl, "perplexity_s": timings["perplexity_s"],
         "sparsity": sparsity, "device": str(args.device), "dtype": args.dtype,
+        "out_of_domain": None if ood is None else {"evaluated": ood_what, "perplexity": ood,
+                                                   "perplexity_s": timings["perplexity_ood_s"]},
     }
     if args.eval_zero_shot:
         tasks = [t for t in args.tasks.split(",") if t]

@@ -52,6 +52,7 @@ from ..masks import MASKS_FILE, leaked_blocks, normalize_block_size, save_masks
 from ..sparsity import check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
+from . import held_out, teacher_text
 from .data import DEFAULT_DATASET
 from .checkpoints import (WRITE_ERRORS, describe_error, disk_plan, disk_refusal, lower_plan_flag,
                           out_of_memory_message)
@@ -64,6 +65,7 @@ from .finetune_config import (
     format_lr,
     parse_arguments,
     print_config,
+    text_settings,
 )
 from .memory_plan import CHECKPOINTING_ARGS, MARGIN
 from .models import DEFAULT_MODEL, liger_supports
@@ -213,12 +215,18 @@ class _Job:
     train: Optional[torch.Tensor] = None
     windows: Optional[torch.Tensor] = None  # on the main process, unless --skip_eval
     evaluated: Optional[str] = None
+    held_out: Optional[Dict[str, torch.Tensor]] = None  # held_out.py's windows by kind (main process)
+    held_out_note: str = "off"  # what they are, or why there are none
+    teacher_text: Optional[Dict[str, Any]] = None  # how the teacher's share of the training text was made
     trainer: Any = None
     result: Any = None  # the Trainer's TrainOutput
     masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # after training: the optimizer's
     # "before" and "after" training, as the report keeps them
     perplexity: Dict[str, Optional[float]] = field(default_factory=lambda: {"before": None, "after": None,
                                                                              "dense": None})
+    # the same on the held-out text: {"before": {"all": ..., kind: ...}, ...}
+    held_out_perplexity: Dict[str, Optional[Dict[str, float]]] = field(
+        default_factory=lambda: {"before": None, "after": None, "dense": None})
     sparsity: Dict[str, float] = field(default_factory=dict)
     pruned_blocks: Dict[str, float] = field(default_factory=dict)
 
@@ -347,12 +355,74 @@ def _load(job: _Job) -> None:
     if job.main and not args.skip_eval:
         job.windows, job.evaluated = load_eval_windows(job.tokenizer, args.dataset, args.dataset_path,
                                                        args.block_size, args.max_eval_windows or None)
+        job.held_out, job.held_out_note = held_out.load_or_note(job.tokenizer, args.block_size, args.ood_windows)
     job.model.config.use_cache = False
     job.model.train()
     if args.distill:
         # bf16 on GPUs (half the memory of fp32; it only runs forward), the student's dtype on the CPU.
         with timed(job.timings, "load_teacher_s"):
             job.teacher, _ = load_model(args.teacher, "cpu", args.dtype if job.plan.on_cpu else "bfloat16")
+
+
+def _write_teacher_text(job: _Job) -> None:
+    """Replace the teacher's share of the training blocks (--generated_fraction) by the text it writes
+    (teacher_text.py): read back from the output folder when it is there under the same key, else written now
+    (every process its part) and kept."""
+    from .models import default_model_path
+    from .run_folder import weight_files
+
+    args, t = job.args, job.training_args
+    settings = text_settings(args)
+    if settings.fraction == 0:
+        return
+    rows = teacher_text.replaced_rows(len(job.train), settings.fraction, t.seed)
+    prompts = job.train[rows, :settings.prompt_tokens]
+    teacher = str(default_model_path()) if args.teacher == DEFAULT_MODEL else os.path.abspath(args.teacher)
+    path = job.output_dir / teacher_text.TEXT_FILE
+    key = teacher_text.text_key(settings, teacher=teacher, teacher_files=weight_files(teacher), seed=t.seed,
+                                prompts=prompts, length=args.block_size)
+    ids = teacher_text.read_text(path, key)
+    if job.plan.world_size > 1:  # every process reads it back, or all write it anew (they write together)
+        found: List[Any] = [None] * job.plan.world_size
+        torch.distributed.all_gather_object(found, ids is not None)
+        ids = ids if all(found) else None
+    info = {**settings.as_dict(), "sequences": len(rows), "file": str(path), "reused": ids is not None}
+    if ids is not None:
+        job.say(f"Teacher's text: {len(rows):,} of the {len(job.train):,} training sequences, read back from {path}")
+    else:
+        device = t.device
+        on_gpu = device.type == "cuda"
+        job.say(f"Teacher's text: writing {len(rows):,} of the {len(job.train):,} training sequences "
+                f"({settings.fraction:g}) with the teacher, {args.block_size - settings.prompt_tokens} tokens each "
+                f"after {settings.prompt_tokens} of the block it replaces, at T={settings.temperature:g}...", flush=True)
+        job.teacher.to(device)
+        available = None
+        if on_gpu:
+            free, _ = torch.cuda.mem_get_info(device)
+            if args.max_memory_gb:
+                free = min(free, int(args.max_memory_gb * 1024 ** 3) - torch.cuda.memory_reserved(device))
+            available = free
+        dtype_bytes = next(job.teacher.parameters()).element_size()
+        batch = teacher_text.batch_for(job.teacher.config, args.block_size, dtype_bytes, available,
+                                       -(-len(rows) // job.plan.world_size))
+        with timed(job.timings, "teacher_text_s"):
+            made = teacher_text.generate_shared(
+                job.teacher, prompts, args.block_size, settings.temperature, t.seed, batch=batch,
+                compile=on_gpu and teacher_text.COMPILE_ON_GPU, rank=t.process_index, world_size=job.plan.world_size,
+                say=job.say)
+        ids = made["ids"]
+        if job.plan.training.get("fsdp"):
+            job.teacher.to("cpu")  # FSDP2 shards it from there, as it does the student
+        tokens = len(rows) * (args.block_size - settings.prompt_tokens)
+        info.update(batch=made["batch"], compiled=made["compiled"], seconds=made["seconds"],
+                    tokens_per_s=tokens / made["seconds"] if made["seconds"] > 0 else None)
+        job.say(f"Teacher's text: {tokens:,} tokens in {made['seconds']:.1f} s ({info['tokens_per_s']:,.0f} tokens/s, "
+                f"batches of {made['batch']}{', compiled' if made['compiled'] else ''}), kept in {path}")
+        if job.main:
+            teacher_text.write_text(path, ids, key)
+        _barrier(t)
+    job.train[rows] = ids
+    job.teacher_text = info
 
 
 def data_parallel(plan: Plan) -> Optional[str]:
@@ -453,26 +523,44 @@ def _announce(job: _Job) -> None:
 
 
 def _perplexity(job: _Job, model, when: str) -> None:
-    """Perplexity `when` ("before" or "after") training, timed as eval_<when>_s."""
-    from .evaluate import perplexity
+    """Perplexity `when` ("before", "after" or "dense"), timed as eval_<when>_s; on the held-out text too, when it
+    is at hand (eval_<when>_held_out_s)."""
+    from .evaluate import held_out_perplexity, perplexity
 
     t = job.training_args
     with timed(job.timings, f"eval_{when}_s"):
         job.perplexity[when] = perplexity(model, job.windows, t.per_device_eval_batch_size, t.device,
                                           progress=False)
+    if job.held_out is not None:
+        with timed(job.timings, f"eval_{when}_held_out_s"):
+            job.held_out_perplexity[when] = held_out_perplexity(model, job.held_out, t.per_device_eval_batch_size,
+                                                                t.device, progress=False)
+
+
+def _held_out_line(job: _Job, when: str) -> str:
+    ppl = job.held_out_perplexity[when]
+    return "" if ppl is None else f"; out of domain {ppl['all']:.4f} ({job.timings[f'eval_{when}_held_out_s']:.1f} s)"
+
+
+def held_out_overall(job: _Job) -> Dict[str, Optional[float]]:
+    """{"before", "after", "dense"}: the perplexity over all the held-out windows."""
+    return {when: None if ppl is None else ppl["all"] for when, ppl in job.held_out_perplexity.items()}
 
 
 def _evaluate_before(job: _Job) -> None:
     if job.trainer.fsdp_version:
         job.model.to(job.training_args.device)  # the Trainer leaves placement to FSDP, which shards it later
     job.say(f"Perplexity of the pruned model on {job.evaluated}...", flush=True)
+    job.say(f"Out of domain: {job.held_out_note}")
     _perplexity(job, job.model, "before")
-    job.say(f"Perplexity before fine-tuning: {job.perplexity['before']:.4f} ({job.timings['eval_before_s']:.1f} s)")
+    job.say(f"Perplexity before fine-tuning: {job.perplexity['before']:.4f} ({job.timings['eval_before_s']:.1f} s)"
+            + _held_out_line(job, "before"))
     if job.teacher is not None:
         if job.trainer.fsdp_version:
             job.teacher.to(job.training_args.device)
         _perplexity(job, job.teacher, "dense")
-        job.say(f"Perplexity of the dense teacher: {job.perplexity['dense']:.4f} ({job.timings['eval_dense_s']:.1f} s)")
+        job.say(f"Perplexity of the dense teacher: {job.perplexity['dense']:.4f} ({job.timings['eval_dense_s']:.1f} s)"
+                + _held_out_line(job, "dense"))
 
 
 def _train(job: _Job) -> Optional[int]:
@@ -633,15 +721,22 @@ def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> 
     print("\n" + "=" * 42)
     print("Results" + (f" ({job.evaluated})" if job.evaluated else " (perplexity skipped)"))
     dense = ppl["dense"] is not None
+    ood = held_out_overall(job)
+    ood_row = [("Perplexity, out of domain", fmt(ood["before"]), fmt(ood["after"])) + ((fmt(ood["dense"]),) if dense
+                                                                                        else ())]
     print(_table([("", "pruned (before)", "fine-tuned (after)") + (("dense (teacher)",) if dense else ()),
-                  ("Perplexity", fmt(ppl["before"]), fmt(ppl["after"])) + ((fmt(ppl["dense"]),) if dense else ()),
+                  ("Perplexity", fmt(ppl["before"]), fmt(ppl["after"])) + ((fmt(ppl["dense"]),) if dense else ())]
+                 + (ood_row if ood["before"] is not None else []) + [
                   ("Sparsity (exact zeros)", f"{zeros['before']:.4f}", f"{zeros['after']:.4f}") + (("",) * dense),
                   (f"Pruned {bh}x{bw} blocks", f"{blocks['before']:.4f}", f"{blocks['after']:.4f}")
                   + (("0.0000",) if dense else ())]))
-    recovered = recovered_fraction(ppl)
+    if ood["before"] is not None:
+        print(f"Out of domain: {job.held_out_note}")
+    recovered, recovered_ood = recovered_fraction(ppl), recovered_fraction(ood)
     if recovered is not None:
-        print(f"Recovered {recovered:.1%} of the perplexity pruning lost (log scale: pruned -> fine-tuned, over "
-              "pruned -> dense)")
+        print(f"Recovered {recovered:.1%} of the perplexity pruning lost"
+              + (f" ({recovered_ood:.1%} out of domain)" if recovered_ood is not None else "")
+              + " (log scale: pruned -> fine-tuned, over pruned -> dense)")
     if zeros["after"] < zeros["before"]:
         print(f"(every pruned block is still exactly zero; the {zeros['before'] - zeros['after']:.6f} fewer exact "
               "zeros were live weights that happened to be zero before and have trained)")
@@ -669,6 +764,11 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "dataset": describe_dataset(args.dataset, args.dataset_path),
         "evaluated": job.evaluated, "perplexity": job.perplexity,
         "recovered_fraction": recovered_fraction(job.perplexity),
+        # held_out.py's text unlike the corpus: all its windows together, then by kind
+        "out_of_domain": {"evaluated": job.held_out_note, "perplexity": held_out_overall(job),
+                          "recovered_fraction": recovered_fraction(held_out_overall(job)),
+                          "by_kind": job.held_out_perplexity},
+        "teacher_text": job.teacher_text,
         "memory_plan": None if job.memory is None else {
             "micro_batch": job.memory.chosen.micro_batch, "gradient_checkpointing": job.memory.chosen.checkpointing,
             "gradient_accumulation_steps": job.memory.gradient_accumulation_steps, "budget_bytes": job.memory.budget,
@@ -776,6 +876,9 @@ def _prepare(job: _Job, record: bool = True) -> Optional[int]:
             _record_start(job)
         job.enter("loading the model and data", "load")
         _load(job)
+        if record and not job.plan.status.trained:  # --plan_only and a run with every step done train nothing
+            job.enter("writing the teacher's text")
+            _write_teacher_text(job)
         _make_trainer(job)
         _check_masks_found(job)
         if job.plan.memory_plan:
@@ -905,9 +1008,13 @@ def say_complete(plan: Plan) -> int:
           f"{REPORT_FILE} are in {out}")
     if report:
         dense = (report.get("perplexity") or {}).get("dense")
+        ood = report.get("out_of_domain") or {}
         print(f"  perplexity {_before_after(report.get('perplexity'))}"
               + (f" (dense {dense:.4f}, {report['recovered_fraction']:.1%} of the loss recovered)"
                  if dense is not None and report.get("recovered_fraction") is not None else "")
+              + (f" | out of domain {_before_after(ood.get('perplexity'))}"
+                 + (f" ({ood['recovered_fraction']:.1%} recovered)" if ood.get("recovered_fraction") is not None
+                    else "") if (ood.get("perplexity") or {}).get("before") is not None else "")
               + " | sparsity (exact zeros) "
               f"{_before_after(report.get('sparsity'))} | pruned blocks "
               f"{_before_after(report.get('pruned_block_fraction'))}")

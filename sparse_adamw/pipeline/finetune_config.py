@@ -18,10 +18,12 @@ from ..backends import IMPLS
 from ..masks import MASKS_FILE, normalize_block_size
 from .distill import DistillConfig
 from .memory_plan import CHECKPOINTING_ARGS
-from .cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, command_prog, default_pruned_model
+from .cli import (CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, CPU_OOD_WINDOWS, DEFAULT_OOD_WINDOWS, command_prog,
+                  default_pruned_model)
 from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
 from .models import DEFAULT_MODEL, model_slug
 from .prune import REPORT_FILE as PRUNE_REPORT
+from .teacher_text import TEXT_FILE, TextSettings
 from .run_folder import (
     RunFolderError,
     Status,
@@ -45,6 +47,10 @@ PACKAGED_LEARNING_RATE = 5e-4
 CPU_SAVE_STEPS = 10
 # Distillation from the dense parent, where it is at hand (benchmarks/RESULTS.md, "Recovery"): the KL weight.
 DEFAULT_DISTILL_ALPHA = 0.5
+# With distillation on GPUs, the share of training sequences the teacher writes (teacher_text.py), chosen by
+# measurement (benchmarks/RESULTS.md, "Text the teacher writes"). Off on the CPU: generation there runs at a few
+# hundred tokens/s, hours for a corpus-sized share, and the CPU demo's 10 minutes are spent (same section).
+DEFAULT_GENERATED_FRACTION = 0.5
 FINETUNED_DIR = "dense_finetuned_model"
 # What run_config.json compares besides FinetuneArguments' own: the TrainingArguments that change the result.
 RESULT_TRAINING_KEYS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
@@ -112,6 +118,10 @@ class FinetuneArguments:
         "use at most this many training sequences; 0 = all")})
     max_eval_windows: Optional[int] = field(default=None, metadata={"help": (
         f"perplexity on the first N windows of the eval split; 0 = all (default all; {CPU_MAX_EVAL_WINDOWS} on CPU)")})
+    ood_windows: Optional[int] = field(default=None, metadata={"help": (
+        "also the perplexity on N windows of held-out text unlike the corpus (novels, plays, speeches, recipes: "
+        f"held_out.py), shared equally by the kinds; 0 = off (default {DEFAULT_OOD_WINDOWS}; {CPU_OOD_WINDOWS} on "
+        "CPU)")})
     skip_eval: bool = field(default=False, metadata={"help": "skip the perplexity before and after training"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "start afresh: delete the checkpoints and the run's record in --output_dir instead of resuming")})
@@ -150,6 +160,15 @@ class FinetuneArguments:
     distill_temperature: float = field(default=1.0, metadata={"help": "temperature T of the KL term"})
     distill_hidden_weight: float = field(default=0.0, metadata={"help": (
         "weight of SquareHead's per-layer hidden-state terms (normalised MSE per decoder layer); 0 = off")})
+    generated_fraction: Optional[float] = field(default=None, metadata={"help": (
+        "the share of training sequences the dense teacher writes, in [0, 1]: that many corpus blocks are replaced "
+        "by the teacher's continuations of their first tokens, written before training and kept in the output "
+        f"folder ({TEXT_FILE}). Default {DEFAULT_GENERATED_FRACTION:g} with distillation on GPUs, 0 on the CPU "
+        "(generation there is too slow) and without a teacher")})
+    generated_temperature: float = field(default=1.0, metadata={"help": (
+        "sampling temperature of the teacher's text (from its whole distribution)")})
+    generated_prompt_tokens: int = field(default=16, metadata={"help": (
+        "tokens of the replaced corpus block that start each of the teacher's sequences")})
     max_memory_gb: Optional[float] = field(default=None, metadata={"help": (
         "GPUs: use at most this many GiB per GPU (a shared card, or an 80 GB card emulated on a larger one); the "
         "memory plan fits in it, less 5%%, and the allocator refuses more (default: the free memory)")})
@@ -264,7 +283,10 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     _resolve_data(args, on_cpu, cpu_default)
     masks_found = _resolve_masks(args)
     _resolve_distill(args)
-    given = {"per_device_train_batch_size": training.get("per_device_train_batch_size"),
+    generated_given = args.generated_fraction is not None
+    _resolve_generated(args, on_cpu)
+    given = {"generated_fraction": generated_given,
+             "per_device_train_batch_size": training.get("per_device_train_batch_size"),
              "gradient_accumulation_steps": training.get("gradient_accumulation_steps"),
              "gradient_checkpointing": next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None),
                                             None)}
@@ -347,6 +369,10 @@ def _resolve_data(args: FinetuneArguments, on_cpu: bool, cpu_default: bool) -> N
         args.max_eval_windows = CPU_MAX_EVAL_WINDOWS if on_cpu else 0
     if args.max_eval_windows < 0:
         raise ValueError(f"--max_eval_windows must be >= 0, got {args.max_eval_windows}")
+    if args.ood_windows is None:
+        args.ood_windows = CPU_OOD_WINDOWS if on_cpu else DEFAULT_OOD_WINDOWS
+    if args.ood_windows < 0:
+        raise ValueError(f"--ood_windows must be >= 0, got {args.ood_windows}")
 
 
 def _resolve_masks(args: FinetuneArguments) -> bool:
@@ -393,6 +419,22 @@ def _resolve_distill(args: FinetuneArguments) -> None:
     if args.distill_alpha is None:
         args.distill_alpha = DEFAULT_DISTILL_ALPHA
     distill_config(args)  # a ValueError for a weight out of range, before anything is loaded
+
+
+def _resolve_generated(args: FinetuneArguments, on_cpu: bool) -> None:
+    """The teacher's share of the training text: checked, and defaulted where distillation is on."""
+    if args.generated_fraction is None:
+        args.generated_fraction = DEFAULT_GENERATED_FRACTION if args.distill and not on_cpu else 0.0
+    settings = text_settings(args)  # a ValueError for a value out of range
+    if settings.fraction > 0 and not args.distill:
+        raise ValueError(f"--generated_fraction {settings.fraction:g} needs the dense teacher to write the text, and "
+                         + ("--no_distill turns it off" if args.no_distill else
+                            f"no {PRUNE_REPORT} next to {args.model} names one that is here: pass --teacher DIR"))
+    settings.check_block_size(args.block_size)
+
+
+def text_settings(args: FinetuneArguments) -> TextSettings:
+    return TextSettings(args.generated_fraction, args.generated_temperature, args.generated_prompt_tokens)
 
 
 def distill_config(args: FinetuneArguments) -> Optional[DistillConfig]:
@@ -584,6 +626,7 @@ def result_config(plan: Plan) -> Dict[str, Any]:
         "prune_block": None if a.masks_file else "x".join(map(str, normalize_block_size(a.prune_block))),
         "dtype": a.dtype, "bf16_autocast": bool(t["bf16"]), "state_dtype": a.state_dtype,
         "distill": None if not a.distill else {"teacher": _where(a.teacher), **distill_config(a).as_dict()},
+        "generated": text_settings(a).as_dict() if a.generated_fraction > 0 else None,
     }
     config.update({key: t.get(key) for key in RESULT_TRAINING_KEYS})
     return config
@@ -642,6 +685,19 @@ def liger_note(training: Dict[str, object], on_cpu: bool) -> str:
     return f"on where liger-kernel {version} supports the model type"
 
 
+def generated_note(plan: Plan) -> str:
+    """The banner's line on the teacher's text."""
+    a = plan.args
+    if a.generated_fraction > 0:
+        return (f"{a.generated_fraction:g} of the training sequences written by the teacher before training (T="
+                f"{a.generated_temperature:g}, from the first {a.generated_prompt_tokens} tokens of the blocks they "
+                f"replace), kept in {Path(plan.training['output_dir']) / TEXT_FILE}")
+    if not a.distill:
+        return "off (no teacher)"
+    return ("off (--generated_fraction 0)" if plan.given.get("generated_fraction")
+            else "off on the CPU (too slow there; --generated_fraction F turns it on)")
+
+
 def print_config(plan: Plan) -> None:
     """Shell-quoted KEY=VALUE lines for run_dense_finetune.sh."""
     from . import checkpoints
@@ -682,6 +738,9 @@ def print_config(plan: Plan) -> None:
                     + (f", SquareHead {a.distill_hidden_weight:g}" if a.distill_hidden_weight else "")
                     + f"), teacher {a.teacher}") if a.distill else (
                         "off (--no_distill)" if a.no_distill else "off (no dense teacher at hand: --teacher DIR)"),
+        "GENERATED": generated_note(plan),
+        "OOD": (f"{a.ood_windows} windows x {a.block_size} tokens of held-out novels, plays, speeches and recipes"
+                if a.ood_windows and not a.skip_eval else "off"),
         "DISK_PLAN": checkpoints.describe_disk_plan(plan) if not input_error else "not estimated",
         "RESUME_FROM": plan.resume_from or "",
         "RUN_STATE": "complete" if plan.status.complete else "resume" if plan.resume_from else "new",

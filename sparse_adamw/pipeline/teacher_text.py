@@ -1,0 +1,254 @@
+"""Training text the dense teacher writes: the fine-tune's --generated_fraction.
+
+Distillation on the corpus alone teaches the pruned student what the teacher does on encyclopedic text. On text
+of other kinds it wins back much less (held_out.py measures it). The teacher knows more than the corpus holds, and
+its own samples carry that over: a share of the training sequences is written by the teacher.
+
+- Which sequences: `replaced_rows` picks round(fraction x n) of the n training blocks at random (seeded by the
+  run's --seed). Each picked block is replaced by a sequence of the same length that the teacher writes,
+  prompted with that block's first `prompt_tokens` tokens (so it starts from the corpus, then goes where the
+  teacher takes it). The number of training sequences, and so the schedule, stays what it was.
+- How: sampled from the full distribution at `temperature` (no top-k or top-p), end-of-text suppressed so every
+  sequence is whole, in equal batches with a static KV cache; on GPUs the decoding step is compiled (CUDA
+  graphs) where the stack allows. The batch is the largest whose KV cache fits the free memory (or
+  --max_memory_gb) with a margin, halved on an out-of-memory error.
+- Each process of a data-parallel run writes every world_size-th sequence; they exchange them, so all hold all.
+- Kept: the sequences go to TEXT_FILE in the output folder, keyed by the teacher's weights, the settings, the
+  seed and the prompts. A resume, a rerun or --overwrite_output_dir with the same key reads them back instead of
+  generating again; any other key generates afresh (the settings are also in run_config.json, where a changed
+  one refuses a resume like any other flag that changes the result).
+- The same seed, teacher, prompts, batch size and machine give the same text.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+TEXT_FILE = "teacher_text.safetensors"
+TEXT_FORMAT = 1
+MAX_BATCH = 1024  # beyond this the sampling's [batch, vocab] fp32 buffers grow for little gain
+MEMORY_SHARE = 0.8  # of the free memory the KV cache may take; the rest is the step's activations and logits
+CPU_BATCH = 32
+# Compile the decoding step on GPUs (transformers' automatic torch.compile of a static-cache generate, CUDA graphs):
+# measured, benchmarks/RESULTS.md "Text the teacher writes".
+COMPILE_ON_GPU = True
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """What the teacher writes: the share of training sequences, the sampling temperature, the prompt length."""
+
+    fraction: float
+    temperature: float = 1.0
+    prompt_tokens: int = 16
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction <= 1.0 or math.isnan(self.fraction):
+            raise ValueError(f"--generated_fraction must be in [0, 1], got {self.fraction}")
+        if not self.temperature > 0 or math.isinf(self.temperature):
+            raise ValueError(f"--generated_temperature must be positive and finite, got {self.temperature}")
+        if self.prompt_tokens < 1:
+            raise ValueError(f"--generated_prompt_tokens must be at least 1, got {self.prompt_tokens}")
+
+    def check_block_size(self, block_size: int) -> None:
+        if self.fraction > 0 and self.prompt_tokens >= block_size:
+            raise ValueError(f"--generated_prompt_tokens {self.prompt_tokens} leaves nothing to generate in a "
+                             f"sequence of {block_size} tokens (--block_size)")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def replaced_rows(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """The sorted indices of the round(fraction x n) training blocks the teacher's text replaces."""
+    count = round(fraction * n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:count].sort().values
+
+
+def kv_bytes_per_sequence(config, length: int, dtype_bytes: int) -> int:
+    """The static KV cache of one sequence of `length` tokens."""
+    text = getattr(config, "text_config", config)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers * 2 * kv_heads * head_dim * length * dtype_bytes
+
+
+def batch_for(config, length: int, dtype_bytes: int, available: Optional[int], n: int) -> int:
+    """The largest batch (at most n and MAX_BATCH) whose KV cache and sampling buffers fit MEMORY_SHARE of
+    `available` bytes; CPU_BATCH when `available` is None (the CPU)."""
+    if available is None:
+        return max(1, min(n, CPU_BATCH))
+    vocab = getattr(getattr(config, "text_config", config), "vocab_size", 0)
+    per_sequence = kv_bytes_per_sequence(config, length, dtype_bytes) + 16 * vocab  # logits, scores, probs (fp32)
+    return max(1, min(n, MAX_BATCH, int(MEMORY_SHARE * available) // per_sequence))
+
+
+def equal_batches(n: int, batch: int) -> List[range]:
+    """n rows in batches of one size (the last filled up by repeating rows, see `generate`): a compiled decoding
+    step is not compiled again for a smaller last batch."""
+    count = -(-n // batch)
+    size = -(-n // count)
+    return [range(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def _seed_of(seed: int, first_row: int) -> int:
+    return (seed * 1_000_003 + first_row) % (2**63)
+
+
+def _release(model) -> None:
+    """Drop what generation keeps on the model (a compiled step and its CUDA graphs' memory pool, a cache)."""
+    for attr in ("_compiled_call", "_last_compile_config", "_cache"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def sample(model, prompts: torch.Tensor, length: int, temperature: float, seed: int, compile: bool) -> torch.Tensor:
+    """[b, length] token ids: the prompts [b, p] continued by sampling at `temperature` from the whole distribution,
+    end-of-text suppressed, with a static KV cache (and a compiled decoding step when `compile`)."""
+    torch.manual_seed(seed)
+    new = length - prompts.shape[1]
+    eos = model.generation_config.eos_token_id
+    out = model.generate(
+        prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=0,
+        top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
+        cache_implementation="static", disable_compile=not compile, num_beams=1,
+        pad_token_id=eos[0] if isinstance(eos, list) else eos)
+    return out[:, :length]
+
+
+def generate(model, prompts: torch.Tensor, length: int, temperature: float, seed: int, *,
+             batch: int, compile: bool, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Continue every prompt [n, p] to `length` tokens, `batch` at a time: halved on an out-of-memory error, and
+    without compiling when the compiled step fails (an old or partial compiler stack).
+
+    Returns {"ids": [n, length] int64 on the CPU, "seconds", "batch", "compiled"}. Progress goes to `say`, every
+    PROGRESS_S seconds at most."""
+    device = next(model.parameters()).device
+    n, started = prompts.shape[0], time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        while True:
+            try:
+                rows = _batches(model, prompts, length, temperature, seed, batch, compile, device, say, started)
+                break
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                _release(model)
+                batch = max(1, batch // 2)
+                say(f"  out of memory while writing: trying batches of {batch}")
+            except Exception as err:  # noqa: BLE001 - what torch.compile raises varies with its version
+                if not compile:
+                    raise
+                _release(model)
+                compile = False
+                say(f"  the compiled decoding step failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                    "writing without compiling")
+    finally:
+        model.train(was_training)
+        _release(model)
+    return {"ids": torch.cat(rows).long(), "seconds": time.perf_counter() - started, "batch": batch,
+            "compiled": compile}
+
+
+PROGRESS_S = 10.0
+
+
+def _batches(model, prompts, length, temperature, seed, batch, compile, device, say, started) -> List[torch.Tensor]:
+    n, rows, said = prompts.shape[0], [], started
+    batches = equal_batches(n, batch)
+    size = len(batches[0])
+    for part in batches:
+        chunk = prompts[list(part)]
+        if len(part) < size:  # fill the last batch up to the same size (the extra rows are dropped)
+            chunk = torch.cat([chunk, chunk[:1].expand(size - len(part), -1)])
+        ids = sample(model, chunk.to(device), length, temperature, _seed_of(seed, part.start), compile)
+        rows.append(ids[:len(part)].cpu())
+        now = time.perf_counter()
+        if now - said >= PROGRESS_S and part.stop < n:
+            said = now
+            say(f"  teacher's text: {part.stop:,}/{n:,} sequences in {now - started:.0f} s")
+    return rows
+
+
+def generate_shared(model, prompts: torch.Tensor, length: int, temperature: float, seed: int, *, batch: int,
+                    compile: bool, rank: int, world_size: int, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """`generate`, each process of a distributed run writing rows rank, rank + world_size, ...; every process
+    returns all the rows."""
+    if world_size == 1:
+        return generate(model, prompts, length, temperature, seed, batch=batch, compile=compile, say=say)
+    mine = torch.arange(rank, prompts.shape[0], world_size)
+    result = generate(model, prompts[mine], length, temperature, _seed_of(seed, 1 + rank), batch=batch,
+                      compile=compile, say=say)
+    shares: List[Any] = [None] * world_size
+    torch.distributed.all_gather_object(shares, (mine, result["ids"]))
+    ids = torch.empty(prompts.shape[0], length, dtype=torch.long)
+    for where, rows in shares:
+        ids[where] = rows
+    seconds = [None] * world_size
+    torch.distributed.all_gather_object(seconds, result["seconds"])
+    return {**result, "ids": ids, "seconds": max(seconds)}
+
+
+# ----------------------------------------------------------------------------------------- kept in the run folder
+def text_key(settings: TextSettings, *, teacher: str, teacher_files: List[Path], seed: int, prompts: torch.Tensor,
+             length: int) -> Dict[str, Any]:
+    """What the written text depends on: a file with another key is not reused. The teacher is known by its path
+    and its weight files' sizes and modification times (hashing 13 GB of weights would take longer than it saves);
+    the corpus, by the prompts themselves."""
+    import hashlib
+
+    digest = hashlib.sha256(prompts.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in teacher_files}
+    return {"format": TEXT_FORMAT, "teacher": teacher, "teacher_files": files, "seed": seed, "length": length,
+            "count": int(prompts.shape[0]), "prompts_sha256": digest, **settings.as_dict()}
+
+
+def read_text(path: Path, key: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The kept sequences when `path` holds them under `key`; None when it is absent, damaged or keyed otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = json.loads((f.metadata() or {}).get("key", "null"))
+            if stored != json.loads(json.dumps(key)):
+                return None
+            ids = f.get_tensor("input_ids")
+    except (OSError, ValueError, SafetensorError):
+        return None
+    if tuple(ids.shape) != (key["count"], key["length"]):
+        return None
+    return ids.long()
+
+
+def write_text(path: Path, ids: torch.Tensor, key: Dict[str, Any]) -> None:
+    """Keep the sequences (int32: every vocabulary fits), written whole or not at all."""
+    from .checkpoints import save_safetensors
+    from .run_folder import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_safetensors(tmp, {"input_ids": ids.to(torch.int32).contiguous()},
+                                                    {"format": "pt", "key": json.dumps(key)}))
+
+
+def text_bytes(n: int, fraction: float, length: int) -> int:
+    """The size of TEXT_FILE for n training blocks (the disk plan counts it)."""
+    return round(fraction * n) * length * 4 + 1024
+
+
