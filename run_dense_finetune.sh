@@ -78,7 +78,8 @@ Performance:
     optimizer state) and the fine-tuned model 13.5 GB; with the default of one kept checkpoint the output
     folder peaks at 70.6 GB (the newest checkpoint and the one being written), beside the 27 GB of the
     dense and pruned models. The banner shows the plan; a run that cannot fit stops before loading
-    (--save_strategy no needs 13.5 GB)
+    (--save_strategy no needs 13.5 GB). A checkpoint is written in the background: at the 7B shape on one
+    H100 it costs training 0.75 s at most (35.3 GB; about 35 s when written in place)
   LLaMA-2-7B, the guide's estimates on A100 80GB (not measured here):
   1 GPU: ~24-36 hours
   2 GPUs: ~14-20 hours (1.7x speedup)
