@@ -43,7 +43,8 @@ def measure(model, n: int, length: int, prompt: int, compile: bool) -> dict:
     batch = teacher_text.batch_for(model.config, length, 2, free, n)
     prompts = torch.randint(model.config.vocab_size, (n, prompt), generator=torch.Generator().manual_seed(0))
     torch.cuda.synchronize()
-    made = teacher_text.generate(model, prompts, length, 1.0, 0, batch=batch, compile=compile, say=print)
+    made = teacher_text.generate(model, prompts, length, teacher_text.TextSettings(1.0), 0, batch=batch, compile=compile,
+                                 say=print)
     tokens = n * (length - prompt)
     return {"sequences": n, "tokens": tokens, "batch": made["batch"], "compiled": made["compiled"],
             "seconds": round(made["seconds"], 2), "tokens_per_s": round(tokens / made["seconds"])}

