@@ -365,65 +365,22 @@ def _load(job: _Job) -> None:
 
 
 def _write_teacher_text(job: _Job) -> None:
-    """Replace the teacher's share of the training blocks (--generated_fraction) by the text it writes
-    (teacher_text.py): read back from the output folder when it is there under the same key, else written now
-    (every process its part) and kept."""
+    """Replace the teacher's share of the training blocks (--generated_fraction) by the text it writes, or wrote
+    before under the same key (teacher_text.py)."""
     from .models import default_model_path
-    from .run_folder import weight_files
 
     args, t = job.args, job.training_args
     settings = text_settings(args)
     if settings.fraction == 0:
         return
-    rows = teacher_text.replaced_rows(len(job.train), settings.fraction, t.seed)
-    prompts = job.train[rows, :settings.prompt_tokens]
     teacher = str(default_model_path()) if args.teacher == DEFAULT_MODEL else os.path.abspath(args.teacher)
-    path = job.output_dir / teacher_text.TEXT_FILE
-    key = teacher_text.text_key(settings, teacher=teacher, teacher_files=weight_files(teacher), seed=t.seed,
-                                prompts=prompts, length=args.block_size)
-    ids = teacher_text.read_text(path, key)
-    if job.plan.world_size > 1:  # every process reads it back, or all write it anew (they write together)
-        found: List[Any] = [None] * job.plan.world_size
-        torch.distributed.all_gather_object(found, ids is not None)
-        ids = ids if all(found) else None
-    info = {**settings.as_dict(), "sequences": len(rows), "file": str(path), "reused": ids is not None}
-    if ids is not None:
-        job.say(f"Teacher's text: {len(rows):,} of the {len(job.train):,} training sequences, read back from {path}")
-    else:
-        device = t.device
-        on_gpu = device.type == "cuda"
-        job.say(f"Teacher's text: writing {len(rows):,} of the {len(job.train):,} training sequences "
-                f"({settings.fraction:g}) with the teacher, {args.block_size - settings.prompt_tokens} tokens each "
-                f"after {settings.prompt_tokens} of the block it replaces, at T={settings.temperature:g}, top-k "
-                f"{settings.top_k or 'off'}...", flush=True)
-        job.teacher.to(device)
-        available = None
-        if on_gpu:
-            free, _ = torch.cuda.mem_get_info(device)
-            if args.max_memory_gb:
-                free = min(free, int(args.max_memory_gb * 1024 ** 3) - torch.cuda.memory_reserved(device))
-            available = free
-        dtype_bytes = next(job.teacher.parameters()).element_size()
-        batch = teacher_text.batch_for(job.teacher.config, args.block_size, dtype_bytes, available,
-                                       -(-len(rows) // job.plan.world_size))
-        with timed(job.timings, "teacher_text_s"):
-            made = teacher_text.generate_shared(
-                job.teacher, prompts, args.block_size, settings, t.seed, batch=batch,
-                compile=on_gpu and teacher_text.COMPILE_ON_GPU, rank=t.process_index, world_size=job.plan.world_size,
-                say=job.say)
-        ids = made["ids"]
-        if job.plan.training.get("fsdp"):
-            job.teacher.to("cpu")  # FSDP2 shards it from there, as it does the student
-        tokens = len(rows) * (args.block_size - settings.prompt_tokens)
-        info.update(batch=made["batch"], compiled=made["compiled"], seconds=made["seconds"],
-                    tokens_per_s=tokens / made["seconds"] if made["seconds"] > 0 else None)
-        job.say(f"Teacher's text: {tokens:,} tokens in {made['seconds']:.1f} s ({info['tokens_per_s']:,.0f} tokens/s, "
-                f"batches of {made['batch']}{', compiled' if made['compiled'] else ''}), kept in {path}")
-        if job.main:
-            teacher_text.write_text(path, ids, key)
-        _barrier(t)
-    job.train[rows] = ids
-    job.teacher_text = info
+    with timed(job.timings, "teacher_text_s"):
+        job.teacher_text = teacher_text.replace_share(
+            job.train, job.teacher, teacher_path=teacher, settings=settings, seed=t.seed,
+            output_dir=job.output_dir, device=t.device, max_memory_gb=args.max_memory_gb, rank=t.process_index,
+            world_size=job.plan.world_size, say=job.say)
+    if job.plan.training.get("fsdp"):
+        job.teacher.to("cpu")  # FSDP2 shards it from there, as it does the student
 
 
 def data_parallel(plan: Plan) -> Optional[str]:
@@ -543,7 +500,7 @@ def _held_out_line(job: _Job, when: str) -> str:
     return "" if ppl is None else f"; out of domain {ppl['all']:.4f} ({job.timings[f'eval_{when}_held_out_s']:.1f} s)"
 
 
-def held_out_overall(job: _Job) -> Dict[str, Optional[float]]:
+def _held_out_overall(job: _Job) -> Dict[str, Optional[float]]:
     """{"before", "after", "dense"}: the perplexity over all the held-out windows."""
     return {when: None if ppl is None else ppl["all"] for when, ppl in job.held_out_perplexity.items()}
 
@@ -722,7 +679,7 @@ def _print_results(job: _Job, runtime: float, tokens_per_s: Optional[float]) -> 
     print("\n" + "=" * 42)
     print("Results" + (f" ({job.evaluated})" if job.evaluated else " (perplexity skipped)"))
     dense = ppl["dense"] is not None
-    ood = held_out_overall(job)
+    ood = _held_out_overall(job)
     ood_row = [("Perplexity, out of domain", fmt(ood["before"]), fmt(ood["after"])) + ((fmt(ood["dense"]),) if dense
                                                                                         else ())]
     print(_table([("", "pruned (before)", "fine-tuned (after)") + (("dense (teacher)",) if dense else ()),
@@ -766,8 +723,8 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "evaluated": job.evaluated, "perplexity": job.perplexity,
         "recovered_fraction": recovered_fraction(job.perplexity),
         # held_out.py's text unlike the corpus: all its windows together, then by kind
-        "out_of_domain": {"evaluated": job.held_out_note, "perplexity": held_out_overall(job),
-                          "recovered_fraction": recovered_fraction(held_out_overall(job)),
+        "out_of_domain": {"evaluated": job.held_out_note, "perplexity": _held_out_overall(job),
+                          "recovered_fraction": recovered_fraction(_held_out_overall(job)),
                           "by_kind": job.held_out_perplexity},
         "teacher_text": job.teacher_text,
         "memory_plan": None if job.memory is None else {

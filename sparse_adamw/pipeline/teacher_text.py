@@ -37,6 +37,7 @@ TEXT_FORMAT = 1
 MAX_BATCH = 1024  # beyond this the sampling's [batch, vocab] fp32 buffers grow for little gain
 MEMORY_SHARE = 0.8  # of the free memory the KV cache may take; the rest is the step's activations and logits
 CPU_BATCH = 32
+PROGRESS_S = 10.0  # at most one progress line this often
 # Compiling the decoding step on GPUs (transformers' torch.compile of a static-cache generate, CUDA graphs) did not
 # pay on an H100, compilation included: 1M tokens at the 135M shape in 105 s against 110 s eager, one batch at the
 # 7B shape in 78 s against 38 s (benchmarks/RESULTS.md, "Text the teacher writes").
@@ -143,7 +144,7 @@ def generate(model, prompts: torch.Tensor, length: int, settings: "TextSettings"
     Returns {"ids": [n, length] int64 on the CPU, "seconds", "batch", "compiled"}. Progress goes to `say`, every
     PROGRESS_S seconds at most."""
     device = next(model.parameters()).device
-    n, started = prompts.shape[0], time.perf_counter()
+    started = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
@@ -171,9 +172,6 @@ def generate(model, prompts: torch.Tensor, length: int, settings: "TextSettings"
             "compiled": compile}
 
 
-PROGRESS_S = 10.0
-
-
 def _batches(model, prompts, length, settings, seed, batch, compile, device, say, started) -> List[torch.Tensor]:
     n, rows, said = prompts.shape[0], [], started
     batches = equal_batches(n, batch)
@@ -195,20 +193,72 @@ def _batches(model, prompts, length, settings, seed, batch, compile, device, say
 def generate_shared(model, prompts: torch.Tensor, length: int, settings: TextSettings, seed: int, *, batch: int,
                     compile: bool, rank: int, world_size: int, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """`generate`, each process of a distributed run writing rows rank, rank + world_size, ...; every process
-    returns all the rows."""
+    returns all the rows, the slowest process's time, and how many rows each process wrote ("per_process")."""
     if world_size == 1:
-        return generate(model, prompts, length, settings, seed, batch=batch, compile=compile, say=say)
+        result = generate(model, prompts, length, settings, seed, batch=batch, compile=compile, say=say)
+        return {**result, "per_process": [prompts.shape[0]]}
     mine = torch.arange(rank, prompts.shape[0], world_size)
     result = generate(model, prompts[mine], length, settings, _seed_of(seed, 1 + rank), batch=batch,
                       compile=compile, say=say)
     shares: List[Any] = [None] * world_size
-    torch.distributed.all_gather_object(shares, (mine, result["ids"]))
+    torch.distributed.all_gather_object(shares, (mine, result["ids"], result["seconds"]))
     ids = torch.empty(prompts.shape[0], length, dtype=torch.long)
-    for where, rows in shares:
+    for where, rows, _ in shares:
         ids[where] = rows
-    seconds = [None] * world_size
-    torch.distributed.all_gather_object(seconds, result["seconds"])
-    return {**result, "ids": ids, "seconds": max(seconds)}
+    return {**result, "ids": ids, "seconds": max(share[2] for share in shares),
+            "per_process": [len(share[0]) for share in shares]}
+
+
+def replace_share(train: torch.Tensor, teacher, *, teacher_path: str, settings: TextSettings, seed: int,
+                  output_dir: Path, device: torch.device, max_memory_gb: Optional[float], rank: int,
+                  world_size: int, say: Callable[[str], None]) -> Dict[str, Any]:
+    """Replace the teacher's share of the training blocks `train` [n, length] in place: with the text kept in
+    `output_dir` under the same key, else with text written now (each process its part; the main one keeps it).
+    Returns what the report says about it."""
+    from .run_folder import weight_files
+
+    length = train.shape[1]
+    rows = replaced_rows(len(train), settings.fraction, seed)
+    prompts = train[rows, :settings.prompt_tokens]
+    path = Path(output_dir) / TEXT_FILE
+    key = text_key(settings, teacher=teacher_path, teacher_files=weight_files(teacher_path), seed=seed,
+                   prompts=prompts, length=length)
+    ids = read_text(path, key)
+    if world_size > 1:  # every process reads it back, or all write it anew (they write together)
+        found: List[Any] = [None] * world_size
+        torch.distributed.all_gather_object(found, ids is not None)
+        ids = ids if all(found) else None
+    info = {**settings.as_dict(), "sequences": len(rows), "file": str(path), "reused": ids is not None}
+    if ids is not None:
+        say(f"Teacher's text: {len(rows):,} of the {len(train):,} training sequences, read back from {path}")
+    else:
+        say(f"Teacher's text: writing {len(rows):,} of the {len(train):,} training sequences ({settings.fraction:g}) "
+            f"with the teacher, {length - settings.prompt_tokens} tokens each after {settings.prompt_tokens} of the "
+            f"block it replaces, at T={settings.temperature:g}, top-k {settings.top_k or 'off'}...")
+        teacher.to(device)
+        available = None
+        if device.type == "cuda":
+            available, _ = torch.cuda.mem_get_info(device)
+            if max_memory_gb:
+                available = min(available, int(max_memory_gb * 1024 ** 3) - torch.cuda.memory_reserved(device))
+        batch = batch_for(teacher.config, length, next(teacher.parameters()).element_size(), available,
+                          -(-len(rows) // world_size))
+        made = generate_shared(teacher, prompts, length, settings, seed, batch=batch,
+                               compile=device.type == "cuda" and COMPILE_ON_GPU, rank=rank, world_size=world_size,
+                               say=say)
+        ids = made["ids"]
+        tokens = len(rows) * (length - settings.prompt_tokens)
+        info.update(batch=made["batch"], compiled=made["compiled"], seconds=made["seconds"],
+                    per_process=made["per_process"],
+                    tokens_per_s=tokens / made["seconds"] if made["seconds"] > 0 else None)
+        say(f"Teacher's text: {tokens:,} tokens in {made['seconds']:.1f} s ({info['tokens_per_s']:,.0f} tokens/s, "
+            f"batches of {made['batch']}{', compiled' if made['compiled'] else ''}), kept in {path}")
+        if rank == 0:
+            write_text(path, ids, key)
+        if world_size > 1:
+            torch.distributed.barrier()
+    train[rows] = ids
+    return info
 
 
 # ----------------------------------------------------------------------------------------- kept in the run folder
