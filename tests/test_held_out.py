@@ -61,7 +61,7 @@ def test_gutenberg_cleanup(tmp_path):
 def test_perplexity_over_kinds_is_the_mean_nll_over_every_window():
     windows = {"a": torch.zeros(2, 5, dtype=torch.long), "b": torch.zeros(3, 5, dtype=torch.long)}
     scores = {2: (10.0, 8), 3: (30.0, 12)}  # (summed NLL, tokens) for the kind with that many windows
-    result = held_out.perplexity_by_kind(lambda blocks: scores[blocks.shape[0]], windows)
+    result = held_out.perplexity_by_kind(lambda kind, blocks: scores[blocks.shape[0]], windows)
     assert result["all"] == pytest.approx(math.exp(40.0 / 20))
     assert result["a"] == pytest.approx(math.exp(10 / 8)) and result["b"] == pytest.approx(math.exp(30 / 12))
     assert held_out.per_kind(48) == 12 and held_out.per_kind(5) == 2 and held_out.per_kind(1) == 1

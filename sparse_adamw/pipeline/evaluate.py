@@ -80,7 +80,7 @@ def held_out_perplexity(model, windows: Dict[str, torch.Tensor], batch_size: int
                         progress: bool = True) -> Dict[str, float]:
     """{"all": ..., kind: ...}: the perplexity over the held-out windows (held_out.py), all together and by kind."""
     return held_out.perplexity_by_kind(
-        lambda blocks: negative_log_likelihood(model, blocks, batch_size, device, progress, "held-out perplexity"),
+        lambda kind, blocks: negative_log_likelihood(model, blocks, batch_size, device, progress, f"held-out {kind}"),
         windows)
 
 

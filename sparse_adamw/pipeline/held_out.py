@@ -166,11 +166,11 @@ def describe(windows: Dict[str, torch.Tensor]) -> str:
             f"({first.shape[0]} per kind)")
 
 
-def perplexity_by_kind(score: Callable[[torch.Tensor], Tuple[float, int]],
+def perplexity_by_kind(score: Callable[[str, torch.Tensor], Tuple[float, int]],
                        windows: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """{"all": ..., kind: ...}: exp(mean NLL) over all windows and over each kind's; `score(blocks)` gives
+    """{"all": ..., kind: ...}: exp(mean NLL) over all windows and over each kind's; `score(kind, blocks)` gives
     (summed NLL, predicted tokens)."""
-    scores = {name: score(blocks) for name, blocks in windows.items()}
+    scores = {name: score(name, blocks) for name, blocks in windows.items()}
     total_nll, total_count = sum(s[0] for s in scores.values()), sum(s[1] for s in scores.values())
     result = {"all": math.exp(total_nll / total_count)}
     result.update({name: math.exp(nll / count) for name, (nll, count) in scores.items()})
