@@ -376,7 +376,8 @@ def test_a_rerun_of_a_complete_run_changes_nothing(tiny, tmp_path, capsys):
         text = capsys.readouterr().out
         assert f"This run is already complete (4 steps): the fine-tuned model and finetune_report.json are in {out}" \
             in text, text
-        assert re.search(r"^  perplexity [\d.]+ -> [\d.]+ \| sparsity \(exact zeros\) 0\.2500 -> 0\.2500", text, re.M)
+        assert re.search(r"^  perplexity [\d.]+ -> [\d.]+ \| out of domain [\d.]+ -> [\d.]+ \| sparsity \(exact zeros\) "
+                         r"0\.2500 -> 0\.2500", text, re.M), text
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
