@@ -92,7 +92,7 @@ def test_a_resume_and_a_fresh_start_read_the_text_back(setup, tmp_path, datasets
     assert main(_args(setup, out, "--generated_fraction", 0.5, "--keep_checkpoints")) == 0
     path = out / teacher_text.TEXT_FILE
     written, stamp = path.read_bytes(), path.stat().st_mtime_ns
-    capsys.readouterr()
+    losses = re.findall(r"^Step \d+: loss=\S+", capsys.readouterr().out, re.M)
 
     def no_second_generation(*args, **kwargs):
         raise AssertionError("the teacher wrote its text a second time")
@@ -108,6 +108,9 @@ def test_a_resume_and_a_fresh_start_read_the_text_back(setup, tmp_path, datasets
     assert torch.equal(datasets[2], datasets[0])
     assert path.read_bytes() == written and path.stat().st_mtime_ns == stamp
     assert json.loads((out / "finetune_report.json").read_text())["teacher_text"]["reused"] is True
+    # the run that wrote the text and the one that read it back trained alike: writing left no trace in the
+    # process's random state
+    assert losses and re.findall(r"^Step \d+: loss=\S+", capsys.readouterr().out, re.M) == losses
 
 
 @pytest.mark.parametrize("change, line", [

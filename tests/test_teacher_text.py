@@ -166,3 +166,24 @@ def test_the_kept_text_is_read_back_under_its_key_only(tmp_path):
     path.write_bytes(path.read_bytes()[:40])  # damaged
     assert teacher_text.read_text(path, _key(prompts)) is None
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_replace_share_writes_the_share_keeps_it_and_leaves_the_random_state_alone(tiny_llama, tmp_path):
+    model = _model(tiny_llama)
+    train = torch.randint(3, 256, (10, 12), generator=torch.Generator().manual_seed(8))
+    original = train.clone()
+    state = torch.get_rng_state()
+    info = teacher_text.replace_share(
+        train, model, teacher_path=str(tmp_path), settings=TextSettings(0.4, top_k=1, prompt_tokens=3), seed=1,
+        output_dir=tmp_path / "out", device=torch.device("cpu"), max_memory_gb=None, rank=0, world_size=1,
+        say=lambda _: None)
+    assert torch.equal(torch.get_rng_state(), state)
+    changed = (train != original).any(dim=1).nonzero().flatten()
+    assert len(changed) == 4 and info["sequences"] == 4 and info["reused"] is False
+    torch.testing.assert_close(train[changed], _reference_greedy(model, original[changed, :3], 12), rtol=0, atol=0)
+    again = original.clone()
+    assert teacher_text.replace_share(
+        again, model, teacher_path=str(tmp_path), settings=TextSettings(0.4, top_k=1, prompt_tokens=3), seed=1,
+        output_dir=tmp_path / "out", device=torch.device("cpu"), max_memory_gb=None, rank=0, world_size=1,
+        say=lambda _: None)["reused"] is True
+    assert torch.equal(again, train)

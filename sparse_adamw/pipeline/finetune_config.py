@@ -51,8 +51,9 @@ DEFAULT_DISTILL_ALPHA = 0.5
 # packaged model and text sampled from the teacher's whole distribution, writing 0.25, 0.5 or all of them cost 13 to
 # 29 points of in-domain recovery and gained none out of domain (benchmarks/RESULTS.md, "Text the teacher writes"),
 # where a default must stay within 1.5 points in-domain and gain out of domain. Top-k 50 sampling (the default
-# since, far less noisy text) is not measured on a GPU yet. On the CPU it stays off whatever the GPU measurements say: generation there runs
-# at about 190 tokens/s, so the CPU demo's 80 sequences would take 100 s of a 10-minute budget that is spent.
+# since, far less noisy text) is not measured on a GPU yet. On the CPU it stays off whatever the GPU measurements
+# say: generation there runs at about 190 tokens/s, so the CPU demo's 80 sequences would take 100 s of a 10-minute
+# budget that is spent.
 DEFAULT_GENERATED_FRACTION = 0.0
 FINETUNED_DIR = "dense_finetuned_model"
 # What run_config.json compares besides FinetuneArguments' own: the TrainingArguments that change the result.
@@ -695,8 +696,9 @@ def generated_note(plan: Plan) -> str:
     a = plan.args
     if a.generated_fraction > 0:
         return (f"{a.generated_fraction:g} of the training sequences written by the teacher before training (T="
-                f"{a.generated_temperature:g}, top-k {a.generated_top_k or 'off'}, from the first {a.generated_prompt_tokens} tokens of the blocks they "
-                f"replace), kept in {Path(plan.training['output_dir']) / TEXT_FILE}")
+                f"{a.generated_temperature:g}, top-k {a.generated_top_k or 'off'}, from the first "
+                f"{a.generated_prompt_tokens} tokens of the blocks they replace), kept in "
+                f"{Path(plan.training['output_dir']) / TEXT_FILE}")
     return "off" + ("" if a.distill else " (no teacher)")
 
 

@@ -10,14 +10,14 @@ its own samples carry that over: a share of the training sequences is written by
   teacher takes it). The number of training sequences, and so the schedule, stays what it was.
 - How: sampled at `temperature` from the `top_k` most likely tokens (50, as transformers' generate does by
   default; 0 samples the whole distribution, whose text is much noisier), end-of-text suppressed so every
-  sequence is whole, in equal batches with a static KV cache (eager: compiling the decoding step gained 5% at
-  the 135M shape and lost at 7B, compilation included). The batch is the largest whose KV cache fits the free memory (or
-  --max_memory_gb) with a margin, halved on an out-of-memory error.
+  sequence is whole, in equal batches with a static KV cache, decoded eagerly (see COMPILE_ON_GPU). The batch is
+  the largest whose KV cache fits the free memory (or --max_memory_gb) with a margin, halved on an out-of-memory
+  error. The process's random state is put back afterwards, so training draws what it would have drawn.
 - Each process of a data-parallel run writes every world_size-th sequence; they exchange them, so all hold all.
-- Kept: the sequences go to TEXT_FILE in the output folder, keyed by the teacher's weights, the settings, the
-  seed and the prompts. A resume, a rerun or --overwrite_output_dir with the same key reads them back instead of
-  generating again; any other key generates afresh (the settings are also in run_config.json, where a changed
-  one refuses a resume like any other flag that changes the result).
+- Kept: the sequences go to TEXT_FILE in the output folder, keyed by the teacher (its path, its weight files'
+  sizes and times), the settings, the seed and the prompts. A resume, a rerun or --overwrite_output_dir with the
+  same key reads them back instead of generating again; any other key generates afresh (the settings are also in
+  run_config.json, where a changed one refuses a resume like any other flag that changes the result).
 - The same seed, teacher, prompts, batch size and machine give the same text.
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k:
     return out[:, :length]
 
 
-def generate(model, prompts: torch.Tensor, length: int, settings: "TextSettings", seed: int, *,
+def generate(model, prompts: torch.Tensor, length: int, settings: TextSettings, seed: int, *,
              batch: int, compile: bool, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Continue every prompt [n, p] to `length` tokens, `batch` at a time: halved on an out-of-memory error, and
     without compiling when the compiled step fails (an old or partial compiler stack).
@@ -243,9 +243,10 @@ def replace_share(train: torch.Tensor, teacher, *, teacher_path: str, settings: 
                 available = min(available, int(max_memory_gb * 1024 ** 3) - torch.cuda.memory_reserved(device))
         batch = batch_for(teacher.config, length, next(teacher.parameters()).element_size(), available,
                           -(-len(rows) // world_size))
-        made = generate_shared(teacher, prompts, length, settings, seed, batch=batch,
-                               compile=device.type == "cuda" and COMPILE_ON_GPU, rank=rank, world_size=world_size,
-                               say=say)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # sampling reseeds
+            made = generate_shared(teacher, prompts, length, settings, seed, batch=batch,
+                                   compile=device.type == "cuda" and COMPILE_ON_GPU, rank=rank,
+                                   world_size=world_size, say=say)
         ids = made["ids"]
         tokens = len(rows) * (length - settings.prompt_tokens)
         info.update(batch=made["batch"], compiled=made["compiled"], seconds=made["seconds"],
