@@ -100,6 +100,7 @@ def test_evaluate_reports_the_out_of_domain_perplexity(tmp_path, tiny_llama):
     assert "out-of-domain perplexity:" in result.stdout
     report = json.loads(out.read_text())["out_of_domain"]
     assert set(report["perplexity"]) == {"all", "novels", "plays", "speeches", "recipes"}
+    assert "Shakespeare" in report["kinds"]["plays"] and "State of the Union" in report["kinds"]["speeches"]
     # The same windows, scored directly.
     from sparse_adamw.pipeline.models import load_model
 

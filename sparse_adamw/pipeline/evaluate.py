@@ -175,7 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = {
         "model": args.model, "evaluated": loaded.evaluated, "perplexity": ppl, "perplexity_s": timings["perplexity_s"],
         "sparsity": sparsity, "device": str(args.device), "dtype": args.dtype,
-        "out_of_domain": None if ood is None else {"evaluated": ood_what, "perplexity": ood,
+        "out_of_domain": None if ood is None else {"evaluated": ood_what, "kinds": held_out.kinds_described(),
+                                                   "perplexity": ood,
                                                    "perplexity_s": timings["perplexity_ood_s"]},
     }
     if args.eval_zero_shot:

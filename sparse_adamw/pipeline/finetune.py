@@ -723,7 +723,8 @@ def _write_report(job: _Job, tokens_per_s: Optional[float]) -> None:
         "evaluated": job.evaluated, "perplexity": job.perplexity,
         "recovered_fraction": recovered_fraction(job.perplexity),
         # held_out.py's text unlike the corpus: all its windows together, then by kind
-        "out_of_domain": {"evaluated": job.held_out_note, "perplexity": _held_out_overall(job),
+        "out_of_domain": {"evaluated": job.held_out_note, "kinds": held_out.kinds_described(),
+                          "perplexity": _held_out_overall(job),
                           "recovered_fraction": recovered_fraction(_held_out_overall(job)),
                           "by_kind": job.held_out_perplexity},
         "teacher_text": job.teacher_text,

