@@ -1,0 +1,122 @@
+"""Masked LoRA (sparse_adamw.pipeline.lora) against a direct computation that shares none of its code: the merged
+weight is W + M ⊙ (B·A)·scale with M built by np.kron; the gradients of A, B and x match plain autograd through a
+materialized Δ; the merged model's logits equal the adapted model's; pruned blocks stay bitwise zero through
+training and the merge; nothing of the weight's size is saved for the backward."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sparse_adamw.pipeline.lora import MaskedLoRALinear, add_masked_lora, merge_masked_lora
+
+
+def _kron_mask(block_mask, shape, bh, bw):
+    """The elementwise mask of a block mask, by a Kronecker product with a block of ones (cut at the edges)."""
+    full = np.kron(block_mask.numpy().astype(np.float64), np.ones((bh, bw)))
+    return torch.from_numpy(full[: shape[0], : shape[1]])
+
+
+def _pruned_linear(rows, cols, bh, bw, seed):
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(cols, rows, bias=True).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(rows, cols, generator=g, dtype=torch.float64))
+    block_mask = torch.rand(math.ceil(rows / bh), math.ceil(cols / bw), generator=g) > 0.3
+    with torch.no_grad():
+        linear.weight.mul_(_kron_mask(block_mask, (rows, cols), bh, bw))
+    return linear, block_mask
+
+
+@pytest.mark.parametrize("rows, cols, block", [(48, 32, (16, 16)), (37, 50, (16, 16)), (40, 24, (8, 16))])
+def test_forward_backward_and_merge_against_a_direct_computation(rows, cols, block):
+    bh, bw = block
+    linear, block_mask = _pruned_linear(rows, cols, bh, bw, seed=rows)
+    w0 = linear.weight.detach().clone()
+    layer = MaskedLoRALinear(linear, block_mask, block, r=4, alpha=8.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(4, cols, generator=g, dtype=torch.float64))
+        layer.lora_B.copy_(torch.randn(rows, 4, generator=g, dtype=torch.float64))
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    x = torch.randn(3, 5, cols, generator=g, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    upstream = torch.randn(3, 5, rows, generator=g, dtype=torch.float64)
+
+    out = layer(x)
+    (out * upstream).sum().backward()
+    m = _kron_mask(block_mask, (rows, cols), bh, bw)
+    ref = x_ref @ (w0 + m * (b @ a) * 2.0).t() + linear.bias.detach()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    assert linear.weight.grad is None  # frozen
+
+    merged = layer.merged()
+    torch.testing.assert_close(merged.weight.detach(), w0 + m * (b.detach() @ a.detach()) * 2.0, rtol=1e-12,
+                               atol=1e-12)
+    assert (merged.weight.detach()[m == 0] == 0).all()  # bitwise: every pruned entry is exactly zero
+
+
+def test_nothing_weight_sized_is_saved_for_backward():
+    linear, block_mask = _pruned_linear(64, 48, 16, 16, seed=0)
+    layer = MaskedLoRALinear(linear.float(), block_mask, r=2)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(torch.randn(2, 7, 48, requires_grad=True)).sum().backward()
+    weight_sized = [t for t in saved if t.numel() >= linear.weight.numel()]
+    # F.linear of the frozen base keeps the weight itself (a parameter, not a copy); nothing else of its size
+    assert all(t.data_ptr() == linear.weight.data_ptr() for t in weight_sized), [tuple(t.shape) for t in saved]
+
+
+def test_the_merged_model_computes_what_the_adapted_one_did_and_pruned_blocks_stay_zero(tiny_llama):
+    from sparse_adamw.pipeline.prune import prune_magnitude
+
+    model = tiny_llama(seed=4).double()
+    masks = prune_magnitude(model, 0.25, (16, 16), progress=False)
+    targets = ("q_proj", "v_proj", "down_proj")
+    adapters = add_masked_lora(model, masks, 16, target_modules=targets, r=4, alpha=4.0)
+    assert len(adapters) == 3 * model.config.num_hidden_layers
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{name}.{part}" for name in adapters for part in ("lora_A", "lora_B")}
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # B leaves zero: the adapters change the model
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    before = {f"{name}.weight": adapter.base.weight.detach().clone() for name, adapter in adapters.items()}
+    model, count = merge_masked_lora(model)
+    assert count == len(adapters) and not any(isinstance(m, MaskedLoRALinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-9, atol=1e-9)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        weight = params[name].detach()
+        full = _kron_mask(mask, weight.shape, 16, 16)
+        assert (weight[full == 0] == 0).all(), f"{name}: a pruned block is nonzero after the merge"
+        if name in before:
+            assert not torch.equal(weight, before[name]), f"{name}: the merge changed nothing"
+
+
+def test_bad_settings_are_refused():
+    linear, block_mask = _pruned_linear(32, 32, 16, 16, seed=2)
+    with pytest.raises(ValueError, match="rank"):
+        MaskedLoRALinear(linear, block_mask, r=0)
+    with pytest.raises(ValueError, match="dropout"):
+        MaskedLoRALinear(linear, block_mask, dropout=1.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        MaskedLoRALinear(linear, torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no Linear"):
+        add_masked_lora(nn.Sequential(linear), {}, target_modules=("q_proj",))
