@@ -49,11 +49,10 @@ CPU_SAVE_STEPS = 10
 DEFAULT_DISTILL_ALPHA = 0.5
 # The share of training sequences the teacher writes (teacher_text.py) by default. Off: measured on one H100 with the
 # packaged model and text sampled from the teacher's whole distribution, writing 0.25, 0.5 or all of them cost 13 to
-# 29 points of in-domain recovery and gained none out of domain (benchmarks/RESULTS.md, "Text the teacher writes"),
-# where a default must stay within 1.5 points in-domain and gain out of domain. Top-k 50 sampling (the default
-# since, far less noisy text) is not measured on a GPU yet. On the CPU it stays off whatever the GPU measurements
-# say: generation there runs at about 190 tokens/s, so the CPU demo's 80 sequences would take 100 s of a 10-minute
-# budget that is spent.
+# 30 points of in-domain recovery (benchmarks/RESULTS.md, "Text the teacher writes"), where a default may cost 1.5.
+# Top-k 50 sampling (the default since, far less noisy text) is not measured on a GPU yet. On the CPU it stays off
+# whatever the GPU measurements say: generation there runs at about 190 tokens/s, so the CPU demo's 80 sequences
+# would take 100 s of a 10-minute budget that is spent.
 DEFAULT_GENERATED_FRACTION = 0.0
 FINETUNED_DIR = "dense_finetuned_model"
 # What run_config.json compares besides FinetuneArguments' own: the TrainingArguments that change the result.
