@@ -813,7 +813,7 @@ def test_interrupted_and_killed_runs_end_bitwise_equal_to_an_uninterrupted_one(t
 
 
 def test_whole_run_loss_weighs_each_log_by_the_steps_it_covers():
-    from sparse_adamw.pipeline.finetune import whole_run_loss
+    from sparse_adamw.pipeline.results import whole_run_loss
 
     history = [{"loss": 4.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 1.0, "step": 3},
                {"loss": 2.0, "step": 6}, {"train_loss": 7.0, "step": 6}]

@@ -449,6 +449,11 @@ def distill_config(args: FinetuneArguments) -> Optional[DistillConfig]:
                          hidden_weight=args.distill_hidden_weight)
 
 
+def data_parallel(plan: Plan) -> Optional[str]:
+    """"sharded" or "ddp" for several processes without FSDP, else None (the report's and the record's field)."""
+    return plan.args.data_parallel if plan.world_size > 1 and not plan.training.get("fsdp") else None
+
+
 def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default: bool, model: str) -> None:
     """Learning rate, steps, checkpoints and the gradient accumulation that keeps the effective batch."""
     if training["learning_rate"] is None:
