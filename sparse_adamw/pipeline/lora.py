@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import BlockSize, expand_block_mask, normalize_block_size
+from ..masks import BlockSize, block_grid, expand_block_mask, normalize_block_size
 
 
 def _masked(product: torch.Tensor, block_mask: torch.Tensor, block: Tuple[int, int], scale: float) -> torch.Tensor:
@@ -71,7 +71,7 @@ class MaskedLoRALinear(nn.Module):
             base.bias.requires_grad_(False)
         out_features, in_features = base.weight.shape
         bh, bw = normalize_block_size(block_size)
-        if tuple(mask.shape) != (math.ceil(out_features / bh), math.ceil(in_features / bw)):
+        if tuple(mask.shape) != block_grid(base.weight.shape, (bh, bw)):
             raise ValueError(f"a block mask of shape {tuple(mask.shape)} does not fit a weight of shape "
                              f"{tuple(base.weight.shape)} in {bh}x{bw} blocks")
         weight = base.weight
@@ -98,6 +98,13 @@ class MaskedLoRALinear(nn.Module):
         return self.base
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` where model's submodule `name` is; returns it."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return module
+
+
 def add_masked_lora(model: nn.Module, masks: Dict[str, torch.Tensor], block_size: BlockSize = 16, *,
                     target_modules: Iterable[str], r: int = 16, alpha: float = 32.0,
                     dropout: float = 0.0) -> Dict[str, MaskedLoRALinear]:
@@ -112,15 +119,11 @@ def add_masked_lora(model: nn.Module, masks: Dict[str, torch.Tensor], block_size
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not name.split(".")[-1] in targets:
             continue
-        rows, cols = module.weight.shape
         mask = masks.get(f"{name}.weight")
         if mask is None:
-            mask = torch.ones(math.ceil(rows / bh), math.ceil(cols / bw), dtype=torch.bool)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = MaskedLoRALinear(module, mask, (bh, bw), r=r, alpha=alpha, dropout=dropout)
-        setattr(parent, child, adapter)
-        adapted[name] = adapter
+            mask = torch.ones(block_grid(module.weight.shape, (bh, bw)), dtype=torch.bool)
+        adapted[name] = _replace(model, name, MaskedLoRALinear(module, mask, (bh, bw), r=r, alpha=alpha,
+                                                                dropout=dropout))
     if not adapted:
         raise ValueError(f"no Linear of the model is named by the LoRA target modules {list(targets)}")
     return adapted
@@ -131,8 +134,6 @@ def merge_masked_lora(model: nn.Module) -> Tuple[nn.Module, int]:
     merged = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, MaskedLoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.merged())
+            _replace(model, name, module.merged())
             merged += 1
     return model, merged
