@@ -79,12 +79,25 @@ def git_sha() -> str:
     return sha or "unknown"
 
 
+def host_cpu() -> str:
+    """The host's processor and core count: host-bound work (a micro-batch of 1, per-weight host loops) moves with it,
+    so rows from different machines are compared with it in view."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} x {os.cpu_count()}"
+
+
 def environment() -> Dict[str, str]:
     import triton
 
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "host_cpu": host_cpu(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "git_sha": git_sha(),
