@@ -552,9 +552,12 @@ def plan_disk(output_dir, model: Optional[str], *, dtype: torch.dtype, state_dty
               masks_file: Optional[str], world_size: int, mode: Optional[str], save_steps: Optional[int],
               max_steps: Optional[int], keep: Optional[int], checkpoint_at_end: bool, start_step: int = 0,
               present_checkpoints: int = 0, fsdp_fp32_weights: bool = False,
-              shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> DiskPlan:
+              shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+              adapters: Optional[Dict[str, Tuple[int, ...]]] = None) -> DiskPlan:
     """The disk plan of a fine-tune of `model` (or of a model with these parameter `shapes`; module docstring).
-    `mode`: None (one process), "ddp", "sharded" or "fsdp"."""
+    `mode`: None (one process), "ddp", "sharded" or "fsdp". `adapters`: the shapes of the masked LoRA adapters
+    (lora.adapter_shapes) when only they train: the checkpoints hold them and their state, the end adds them
+    beside the merged model."""
     from ..masks import load_masks
 
     shapes = model_shapes(model) if shapes is None else shapes
@@ -573,6 +576,13 @@ def plan_disk(output_dir, model: Optional[str], *, dtype: torch.dtype, state_dty
     small = _small_files(model)  # config and tokenizer, in every checkpoint and the final model
     # + each process's RNG state, the scheduler, the trainer state and the training arguments (a few kB each)
     checkpoint = weights + optimizer + small + 16 * 1024 * (max(1, world_size) + 1)
+    adapter = 0
+    if adapters is not None:
+        adapter_numel = sum(math.prod(shape) for shape in adapters.values())
+        adapter, optimizer = adapter_numel * item, 2 * state_item * adapter_numel
+        checkpoint = adapter + optimizer + small + 16 * 1024 * (max(1, world_size) + 1)
+        # the adapter beside the merged model: its weights, its masks and its config
+        adapter += sum(int(m.numel()) for m in masks.values()) + 4 * 1024
     if mode == "fsdp":
         # The gathered model twice (model.safetensors and accelerate's own copy), in fp32 under bf16 autocast.
         fsdp_weights = sum(numel.values()) * (4 if fsdp_fp32_weights else item)
@@ -580,7 +590,7 @@ def plan_disk(output_dir, model: Optional[str], *, dtype: torch.dtype, state_dty
         weights = fsdp_weights
         notes.append("FSDP2's layout is estimated, not measured")
     # + the trainer state, the run's record and its report
-    final = weights + small + sum(int(m.numel()) for m in masks.values()) + 16 * 1024
+    final = weights + small + sum(int(m.numel()) for m in masks.values()) + 16 * 1024 + adapter
     peak, when = peak_of(checkpoint, final, keep=keep, save_steps=save_steps, max_steps=max_steps,
                          start_step=start_step, present_checkpoints=present_checkpoints,
                          checkpoint_at_end=checkpoint_at_end)
@@ -607,12 +617,17 @@ def disk_plan(plan) -> Optional[DiskPlan]:
     else:
         save_steps = int(save_steps)
     mode = "fsdp" if t.get("fsdp") else None if plan.world_size == 1 else a.data_parallel
+    adapters = None
+    if plan.lora is not None:
+        from .lora import adapter_shapes
+
+        adapters = adapter_shapes(model_shapes(a.model), plan.lora)
     return plan_disk(t["output_dir"], a.model, dtype=resolve_dtype(a.dtype), state_dtype=resolve_dtype(a.state_dtype),
                      masks_file=a.masks_file, world_size=plan.world_size, mode=mode, save_steps=save_steps,
                      max_steps=max_steps, keep=t.get("save_total_limit"), checkpoint_at_end=a.keep_checkpoints,
                      start_step=plan.status.resume_step,
                      present_checkpoints=len(checkpoint_dirs(t["output_dir"])) if plan.resume_from else 0,
-                     fsdp_fp32_weights=bool(t.get("bf16")))
+                     fsdp_fp32_weights=bool(t.get("bf16")), adapters=adapters)
 
 
 def describe_disk_plan(plan) -> str:

@@ -51,7 +51,7 @@ from ..masks import MASKS_FILE, leaked_blocks, normalize_block_size, save_masks
 from ..sparsity import check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
-from . import held_out, results, teacher_text
+from . import held_out, lora, results, teacher_text
 from .data import DEFAULT_DATASET
 from .checkpoints import (WRITE_ERRORS, describe_error, disk_plan, disk_refusal, lower_plan_flag,
                           out_of_memory_message)
@@ -380,7 +380,10 @@ def _make_trainer(job: _Job) -> None:
         teacher=job.teacher, distill=distill_config(args),
         data_parallel=args.data_parallel,  # resolved: "sharded" or "ddp"
         checkpoint_at_end=args.keep_checkpoints,  # else the end writes the fine-tuned model only
+        frozen_in_checkpoints=job.plan.lora is None,  # --lora: its checkpoints hold the adapters only
     )
+    if job.plan.lora is not None:
+        _add_adapters(job)
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())
     job.trainer.add_callback(LogAtCheckpoints())
@@ -399,6 +402,23 @@ def _make_trainer(job: _Job) -> None:
         bh, bw = job.trainer.block_size
         job.say(f"Block masks: {args.masks_file} (the prune step's, {len(job.trainer.masks)} weights in {bh}x{bw} "
                 "blocks)")
+
+
+def _add_adapters(job: _Job) -> None:
+    """--lora: the pruned model frozen, each target Linear wrapped with a masked adapter (its mask from the trainer,
+    derived or checked once)."""
+    settings, trainer = job.plan.lora, job.trainer
+    # before the wrapping moves the frozen weights' names
+    job.pruned_blocks["before"] = pruned_fraction(job.model, trainer.masks, trainer.block_size)
+    adapted = lora.add_masked_lora(job.model, trainer.masks, trainer.block_size,
+                                   target_modules=settings.target_modules, r=settings.r, alpha=settings.alpha,
+                                   dropout=settings.dropout)
+    # Recomputed layers get inputs that need no gradient (the embeddings are frozen): make them need one, or the
+    # adapters inside would get none.
+    job.model.enable_input_require_grads()
+    masked = sum(f"{name}.weight" in trainer.masks for name in adapted)
+    job.say(f"Masked LoRA: {len(adapted)} Linear layers adapted ({masked} of them pruned, masked), "
+            f"{settings.describe()}")
 
 
 def _plan_memory(job: _Job) -> None:
@@ -433,10 +453,11 @@ def _check_masks_found(job: _Job) -> None:
 def _announce(job: _Job) -> None:
     """The sparsity before training (exact zeros; pruned blocks from the trainer's masks) and the run's setup."""
     args, t, model = job.args, job.training_args, job.model
-    job.pruned_blocks["before"] = pruned_fraction(model, job.trainer.masks, job.trainer.block_size)
+    if "before" not in job.pruned_blocks:  # --lora measured it before wrapping the weights
+        job.pruned_blocks["before"] = pruned_fraction(model, job.trainer.masks, job.trainer.block_size)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    job.say("*** Starting sparse full fine-tuning ***")
+    job.say("*** Starting masked LoRA fine-tuning ***" if job.plan.lora else "*** Starting sparse full fine-tuning ***")
     job.say(f"Initial model sparsity: {job.sparsity['before']:.4f}")
     job.say(f"Trainable params: {n_trainable:,} || All params: {n_params:,} || "
             f"Trainable%: {100.0 * n_trainable / n_params:.2f}")
@@ -510,6 +531,9 @@ def _train(job: _Job) -> Optional[int]:
                 f"its checkpoint could not be written; the newest is {_newest_checkpoint(job) or 'none'}")
                 + ". Rerun the same command to resume.")
         return EXIT_INTERRUPTED
+    if job.plan.lora is not None:
+        job.masks = dict(trainer.masks)  # the frozen weights' (the merge is checked against them)
+        return None
     job.masks = trainer.optimizer_masks()  # after a resume, the checkpoint's
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
     return None
@@ -558,6 +582,9 @@ def _adopt_checkpoint(job: _Job) -> None:
                 "from it")
     else:
         job.say(f"{checkpoint} holds all {job.plan.status.resume_step} steps: finishing the run from it")
+    if job.plan.lora is not None:
+        _adopt_adapters(job, checkpoint)
+        return
     load_weights(job.model, checkpoint)
     params = dict(job.model.named_parameters())
     leaked = [name for name, mask in trainer.masks.items() if bool(leaked_blocks(params[name], mask,
@@ -568,6 +595,39 @@ def _adopt_checkpoint(job: _Job) -> None:
     job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
     job.masks = dict(trainer.masks)
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
+
+
+def _adopt_adapters(job: _Job, checkpoint: str) -> None:
+    """--lora: the adapters of a checkpoint that holds every step; or, when the merged model is in place already,
+    the adapter saved beside it, merged again (the same sums, so the same weights)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer = job.trainer
+    if Path(checkpoint) == job.output_dir:
+        _, tensors, _, _ = lora.read_adapter(job.output_dir / lora.ADAPTER_DIR)
+        lora.copy_adapter_weights(lora.adapters_of(job.model), tensors, job.output_dir / lora.ADAPTER_DIR)
+        lora.merge_masked_lora(job.model)
+        lora.check_merged(job.model, trainer.masks, trainer.block_size)
+    else:
+        load_weights(job.model, checkpoint, trainable_only=True)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
+    job.masks = dict(trainer.masks)
+
+
+def _write_lora_result(job: _Job, staging: Path) -> None:
+    """--lora, main process: the adapter in PEFT's format (staging/adapter), then the merged model, checked: every
+    pruned block exactly zero."""
+    from .models import save_model
+
+    model = job.trainer.accelerator.unwrap_model(job.trainer.model)
+    lora.save_adapter(model, staging / lora.ADAPTER_DIR, job.plan.lora,
+                      base_model=os.path.abspath(job.args.model) if Path(job.args.model).exists() else job.args.model)
+    _, merged = lora.merge_masked_lora(model)
+    checked = lora.check_merged(model, job.masks, job.trainer.block_size)
+    save_model(model, job.tokenizer, staging)
+    job.say(f"Merged {merged} adapters: {checked} pruned weights checked, every pruned block exactly zero")
 
 
 def _save(job: _Job) -> Optional[int]:
@@ -582,7 +642,10 @@ def _save(job: _Job) -> Optional[int]:
     staging = job.output_dir / STAGING
     try:
         with timed(job.timings, "save_s"):
-            if not job.plan.status.trained:
+            if job.plan.lora is not None:
+                if job.main:
+                    _write_lora_result(job, staging)
+            elif not job.plan.status.trained:
                 job.trainer.save_model(str(staging))
             elif job.main:  # adopted from a checkpoint: a plain model, never wrapped
                 save_model(job.model, job.tokenizer, staging)

@@ -16,6 +16,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..backends import IMPLS
 from ..masks import MASKS_FILE, normalize_block_size
+from . import lora
 from .distill import DistillConfig
 from .memory_plan import CHECKPOINTING_ARGS
 from .cli import (CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, CPU_OOD_WINDOWS, DEFAULT_OOD_WINDOWS, command_prog,
@@ -183,6 +184,8 @@ class FinetuneArguments:
         "trained and --output_dir is left as it is")})
     print_config: bool = field(default=False, metadata={"help": (
         "resolve the defaults, print them as shell KEY=VALUE lines and exit (run_dense_finetune.sh uses it)")})
+    # The --lora flags, parsed as their own group (lora.LoraArguments)
+    lora_args: lora.LoraArguments = field(default_factory=lora.LoraArguments, init=False, repr=False)
 
 
 @dataclass
@@ -236,7 +239,7 @@ class _Parser(HfArgumentParser):
 
 
 def build_parser() -> HfArgumentParser:
-    parser = _Parser((FinetuneArguments, FinetuneTrainingArguments))
+    parser = _Parser((FinetuneArguments, lora.LoraArguments, FinetuneTrainingArguments))
     parser.prog = command_prog("python -m sparse_adamw.pipeline.finetune")
     parser.description = "Full fine-tuning of a block-pruned causal LM with SparseAdamW." + (
         " Takes every TrainingArguments flag as well. With no arguments: the offline default, end to end.")
@@ -245,10 +248,13 @@ def build_parser() -> HfArgumentParser:
 
 def _split(namespace) -> Tuple[FinetuneArguments, Dict[str, object]]:
     values = vars(namespace)
-    ours = {f.name: values.pop(f.name) for f in dataclasses.fields(FinetuneArguments)}
+    ours = {f.name: values.pop(f.name) for f in dataclasses.fields(FinetuneArguments) if f.init}
+    lora_args = {f.name: values.pop(f.name) for f in dataclasses.fields(lora.LoraArguments)}
     training = {f.name: values.pop(f.name) for f in dataclasses.fields(FinetuneTrainingArguments)
                 if f.init and f.name in values}
-    return FinetuneArguments(**ours), training
+    args = FinetuneArguments(**ours)
+    args.lora_args = lora.LoraArguments(**lora_args)
+    return args, training
 
 
 @dataclass
@@ -269,6 +275,7 @@ class Plan:
     memory_plan: bool = False
     given: Dict[str, Any] = field(default_factory=dict)
     data_parallel_why: str = ""  # how --data_parallel was resolved, and whether that mode is measured here
+    lora: Optional[lora.LoraSettings] = None  # --lora: the adapters (lora.py); None: the full fine-tune
     # Filled by inspect_output_dir: what changes the result, the schedule, and what the output folder holds.
     config: Dict[str, Any] = field(default_factory=dict)
     schedule: Dict[str, Any] = field(default_factory=dict)
@@ -290,6 +297,11 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     masks_found = _resolve_masks(args)
     _resolve_distill(args)
     _resolve_generated(args, on_cpu)
+    adapters = lora.resolve(args.lora_args)
+    if adapters is not None:
+        lora.check_combination(adapters, fsdp=bool(training.get("fsdp")), data_parallel=args.data_parallel)
+        if training["learning_rate"] is None:
+            training["learning_rate"] = lora.DEFAULT_LEARNING_RATE
     given = {"per_device_train_batch_size": training.get("per_device_train_batch_size"),
              "gradient_accumulation_steps": training.get("gradient_accumulation_steps"),
              "gradient_checkpointing": next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None),
@@ -300,6 +312,9 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     if training.get("fsdp"):
         _resolve_fsdp(training, on_cpu, world_size)
     data_parallel_why = _resolve_data_parallel(args, training, on_cpu, world_size)
+    if adapters is not None and args.data_parallel == "sharded":  # auto's choice; asked for, it was refused
+        args.data_parallel = "ddp"
+        data_parallel_why = "DDP for --lora: its adapters' step is small, the sharded step would share nothing"
     if training.get("logging_nan_inf_filter") is None:
         training["logging_nan_inf_filter"] = False
     if world_size > 1 and training.get("ddp_find_unused_parameters") is None:
@@ -317,7 +332,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     if Path(training["output_dir"]).is_file():
         raise ValueError(f"--output_dir {training['output_dir']} is a file, not a folder")
     return Plan(args, training, world_size, on_cpu, cpu_default, Path(args.model).exists(), None, masks_found,
-                memory_plan, given, data_parallel_why)
+                memory_plan, given, data_parallel_why, adapters)
 
 
 _TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -639,6 +654,8 @@ def result_config(plan: Plan) -> Dict[str, Any]:
         "generated": text_settings(a).as_dict() if a.generated_fraction > 0 else None,
     }
     config.update({key: t.get(key) for key in RESULT_TRAINING_KEYS})
+    if plan.lora is not None:  # absent for a full fine-tune, as in the records made before --lora
+        config["lora"] = plan.lora.as_dict()
     return config
 
 
@@ -747,6 +764,8 @@ def print_config(plan: Plan) -> None:
                     + f"), teacher {a.teacher}") if a.distill else (
                         "off (--no_distill)" if a.no_distill else "off (no dense teacher at hand: --teacher DIR)"),
         "GENERATED": generated_note(plan),
+        "LORA": (f"masked LoRA, {plan.lora.describe()}; the pruned weights frozen" if plan.lora else
+                 "off (every weight trains)"),
         "OOD": (f"{a.ood_windows} windows x {a.block_size} tokens of held-out novels, plays, speeches and recipes"
                 if a.ood_windows and not a.skip_eval else "off"),
         "DISK_PLAN": checkpoints.describe_disk_plan(plan) if not input_error else "not estimated",

@@ -13,17 +13,39 @@ Memory: Δ has the weight's size. `MaskedDelta` makes it for the forward product
 it again (for the gradient of x) and forms the weight-sized gradient of Δ only there. The module keeps the block
 mask (one bool per 16x16 block) and expands it for each product. Nothing weight-sized is kept between the forward
 and the backward of a layer, so at 7B the adapters add no weight-sized tensor per layer.
+
+In the fine-tune (`--lora`): the pruned model is frozen and every decoder Linear named by --lora_target_modules
+gets an adapter; SparseTrainer trains the adapters only, with SparseAdamW (no masks: A and B are dense), and its
+checkpoints hold the adapters and their optimizer state, not the frozen weights. At the end the adapters are merged
+into a plain Hugging Face model (the output folder, as a full fine-tune leaves it) and also saved in PEFT's adapter
+format under `adapter/`: adapter_config.json and adapter_model.safetensors, with the block masks beside them
+(block_masks.pt). PEFT can load that adapter, but its LoRA layers add B·A unmasked (the merge fills the pruned
+blocks in): `load_masked_adapter` applies it as trained.
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Dict, Iterable, Tuple
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import BlockSize, block_grid, expand_block_mask, normalize_block_size
+from ..masks import MASKS_FILE, BlockSize, block_grid, expand_block_mask, leaked_blocks, load_masks, \
+    normalize_block_size, save_masks
+
+ADAPTER_DIR = "adapter"  # in the output folder: beside the merged model, whose from_pretrained it must not redirect
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's names
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's keys: base_model.model.<module>.lora_A.weight
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a LLaMA decoder's
+DEFAULT_R = 16
+DEFAULT_ALPHA_PER_R = 2.0  # alpha = 2 r: scale 2, a common choice
+DEFAULT_DROPOUT = 0.05
+DEFAULT_LEARNING_RATE = 2e-4
 
 
 def _masked(product: torch.Tensor, block_mask: torch.Tensor, block: Tuple[int, int], scale: float) -> torch.Tensor:
@@ -82,6 +104,7 @@ class MaskedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's initialisation of A
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)  # in the mode of the model it joins (an eval-mode model must not drop out)
 
     def delta(self) -> torch.Tensor:
         """M ⊙ (B·A) · scale, the weight-sized change the merge adds."""
@@ -137,3 +160,206 @@ def merge_masked_lora(model: nn.Module) -> Tuple[nn.Module, int]:
             _replace(model, name, module.merged())
             merged += 1
     return model, merged
+
+
+# ------------------------------------------------------------------------------------- the fine-tune's flags
+@dataclass
+class LoraArguments:
+    """The fine-tune's LoRA flags (parsed beside FinetuneArguments; resolved by `resolve`)."""
+
+    lora: bool = field(default=False, metadata={"help": (
+        "train a masked LoRA adapter on the frozen pruned model instead of every weight: W + M * (B A) * alpha / r, "
+        "with M the weight's block mask, so the merged model keeps every pruned block exactly zero. The output "
+        "folder holds the merged model, and the adapter in PEFT's format under adapter/")})
+    lora_r: Optional[int] = field(default=None, metadata={"help": f"the adapters' rank (default {DEFAULT_R})"})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": (
+        f"the adapters' alpha: B A is scaled by alpha / r (default {DEFAULT_ALPHA_PER_R:g} x r)")})
+    lora_dropout: Optional[float] = field(default=None, metadata={"help": (
+        f"dropout on the adapters' input, in [0, 1) (default {DEFAULT_DROPOUT:g})")})
+    lora_target_modules: Optional[str] = field(default=None, metadata={"help": (
+        "comma-separated names of the Linear layers that get an adapter, or all-linear (default: all-linear, "
+        f"{','.join(ALL_LINEAR)})")})
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What the adapters are: part of a run's result (run_config.json)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: Tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules)}
+
+    def describe(self) -> str:
+        return (f"rank {self.r}, alpha {self.alpha:g} (scale {self.scale:g}), dropout {self.dropout:g}, on "
+                f"{','.join(self.target_modules)}")
+
+
+def resolve(lora: LoraArguments) -> Optional[LoraSettings]:
+    """LoraSettings for --lora (None without it); ValueError for a value out of range, or a LoRA flag without
+    --lora."""
+    if not lora.lora:
+        given = [f"--{name}" for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+                 if getattr(lora, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --lora")
+        return None
+    r = DEFAULT_R if lora.lora_r is None else lora.lora_r
+    if r < 1:
+        raise ValueError(f"--lora_r must be at least 1, got {r}")
+    alpha = DEFAULT_ALPHA_PER_R * r if lora.lora_alpha is None else lora.lora_alpha
+    if not alpha > 0:
+        raise ValueError(f"--lora_alpha must be positive, got {alpha:g}")
+    dropout = DEFAULT_DROPOUT if lora.lora_dropout is None else lora.lora_dropout
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {dropout:g}")
+    names = lora.lora_target_modules or "all-linear"
+    targets = ALL_LINEAR if names == "all-linear" else tuple(n.strip() for n in names.split(",") if n.strip())
+    if not targets:
+        raise ValueError("--lora_target_modules names no module")
+    return LoraSettings(r, float(alpha), float(dropout), tuple(targets))
+
+
+def check_combination(settings: LoraSettings, *, fsdp: bool, data_parallel: str) -> None:
+    """Flags a LoRA run cannot take: ValueError, before anything loads."""
+    if fsdp:
+        raise ValueError("--lora trains adapters of a few MB on a frozen model: --fsdp would shard the frozen "
+                         "weights for nothing. Run it without --fsdp (DDP under torchrun)")
+    if data_parallel == "sharded":
+        raise ValueError("--lora steps adapters of a few MB: the sharded step has nothing to share. Use "
+                         "--data_parallel ddp (or auto)")
+
+
+def adapter_shapes(shapes: Dict[str, Tuple[int, ...]], settings: LoraSettings) -> Dict[str, Tuple[int, ...]]:
+    """The adapters' parameter shapes for a model with these parameter shapes: A [r, in] and B [out, r] for each
+    2-D weight `<...>.<target>.weight` (the disk plan counts them before anything loads)."""
+    out = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(shape) == 2 and parts[-1] == "weight" and len(parts) > 1 and parts[-2] in settings.target_modules:
+            module = ".".join(parts[:-1])
+            out[f"{module}.lora_A"] = (settings.r, shape[1])
+            out[f"{module}.lora_B"] = (shape[0], settings.r)
+    return out
+
+
+# --------------------------------------------------------------------------- the adapter, in PEFT's format
+def adapters_of(model: nn.Module) -> Dict[str, MaskedLoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MaskedLoRALinear)}
+
+
+def save_adapter(model: nn.Module, folder: Union[str, Path], settings: LoraSettings,
+                 base_model: Optional[str] = None) -> Path:
+    """The adapters of `model` in PEFT's format (adapter_config.json, adapter_model.safetensors) and their block
+    masks (block_masks.pt, keyed by the adapted weights' names), in `folder`."""
+    from safetensors.torch import save_file
+
+    adapters = adapters_of(model)
+    if not adapters:
+        raise ValueError("the model has no masked LoRA adapters to save")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, masks, block = {}, {}, None
+    for name, module in adapters.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().to("cpu").contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().to("cpu").contiguous()
+        masks[f"{name}.weight"] = module.block_mask
+        block = module.block
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_masks(folder / MASKS_FILE, masks, block)
+    config = {  # PEFT's LoraConfig fields for this adapter
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
+        "r": settings.r, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapters}), "bias": "none",
+        "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def read_adapter(folder: Union[str, Path]) -> Tuple[LoraSettings, Dict[str, torch.Tensor],
+                                                   Dict[str, torch.Tensor], Tuple[int, int]]:
+    """(settings, {peft key: tensor}, masks by weight name, block shape) of an adapter save_adapter wrote;
+    ValueError when the folder is not one."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    missing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MASKS_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a masked LoRA adapter: it lacks {', '.join(missing)}"
+                         + (" (a plain PEFT adapter carries no block masks)" if missing == [MASKS_FILE] else ""))
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}, not LORA")
+    settings = LoraSettings(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)),
+                            tuple(config["target_modules"]))
+    masks, block = load_masks(folder / MASKS_FILE)
+    return settings, load_file(str(folder / ADAPTER_WEIGHTS)), masks, block
+
+
+def load_masked_adapter(model: nn.Module, folder: Union[str, Path]) -> Dict[str, MaskedLoRALinear]:
+    """Wrap `model` (the pruned model the adapter was trained on) with the adapter saved in `folder`, masks and
+    all; returns {module name: adapter}. ValueError when the adapter was saved for other masks (the model's
+    weights are nonzero in a block its masks mark pruned, or its masks do not cover the adapted weights) or for
+    another model (names or shapes)."""
+    settings, tensors, masks, block = read_adapter(folder)
+    weights = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in weights:
+            raise ValueError(f"{folder}: the adapter was saved for another model: it adapts {name}, which this model "
+                             "does not have")
+        if tuple(mask.shape) != block_grid(weights[name].shape, block):
+            raise ValueError(f"{folder}: the mask of {name} has shape {tuple(mask.shape)}, which does not fit the "
+                             f"weight {tuple(weights[name].shape)} in {block[0]}x{block[1]} blocks")
+        leaked = int(leaked_blocks(weights[name].detach(), mask.to(weights[name].device), block).sum())
+        if leaked:
+            raise ValueError(f"{folder}: the adapter was saved for other masks: {name} is nonzero in {leaked} blocks "
+                             "its masks mark pruned (is this the pruned model it was trained on?)")
+    adapted = add_masked_lora(model, masks, block, target_modules=settings.target_modules, r=settings.r,
+                              alpha=settings.alpha, dropout=settings.dropout)
+    unmasked = sorted(name for name in adapted if f"{name}.weight" not in masks)
+    if unmasked:
+        raise ValueError(f"{folder}: the adapter's masks do not cover {unmasked[:3]}")
+    copy_adapter_weights(adapted, tensors, folder)
+    return adapted
+
+
+def copy_adapter_weights(adapted: Dict[str, MaskedLoRALinear], tensors: Dict[str, torch.Tensor], folder) -> None:
+    """Copy an adapter file's tensors ({peft key: tensor}) into the adapters; ValueError when they do not match."""
+    expected = {f"{PEFT_PREFIX}{name}.{part}.weight" for name in adapted for part in ("lora_A", "lora_B")}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise ValueError(f"{folder}: {ADAPTER_WEIGHTS} does not match the adapted modules, e.g. {odd[:3]}")
+    with torch.no_grad():
+        for name, module in adapted.items():
+            for part in ("lora_A", "lora_B"):
+                value = tensors[f"{PEFT_PREFIX}{name}.{part}.weight"]
+                target = getattr(module, part)
+                if value.shape != target.shape:
+                    raise ValueError(f"{folder}: {name}.{part} has shape {tuple(value.shape)}, the model needs "
+                                     f"{tuple(target.shape)}")
+                target.copy_(value)
+
+
+def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[int, int]) -> int:
+    """After the merge: every block `masks` marks pruned is exactly zero (SparsityViolation naming the weights
+    otherwise). Returns how many weights were checked."""
+    from .trainer import SparsityViolation
+
+    weights = dict(model.named_parameters())
+    bad = []
+    for name, mask in masks.items():
+        n = int(leaked_blocks(weights[name].detach(), mask.to(weights[name].device), block).sum())
+        if n:
+            bad.append(f"{name}: {n} blocks")
+    if bad:
+        raise SparsityViolation("the merged model is nonzero in pruned blocks: " + "; ".join(bad[:5]))
+    return len(masks)

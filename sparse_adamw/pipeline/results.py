@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import held_out
+from . import held_out, lora
 from .cli import versions
 from .finetune_config import data_parallel, describe_dataset
 from .run_folder import REPORT_FILE, write_json
@@ -112,6 +112,8 @@ def write_report(job, tokens_per_s: Optional[float]) -> None:
                           "perplexity": ood, "recovered_fraction": recovered_fraction(ood),
                           "by_kind": job.held_out_perplexity},
         "teacher_text": job.teacher_text,
+        # --lora: the adapters, and where their PEFT-format copy is (the output folder holds the merged model)
+        "lora": None if plan.lora is None else {**plan.lora.as_dict(), "adapter": str(job.output_dir / lora.ADAPTER_DIR)},
         "memory_plan": None if job.memory is None else {
             "micro_batch": job.memory.chosen.micro_batch, "gradient_checkpointing": job.memory.chosen.checkpointing,
             "gradient_accumulation_steps": job.memory.gradient_accumulation_steps, "budget_bytes": job.memory.budget,

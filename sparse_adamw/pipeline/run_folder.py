@@ -82,12 +82,16 @@ def read_json(path) -> Optional[dict]:
 
 
 def install(staging: Path, output_dir: Path, skip: Tuple[str, ...] = ()) -> List[str]:
-    """Rename every file of `staging` into `output_dir` (each arrives whole), then remove `staging`."""
+    """Rename every file and folder of `staging` into `output_dir` (each arrives whole; a folder replaces the one of
+    its name), then remove `staging`."""
     moved = []
     for path in sorted(staging.iterdir()):
-        if path.is_file() and path.name not in skip:
-            os.replace(path, output_dir / path.name)
-            moved.append(path.name)
+        if path.name in skip:
+            continue
+        if path.is_dir():
+            shutil.rmtree(output_dir / path.name, ignore_errors=True)
+        os.replace(path, output_dir / path.name)
+        moved.append(path.name)
     shutil.rmtree(staging, ignore_errors=True)
     return moved
 
@@ -247,9 +251,10 @@ def last_checkpoint(output_dir, notes: Optional[List[str]] = None) -> Optional[s
     return None if checkpoint is None else str(checkpoint.path)
 
 
-def load_weights(model: torch.nn.Module, checkpoint) -> None:
+def load_weights(model: torch.nn.Module, checkpoint, trainable_only: bool = False) -> None:
     """Copy a checkpoint's safetensors weights into `model`; a weight tied to a loaded one (lm_head to the
-    embeddings) comes along. ValueError when the files do not cover the model."""
+    embeddings) comes along. ValueError when the files do not cover the model (with `trainable_only`: its
+    parameters that train, as a checkpoint without the frozen weights holds them)."""
     from safetensors.torch import load_file
 
     path = Path(checkpoint)
@@ -267,6 +272,8 @@ def load_weights(model: torch.nn.Module, checkpoint) -> None:
         model.load_state_dict(weights, strict=False)
         loaded |= set(weights)
     shared = {expected[k].data_ptr() for k in loaded}
+    if trainable_only:
+        expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = [k for k in expected if k not in loaded and expected[k].data_ptr() not in shared]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} of the model's weights, e.g. {missing[:3]}")

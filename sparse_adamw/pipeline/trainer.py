@@ -254,6 +254,9 @@ class SparseTrainer(Trainer):
             is complete once its folder is renamed from .tmp-checkpoint-N; a failed write costs only itself.
         checkpoint_at_end: write a checkpoint at the last step, as the Trainer does (default True); the fine-tune
             passes False, since it writes the final model there.
+        frozen_in_checkpoints: checkpoints hold every weight (default True); False: only the parameters that train
+            (masked LoRA: the adapters, a few MB, where the frozen model is GBs). A resume then loads those into the
+            model it starts from, which must hold the same frozen weights (the fine-tune's fingerprint checks it).
 
     The optimizer uses args.learning_rate, adam_beta1/2, adam_epsilon, weight_decay and seed (for the stochastic
     rounding of bf16 weights); `args.optim` is ignored. Given masks are checked against the model right away
@@ -277,6 +280,7 @@ class SparseTrainer(Trainer):
         data_parallel: str = "ddp",
         background_checkpoints: bool = True,
         checkpoint_at_end: bool = True,
+        frozen_in_checkpoints: bool = True,
         **kwargs,
     ):
         if masks is not None and masks_file is not None:
@@ -293,6 +297,7 @@ class SparseTrainer(Trainer):
         self._fsdp_masks_pending = False
         self._resumed = False  # set when a checkpoint's optimizer state is loaded
         self.checkpoint_at_end = checkpoint_at_end
+        self.frozen_in_checkpoints = frozen_in_checkpoints
         self.checkpoint_writer = CheckpointWriter(background=background_checkpoints)
         self.snapshots = Snapshots()
         self._step_hook = None
@@ -450,7 +455,9 @@ class SparseTrainer(Trainer):
                 seed=self.args.seed,  # bf16 params: the stochastic rounding follows the run's seed
                 **sharded,
             )
-            masks = {params[n]: m.to(params[n].device) for n, m in masks.items() if params[n].requires_grad}
+            # Only the weights that train take masks (masked LoRA wraps the frozen ones: their names moved)
+            masks = {params[n]: m.to(params[n].device) for n, m in masks.items()
+                     if n in params and params[n].requires_grad}
             if masks:
                 self.optimizer.set_masks(masks, check=False)  # derived from these weights, or checked against them
         optimizer = self.sparse_optimizer
@@ -565,6 +572,9 @@ class SparseTrainer(Trainer):
         # A checkpoint of a model with tied weights (tie_word_embeddings) holds one of each tied pair: the other is
         # "missing" but was loaded through its partner. Warn about the other missing keys only.
         missing = [k for k in load_result.missing_keys if not self._loaded_through_tie(k, load_result.missing_keys)]
+        if not self.frozen_in_checkpoints:  # the frozen weights are the model's own, not the checkpoint's
+            frozen = {n for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if not p.requires_grad}
+            missing = [k for k in missing if k not in frozen]
         if len(missing) != len(load_result.missing_keys) and hasattr(load_result, "_replace"):  # a namedtuple
             load_result = load_result._replace(missing_keys=missing)
         super()._issue_warnings_after_load(load_result)
@@ -600,6 +610,15 @@ class SparseTrainer(Trainer):
         # The last checkpoint of this train() (a Ctrl+C's, or the end's): complete before train() returns.
         self.checkpoint_writer.submit(job, wait=self.control.should_training_stop)
 
+    def _checkpoint_weights(self, model) -> Dict[str, torch.Tensor]:
+        """What a checkpoint's weights file holds: every weight once, or with frozen_in_checkpoints=False only the
+        parameters that train."""
+        state_dict = _unique(model.state_dict())
+        if self.frozen_in_checkpoints:
+            return state_dict
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        return {name: t for name, t in state_dict.items() if name in trained}
+
     def _snapshots_checkpoints(self, trial) -> bool:
         return (trial is None and self.hp_search_backend is None and not self.fsdp_version
                 and not self.is_deepspeed_enabled and not self.args.save_only_model and not self.args.push_to_hub
@@ -627,7 +646,7 @@ class SparseTrainer(Trainer):
         self.verify_sparsity(f"before saving {final}")
         self._synchronize_weights()
         model = self.accelerator.unwrap_model(self.model)
-        weights = _unique(model.state_dict())
+        weights = self._checkpoint_weights(model)
         state, fresh = None, False
         if self.sharded_step:  # gathered to rank 0, as host copies of its own
             state, fresh = self.sparse_optimizer.full_state_dict(rank0_only=True), True
@@ -688,7 +707,7 @@ class SparseTrainer(Trainer):
         if (not self.checkpoint_writer.background or not self.args.should_save or self.snapshots.reserved
                 or not self._snapshots_checkpoints(None)):  # FSDP2 and the like write in place: no buffers
             return
-        weights = list(_unique(self.accelerator.unwrap_model(self.model).state_dict()).values())
+        weights = list(self._checkpoint_weights(self.accelerator.unwrap_model(self.model)).values())
         state = [] if self.sharded_step else tensors_of(self.optimizer.state_dict())
         if not self.snapshots.reserve(weights, state):
             self.checkpoint_writer.background = False
@@ -699,6 +718,8 @@ class SparseTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        if state_dict is None and not self.frozen_in_checkpoints:
+            state_dict = self._checkpoint_weights(self.accelerator.unwrap_model(self.model))
         if state_dict is None and self.sharded_step:
             # ShardedSparseAdamW keeps every weight in one buffer, which save_pretrained would take for tied weights:
             # save host copies instead (tied weights stay tied: one copy per storage offset).
