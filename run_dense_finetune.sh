@@ -49,6 +49,9 @@ Every other argument goes to python -m sparse_adamw.pipeline.finetune (see its -
                       default: measured, it has not paid yet; see benchmarks/RESULTS.md)
   --ood_windows N     perplexity also on N windows of held-out novels, plays, speeches and recipes
                       (default 48 on GPUs, 8 on the CPU; 0 = off)
+  --lora              train masked LoRA adapters on the frozen pruned model instead of every weight (less
+                      memory); the merge keeps every pruned block zero. --lora_r, --lora_alpha, --lora_dropout,
+                      --lora_target_modules (default: rank 16, alpha 32, dropout 0.05, every decoder Linear)
   --gradient_checkpointing, --max_steps N, --learning_rate LR, --num_train_epochs N, ...
 
 Examples:
@@ -278,6 +281,7 @@ echo "  Effective batch size: ${EFFECTIVE_BATCH}"
 echo "  Block size: ${BLOCK_SIZE}"
 echo "  Max train samples: ${MAX_TRAIN_SAMPLES}"
 echo "  Distillation: ${DISTILL}"
+echo "  LoRA: ${LORA}"
 echo "  Teacher's text: ${GENERATED}"
 echo "  Out-of-domain eval: ${OOD}"
 echo "  Precision: ${DTYPE} weights$([[ "$DTYPE" == bfloat16 ]] && echo " (stochastic rounding)")$([[ "$BF16" == 1 ]] && echo ", bf16 autocast"), ${STATE_DTYPE} optimizer states$([[ "$STATE_DTYPE" == bfloat16 ]] && echo " (exp_avg_sq rounded stochastically)")"

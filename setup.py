@@ -44,8 +44,9 @@ setup(
         "pipeline": ["transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors", "tqdm"],
         # GPUs: Liger-Kernel's fused RMSNorm/SwiGLU/RoPE/linear cross-entropy, used by the fine-tune when present.
         "gpu": ["triton>=3.6", "liger-kernel>=0.8"],
+        # peft: the tests check that it reads --lora's adapter as written
         "test": ["pytest", "triton>=3.6", "transformers>=4.46", "datasets", "accelerate", "gguf", "safetensors",
-                 "tqdm"],
+                 "tqdm", "peft"],
     },
     **extension(),
 )

