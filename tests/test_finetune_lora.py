@@ -123,6 +123,33 @@ def test_checkpoints_hold_the_adapters_only_and_a_resumed_run_ends_bitwise_as_an
     assert other.returncode == 2 and '"r": 4' in other.stderr and '"r": 8' in other.stderr, other.stderr
 
 
+def test_distilled_with_one_copy_of_the_weights_ends_bitwise_as_with_two(tiny, tmp_path, tiny_llama):
+    """The default shares the dense teacher's weights with the student (masked in each product); with
+    --lora_separate_teacher the teacher is a copy of its own. The merged models are bitwise equal."""
+    from pipeline_helpers import save_tiny_model, tiny_tokenizer
+
+    model_dir, masks, corpus = tiny
+    # the dense parent: the same random model before pruning (pruned_tiny_model prunes tiny_llama(**sizes))
+    teacher = save_tiny_model(tmp_path / "dense", tiny_llama(hidden_size=48, intermediate_size=80), tiny_tokenizer())
+    outputs = {}
+    for name, extra in (("shared", []), ("separate", ["--lora_separate_teacher"])):
+        done = run_finetune(tiny_run_args(model_dir, corpus, tmp_path / name, "--max_steps", 4, "--lora", "--lora_r",
+                                          4, "--teacher", teacher, "--max_eval_windows", 4, "--ood_windows", 0,
+                                          *extra))
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs[name] = done.stdout
+        assert "Distillation: 0.5 x KL" in done.stdout
+    assert "share one copy of the dense weights" in outputs["shared"]
+    assert "the teacher is a second copy of the weights (--lora_separate_teacher)" in outputs["separate"]
+    a = load_file(str(tmp_path / "shared" / "model.safetensors"))
+    b = load_file(str(tmp_path / "separate" / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    pruned, expected = _expected_merge(model_dir, tmp_path / "shared", masks)
+    for name, mask in masks.items():
+        np.testing.assert_allclose(a[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert (a[name][_elementwise(mask, a[name].shape) == 0] == 0).all(), name
+
+
 def test_peft_loads_the_adapter_as_written(tiny, tmp_path):
     """PEFT reads the adapter's config and weights as they are (its layers then add B·A unmasked: the docs say
     so, and load_masked_adapter applies the masks)."""

@@ -194,7 +194,9 @@ class _Job:
     teacher_text: Optional[Dict[str, Any]] = None  # how the teacher's share of the training text was made
     trainer: Any = None
     result: Any = None  # the Trainer's TrainOutput
-    masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # after training: the optimizer's
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # after training: the optimizer's; --lora: the
+    # frozen weights', from the start (lora.pruned_masks), in blocks of lora_block
+    lora_block: Optional[Tuple[int, int]] = None
     # "before" and "after" training, as the report keeps them
     perplexity: Dict[str, Optional[float]] = field(default_factory=lambda: {"before": None, "after": None,
                                                                              "dense": None})
@@ -336,6 +338,26 @@ def _load(job: _Job) -> None:
         # bf16 on GPUs (half the memory of fp32; it only runs forward), the student's dtype on the CPU.
         with timed(job.timings, "load_teacher_s"):
             job.teacher, _ = load_model(args.teacher, "cpu", args.dtype if job.plan.on_cpu else "bfloat16")
+    if job.plan.lora is not None:
+        _prepare_lora(job)
+
+
+def _prepare_lora(job: _Job) -> None:
+    """--lora, on the CPU before anything is placed: the frozen model's masks and sparsity, the teacher's weights
+    shared with it where they can be (one copy on the GPU), then the adapters."""
+    args = job.args
+    job.masks, job.lora_block = lora.pruned_masks(job.model, args.masks_file, job.prune_block)
+    job.sparsity["before"] = check_sparsity(job.model, verbose=False)
+    job.pruned_blocks["before"] = pruned_fraction(job.model, job.masks, job.lora_block)
+    adapted, not_shared = lora.prepare(job.model, job.teacher, job.masks, job.lora_block, job.plan.lora,
+                                       share=not args.lora_args.lora_separate_teacher)
+    masked = sum(f"{name}.weight" in job.masks for name in adapted)
+    job.say(f"Masked LoRA: {len(adapted)} Linear layers adapted ({masked} of them pruned, masked), "
+            f"{job.plan.lora.describe()}")
+    if job.teacher is not None:
+        job.say("Masked LoRA: the student and the teacher share one copy of the dense weights (the student masks its "
+                "pruned blocks in each product)" if not_shared is None else
+                f"Masked LoRA: the teacher is a second copy of the weights ({not_shared})")
 
 
 def _write_teacher_text(job: _Job) -> None:
@@ -375,15 +397,15 @@ def _make_trainer(job: _Job) -> None:
         job.training_args.use_liger_kernel = liger_supports(job.model)
     job.trainer = SparseTrainer(
         model=job.model, args=job.training_args, train_dataset=TokenBlocks(job.train),
-        data_collator=default_data_collator, processing_class=job.tokenizer, masks_file=args.masks_file,
-        block_size=job.prune_block, optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
+        data_collator=default_data_collator, processing_class=job.tokenizer,
+        # --lora: the optimizer steps the adapters only, with no masks; the frozen weights' are job.masks
+        masks={} if job.plan.lora else None, masks_file=None if job.plan.lora else args.masks_file,
+        block_size=job.lora_block or job.prune_block, optimizer_impl=args.optimizer_impl, state_dtype=args.state_dtype,
         teacher=job.teacher, distill=distill_config(args),
         data_parallel=args.data_parallel,  # resolved: "sharded" or "ddp"
         checkpoint_at_end=args.keep_checkpoints,  # else the end writes the fine-tuned model only
         frozen_in_checkpoints=job.plan.lora is None,  # --lora: its checkpoints hold the adapters only
     )
-    if job.plan.lora is not None:
-        _add_adapters(job)
     job.trainer.remove_callback(PrinterCallback)
     job.trainer.add_callback(StepLogCallback())
     job.trainer.add_callback(LogAtCheckpoints())
@@ -400,25 +422,13 @@ def _make_trainer(job: _Job) -> None:
         job.say(f"Liger-Kernel: fused RMSNorm, SwiGLU, RoPE and linear cross-entropy ({job.model.config.model_type})")
     if job.plan.masks_found:
         bh, bw = job.trainer.block_size
-        job.say(f"Block masks: {args.masks_file} (the prune step's, {len(job.trainer.masks)} weights in {bh}x{bw} "
+        job.say(f"Block masks: {args.masks_file} (the prune step's, {len(_frozen_masks(job))} weights in {bh}x{bw} "
                 "blocks)")
 
 
-def _add_adapters(job: _Job) -> None:
-    """--lora: the pruned model frozen, each target Linear wrapped with a masked adapter (its mask from the trainer,
-    derived or checked once)."""
-    settings, trainer = job.plan.lora, job.trainer
-    # before the wrapping moves the frozen weights' names
-    job.pruned_blocks["before"] = pruned_fraction(job.model, trainer.masks, trainer.block_size)
-    adapted = lora.add_masked_lora(job.model, trainer.masks, trainer.block_size,
-                                   target_modules=settings.target_modules, r=settings.r, alpha=settings.alpha,
-                                   dropout=settings.dropout)
-    # Recomputed layers get inputs that need no gradient (the embeddings are frozen): make them need one, or the
-    # adapters inside would get none.
-    job.model.enable_input_require_grads()
-    masked = sum(f"{name}.weight" in trainer.masks for name in adapted)
-    job.say(f"Masked LoRA: {len(adapted)} Linear layers adapted ({masked} of them pruned, masked), "
-            f"{settings.describe()}")
+def _frozen_masks(job: _Job) -> Dict[str, torch.Tensor]:
+    """The pruned weights' masks: the trainer's, or with --lora the frozen model's (job.masks)."""
+    return job.masks if job.plan.lora is not None else job.trainer.masks
 
 
 def _plan_memory(job: _Job) -> None:
@@ -441,8 +451,9 @@ def _plan_memory(job: _Job) -> None:
 def _check_masks_found(job: _Job) -> None:
     """A pruned model whose zeros form no whole block of the asked shape was pruned in another shape: its pruned
     weights would quietly train. Refused (ValueError)."""
-    job.sparsity["before"] = check_sparsity(job.model, verbose=False)
-    if job.args.masks_file is None and not job.trainer.masks and job.sparsity["before"] >= PRUNED_ZEROS:
+    if "before" not in job.sparsity:  # --lora measured it before sharing the teacher's weights
+        job.sparsity["before"] = check_sparsity(job.model, verbose=False)
+    if job.args.masks_file is None and not _frozen_masks(job) and job.sparsity["before"] >= PRUNED_ZEROS:
         bh, bw = job.trainer.block_size
         raise ValueError(
             f"{job.args.model}: {job.sparsity['before']:.2%} of its decoder Linear weights are exactly zero, but not "
@@ -532,8 +543,7 @@ def _train(job: _Job) -> Optional[int]:
                 + ". Rerun the same command to resume.")
         return EXIT_INTERRUPTED
     if job.plan.lora is not None:
-        job.masks = dict(trainer.masks)  # the frozen weights' (the merge is checked against them)
-        return None
+        return None  # job.masks: the frozen weights', which the merge is checked against
     job.masks = trainer.optimizer_masks()  # after a resume, the checkpoint's
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
     return None
@@ -608,12 +618,11 @@ def _adopt_adapters(job: _Job, checkpoint: str) -> None:
         _, tensors, _, _ = lora.read_adapter(job.output_dir / lora.ADAPTER_DIR)
         lora.copy_adapter_weights(lora.adapters_of(job.model), tensors, job.output_dir / lora.ADAPTER_DIR)
         lora.merge_masked_lora(job.model)
-        lora.check_merged(job.model, trainer.masks, trainer.block_size)
+        lora.check_merged(job.model, job.masks, job.lora_block)
     else:
         load_weights(job.model, checkpoint, trainable_only=True)
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
     job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
-    job.masks = dict(trainer.masks)
 
 
 def _write_lora_result(job: _Job, staging: Path) -> None:
@@ -625,7 +634,7 @@ def _write_lora_result(job: _Job, staging: Path) -> None:
     lora.save_adapter(model, staging / lora.ADAPTER_DIR, job.plan.lora,
                       base_model=os.path.abspath(job.args.model) if Path(job.args.model).exists() else job.args.model)
     _, merged = lora.merge_masked_lora(model)
-    checked = lora.check_merged(model, job.masks, job.trainer.block_size)
+    checked = lora.check_merged(model, job.masks, job.lora_block)
     save_model(model, job.tokenizer, staging)
     job.say(f"Merged {merged} adapters: {checked} pruned weights checked, every pruned block exactly zero")
 

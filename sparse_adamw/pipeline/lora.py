@@ -50,7 +50,8 @@ DEFAULT_LEARNING_RATE = 2e-4
 
 def _masked(product: torch.Tensor, block_mask: torch.Tensor, block: Tuple[int, int], scale: float) -> torch.Tensor:
     """product ⊙ M · scale, in place, M expanded from the block mask for this product only."""
-    return product.mul_(expand_block_mask(block_mask, product.shape, block)).mul_(scale)
+    product.mul_(expand_block_mask(block_mask, product.shape, block))
+    return product if scale == 1.0 else product.mul_(scale)
 
 
 class MaskedDelta(torch.autograd.Function):
@@ -77,8 +78,26 @@ class MaskedDelta(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+class MaskedFrozenLinear(torch.autograd.Function):
+    """x (M ⊙ W)ᵀ for a frozen W that holds the dense weights (shared with the teacher): M ⊙ W is made for the
+    product, and again in backward for the gradient of x, never kept."""
+
+    @staticmethod
+    def forward(ctx, x, weight, block_mask, block: Tuple[int, int]):
+        ctx.save_for_backward(weight, block_mask)
+        ctx.block = block
+        return F.linear(x, _masked(weight.clone(), block_mask, block, 1.0))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, block_mask = ctx.saved_tensors
+        return grad_out @ _masked(weight.clone(), block_mask, ctx.block, 1.0).to(grad_out.dtype), None, None, None
+
+
 class MaskedLoRALinear(nn.Module):
-    """A frozen (pruned) Linear with a masked LoRA adapter (see the module docstring)."""
+    """A frozen (pruned) Linear with a masked LoRA adapter (see the module docstring). With `mask_base`, the frozen
+    weight is the dense one (shared with the distillation teacher, share_teacher_weights) and its pruned blocks are
+    masked in each product: the student computes with the pruned weights all the same."""
 
     def __init__(self, base: nn.Linear, mask: torch.Tensor, block_size: BlockSize = 16, r: int = 16,
                  alpha: float = 32.0, dropout: float = 0.0):
@@ -104,6 +123,7 @@ class MaskedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's initialisation of A
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.mask_base = False
         self.train(base.training)  # in the mode of the model it joins (an eval-mode model must not drop out)
 
     def delta(self) -> torch.Tensor:
@@ -111,12 +131,21 @@ class MaskedLoRALinear(nn.Module):
         return _masked(self.lora_B @ self.lora_A, self.block_mask, self.block, self.scale)
 
     def forward(self, x):
-        return self.base(x) + MaskedDelta.apply(self.dropout(x), self.lora_A, self.lora_B, self.block_mask,
-                                                self.block, self.scale)
+        if self.mask_base:
+            base = MaskedFrozenLinear.apply(x, self.base.weight, self.block_mask, self.block)
+            if self.base.bias is not None:
+                base = base + self.base.bias
+        else:
+            base = self.base(x)
+        return base + MaskedDelta.apply(self.dropout(x), self.lora_A, self.lora_B, self.block_mask, self.block,
+                                        self.scale)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """The base Linear with W + Δ as its weight (in place: the adapter is spent)."""
+        """The base Linear with M ⊙ W + Δ as its weight (in place, so a weight shared with the teacher is the merged
+        one afterwards: the adapter and the teacher are spent)."""
+        if self.mask_base:
+            _masked(self.base.weight, self.block_mask, self.block, 1.0)
         self.base.weight.add_(self.delta().to(self.base.weight.dtype))
         return self.base
 
@@ -152,6 +181,53 @@ def add_masked_lora(model: nn.Module, masks: Dict[str, torch.Tensor], block_size
     return adapted
 
 
+@torch.no_grad()
+def share_teacher_weights(student: nn.Module, teacher: nn.Module, masks: Dict[str, torch.Tensor],
+                          block: Tuple[int, int], target_modules: Iterable[str]) -> Optional[str]:
+    """Make the (not yet adapted) student hold the teacher's tensors, one copy for both, where that changes nothing
+    the student computes: every masked weight of the student is the teacher's with the pruned blocks zeroed, and
+    every other tensor is the teacher's, in the same dtype; and the target modules cover every masked weight, so
+    that each is masked on the fly (MaskedLoRALinear.mask_base). Returns None when shared, else why not (the two
+    copies stay)."""
+    targets = set(target_modules)
+    unadapted = [n for n in masks if n.split(".")[-2] not in targets]
+    if unadapted:
+        return f"the target modules leave pruned weights without an adapter, e.g. {unadapted[0]}"
+    theirs = dict(teacher.named_parameters(remove_duplicate=False))
+    ours = dict(student.named_parameters(remove_duplicate=False))
+    if ours.keys() != theirs.keys():
+        return "the teacher's parameters are not named as the student's"
+    for name, p in ours.items():
+        t = theirs[name]
+        if p.shape != t.shape or p.dtype != t.dtype:
+            return f"{name} differs in shape or dtype ({tuple(p.shape)} {p.dtype} vs {tuple(t.shape)} {t.dtype})"
+        expected = _masked(t.detach().clone(), masks[name], block, 1.0) if name in masks else t
+        if not torch.equal(p, expected):
+            return f"the pruned model is not the teacher with blocks zeroed ({name} differs elsewhere)"
+    for module_name, module in student.named_modules():
+        partner = teacher.get_submodule(module_name)
+        for key in list(module._parameters):
+            if module._parameters[key] is not None:
+                module._parameters[key] = partner._parameters[key]
+    return None
+
+
+def prepare(model: nn.Module, teacher: Optional[nn.Module], masks: Dict[str, torch.Tensor], block: Tuple[int, int],
+            settings: LoraSettings, share: bool) -> Tuple[Dict[str, MaskedLoRALinear], Optional[str]]:
+    """The fine-tune's LoRA model: the teacher's weights shared where `share` and share_teacher_weights allows, then
+    the adapters. Returns (adapters, why the weights are not shared, or None when they are)."""
+    why_not = "no teacher" if teacher is None else "--lora_separate_teacher" if not share else \
+        share_teacher_weights(model, teacher, masks, block, settings.target_modules)
+    adapted = add_masked_lora(model, masks, block, target_modules=settings.target_modules, r=settings.r,
+                              alpha=settings.alpha, dropout=settings.dropout)
+    for module in adapted.values():
+        module.mask_base = why_not is None
+    # Recomputed layers get inputs that need no gradient (the embeddings are frozen): make them need one, or the
+    # adapters inside would get none.
+    model.enable_input_require_grads()
+    return adapted, why_not
+
+
 def merge_masked_lora(model: nn.Module) -> Tuple[nn.Module, int]:
     """Replace every MaskedLoRALinear by its merged Linear, in place; returns (model, how many were merged)."""
     merged = 0
@@ -179,6 +255,10 @@ class LoraArguments:
     lora_target_modules: Optional[str] = field(default=None, metadata={"help": (
         "comma-separated names of the Linear layers that get an adapter, or all-linear (default: all-linear, "
         f"{','.join(ALL_LINEAR)})")})
+    lora_separate_teacher: bool = field(default=False, metadata={"help": (
+        "distilling, keep the dense teacher as a second copy of the weights. By default the student and the "
+        "teacher share one copy, the dense one, and the student masks its pruned blocks in each product (the "
+        "same numbers, a model's memory less, a masking pass per layer more)")})
 
 
 @dataclass(frozen=True)
@@ -207,7 +287,8 @@ def resolve(lora: LoraArguments) -> Optional[LoraSettings]:
     --lora."""
     if not lora.lora:
         given = [f"--{name}" for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-                 if getattr(lora, name) is not None]
+                 if getattr(lora, name) is not None] + (["--lora_separate_teacher"] if lora.lora_separate_teacher
+                                                        else [])
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --lora")
         return None
@@ -248,6 +329,34 @@ def adapter_shapes(shapes: Dict[str, Tuple[int, ...]], settings: LoraSettings) -
             out[f"{module}.lora_A"] = (settings.r, shape[1])
             out[f"{module}.lora_B"] = (shape[0], settings.r)
     return out
+
+
+def pruned_masks(model: nn.Module, masks_file: Optional[str], block: Tuple[int, int]) -> Tuple[
+        Dict[str, torch.Tensor], Tuple[int, int]]:
+    """The frozen model's block masks: the prune step's file (its block shape wins), checked against the model, or
+    derived from its all-zero blocks (as SparseTrainer derives them). ValueError for a file made for another model;
+    SparsityViolation for a model nonzero where the file says pruned."""
+    from .trainer import SparsityViolation, linear_block_masks
+
+    if masks_file is None:
+        return linear_block_masks(model, block), block
+    masks, block = load_masks(masks_file)
+    weights = dict(model.named_parameters())
+    leaked = []
+    for name, mask in masks.items():
+        if name not in weights:
+            raise ValueError(f"{masks_file} names {name}, which the model does not have; was it made for another "
+                             "model?")
+        if tuple(mask.shape) != block_grid(weights[name].shape, block):
+            raise ValueError(f"{masks_file}: the mask of {name} has shape {tuple(mask.shape)}, which does not fit "
+                             f"the weight {tuple(weights[name].shape)} in {block[0]}x{block[1]} blocks")
+        n = int(leaked_blocks(weights[name].detach(), mask, block).sum())
+        if n:
+            leaked.append(f"{name}: {n} blocks")
+    if leaked:
+        raise SparsityViolation(f"the model has nonzeros in blocks that {masks_file} marks pruned (is it the model "
+                                "those masks were made for?): " + "; ".join(leaked[:10]))
+    return masks, block
 
 
 # --------------------------------------------------------------------------- the adapter, in PEFT's format
