@@ -22,6 +22,12 @@ These take --batch, --ga and --grad_ckpt. Two more fix their own configuration, 
   plan_bf16_state    the same with bf16 states whatever the params' dtype (the fine-tune's --state_dtype bfloat16)
   plan_no_liger      plan_bf16_state without Liger-Kernel
   plan_distill       plan_bf16_state, distilling from a dense bf16 teacher of the same shape (0.5 LM + 0.5 KL)
+  lora_distill       the fine-tune's --lora, distilled: masked LoRA adapters (rank 16, alpha 32, every decoder
+                     Linear) on the frozen model, SparseAdamW over the adapters (bf16 states), the teacher sharing
+                     the student's weights (the student masks its pruned blocks in each product), micro-batch and
+                     checkpointing from the memory plan. The bench's teacher is the pruned weights themselves: time
+                     and memory do not depend on the values
+  lora               the same on the LM loss alone (no teacher)
 
 Reports tokens/s, forward+backward per micro-step, optimizer.step() (as timed in the loop, its host time
 included, and with that host time overlapped by earlier GPU work), masking per optimizer step (gradients, or
@@ -38,12 +44,13 @@ reapply_bool's weights), and peak memory. Prints a markdown table last and appen
     python benchmarks/bench_finetune.py --shape smollm2 --param_dtype bf16 --batch 8 --ga 1 \
         --contenders sparse_adamw plan plan_no_liger
 
-Every row also gives % of the bf16 matrix rate measured in the same run (an 8192^3 matmul): 6 x parameters x
+Every row also gives % of the bf16 matrix rate measured in the same run (an 8192^3 matmul): 6 (lora: 4) x parameters x
 tokens/s over that rate (attention's own FLOPs are not counted, so this understates the work done).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import statistics
@@ -57,6 +64,7 @@ from common import append_csv, environment, markdown_table, median_ms, prune_ran
 from sparse_adamw import SparseAdamW  # noqa: E402
 from sparse_adamw.masks import expand_block_mask  # noqa: E402
 from sparse_adamw.pipeline.distill import DistillConfig, distill_loss  # noqa: E402
+from sparse_adamw.pipeline.lora import ALL_LINEAR, DEFAULT_ALPHA_PER_R, DEFAULT_R, LoraSettings, prepare  # noqa: E402
 from sparse_adamw.pipeline.memory_plan import (budget_bytes, cap_memory, choose, optimizer_state_bytes,  # noqa: E402
                                                set_checkpointing)
 from sparse_adamw.pipeline.models import liger_supports  # noqa: E402
@@ -70,7 +78,7 @@ def apply_liger(model) -> None:
 
 CONTENDERS = ("torch_fused", "wanda_gradmask", "gradmask_once_bool", "reapply_bool", "sparse_adamw",
               "sparse_adamw_bf16_state",
-              "guide", "plan", "plan_bf16_state", "plan_no_liger", "plan_distill")
+              "guide", "plan", "plan_bf16_state", "plan_no_liger", "plan_distill", "lora", "lora_distill")
 # LlamaConfig fields, and the layer count when --layers is not given
 SHAPES = {
     "llama7b": (dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -117,13 +125,26 @@ class Contender:
         if name == "plan_distill":
             self.teacher = build_model(args.shape, args.layers, torch.bfloat16, False, 0.0, seed=1)[0]
             self.teacher.eval().requires_grad_(False)
-        self.liger = name in ("plan", "plan_bf16_state", "plan_distill") and liger_supports(self.model)
+        if name == "lora_distill":  # one copy of the weights for both: a module tree of its own, the same tensors
+            self.teacher = copy.deepcopy(self.model, memo={id(p): p for p in self.model.parameters()})
+            self.teacher.eval().requires_grad_(False)
+        self.liger = name in ("plan", "plan_bf16_state", "plan_distill", "lora", "lora_distill") and liger_supports(
+            self.model)
         if self.liger:
             apply_liger(self.model)
             if self.teacher is not None:
                 apply_liger(self.teacher)
         params = self.model.parameters()
-        if name.startswith(("sparse_adamw", "plan")):
+        if name.startswith("lora"):
+            names = {p: n for n, p in self.model.named_parameters()}
+            settings = LoraSettings(DEFAULT_R, DEFAULT_ALPHA_PER_R * DEFAULT_R, 0.0, ALL_LINEAR)
+            _, not_shared = prepare(self.model, self.teacher, {names[p]: m for p, m in masks.items()}, (16, 16),
+                                    settings, share=True)
+            assert self.teacher is None or not_shared is None, not_shared
+            masks, state_dtype = {}, torch.bfloat16  # the adapters train, with no masks
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.opt = SparseAdamW(params, lr=2e-4, weight_decay=0.0, state_dtype=state_dtype)
+        elif name.startswith(("sparse_adamw", "plan")):
             # `plan` as the fine-tune defaults: the states take the weights' dtype
             bf16_state = name.endswith("bf16_state") or name in ("plan_no_liger", "plan_distill") or (
                 name == "plan" and dtype == torch.bfloat16)
@@ -133,7 +154,7 @@ class Contender:
             self.opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0, fused=True)
         self.autocast = dtype == torch.float32
         self.plan = None
-        if name.startswith("plan"):
+        if name.startswith(("plan", "lora")):
             self.plan = self._measure_plan(masks, state_dtype)
             self.batch, self.ga = self.plan.chosen.micro_batch, self.plan.gradient_accumulation_steps
             self.grad_ckpt = self.plan.chosen.checkpointing
@@ -228,9 +249,10 @@ class Contender:
         a = self.args
         tokens_per_s = self.ga * self.batch * a.seq / med["step"] * 1e3
         n_params = sum(p.numel() for p in self.model.parameters())
+        flops_per_param = 4 if self.name.startswith("lora") else 6  # frozen weights: no weight gradient
         return dict(contender=self.name, batch=self.batch, ga=self.ga, grad_ckpt=self.grad_ckpt, liger=self.liger,
                     tokens_per_s=round(tokens_per_s),
-                    pct_matrix_rate=round(100 * 6 * n_params * tokens_per_s / (a.tflops * 1e12), 1),
+                    pct_matrix_rate=round(100 * flops_per_param * n_params * tokens_per_s / (a.tflops * 1e12), 1),
                     step_ms=round(med["step"], 1), fwd_bwd_ms=round(med["fwd_bwd"], 1),
                     gradmask_per_step_ms=round(med["mask"], 2), opt_step_ms=round(med["opt"], 2),
                     opt_step_device_ms=round(self.device_ms, 2),
