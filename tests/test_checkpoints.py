@@ -94,9 +94,11 @@ def test_the_plan_counts_the_live_blocks_and_the_dtypes(tiny, tmp_path):
     assert fp32.fits and fp32.free > 0
 
 
-def test_the_plan_is_within_10_percent_of_what_a_run_writes(tiny, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lora", [[], ["--lora", "--lora_r", "4"]], ids=["full", "lora"])
+def test_the_plan_is_within_10_percent_of_what_a_run_writes(tiny, tmp_path, monkeypatch, capsys, lora):
     """The run's real files: a kept checkpoint, the final model, and the folder's size at its peak (measured when
-    the older checkpoint is about to be deleted, beside the newer complete one)."""
+    the older checkpoint is about to be deleted, beside the newer complete one). With --lora the checkpoints hold
+    the adapters only, and the end adds the adapter's folder beside the merged model."""
     out = tmp_path / "out"
     peaks = []
     rotate = checkpoints.rotate_checkpoints
@@ -106,15 +108,17 @@ def test_the_plan_is_within_10_percent_of_what_a_run_writes(tiny, tmp_path, monk
         return rotate(run_dir, keep, newest)
 
     monkeypatch.setattr(checkpoints, "rotate_checkpoints", measured)
-    assert main(_args(tiny, out, "--max_steps", 7, "--save_steps", 2, "--keep_checkpoints")) == 0
+    assert main(_args(tiny, out, "--max_steps", 7, "--save_steps", 2, "--keep_checkpoints", *lora)) == 0
+    peaks.append(checkpoints.folder_size(out))  # the end: the kept checkpoint beside the final model
     text = capsys.readouterr().out
-    planned = re.search(r"Disk plan: at most ([\d.]+) MB", text)
+    planned = re.search(r"Disk plan: at most ([\d.]+) [kMG]?B", text)
     assert planned, text
     report = json.loads((out / "finetune_report.json").read_text())
     plan = report["disk_plan"]
     kept = out / "checkpoint-7"
     checkpoint = sum(p.stat().st_size for p in kept.iterdir())
-    final = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    final = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and kept not in p.parents)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() == bool(lora)
     assert abs(plan["checkpoint_bytes"] - checkpoint) <= 0.1 * checkpoint, (plan, checkpoint)
     assert abs(plan["final_bytes"] - final) <= 0.1 * final, (plan, final)
     assert abs(plan["high_water_bytes"] - max(peaks)) <= 0.1 * max(peaks), (plan, peaks)

@@ -548,6 +548,18 @@ def model_shapes(model: str) -> Dict[str, Tuple[int, ...]]:
     return config_shapes(config)
 
 
+def adapter_shapes(shapes: Dict[str, Tuple[int, ...]], r: int, target_modules) -> Dict[str, Tuple[int, ...]]:
+    """The masked LoRA adapters' parameter shapes (--lora, lora.py) for a model with these parameter shapes: A
+    [r, in] and B [out, r] for each 2-D weight `<...>.<target>.weight`."""
+    out = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(shape) == 2 and parts[-1] == "weight" and len(parts) > 1 and parts[-2] in target_modules:
+            out[f"{'.'.join(parts[:-1])}.lora_A"] = (r, shape[1])
+            out[f"{'.'.join(parts[:-1])}.lora_B"] = (shape[0], r)
+    return out
+
+
 def plan_disk(output_dir, model: Optional[str], *, dtype: torch.dtype, state_dtype: torch.dtype,
               masks_file: Optional[str], world_size: int, mode: Optional[str], save_steps: Optional[int],
               max_steps: Optional[int], keep: Optional[int], checkpoint_at_end: bool, start_step: int = 0,
@@ -556,7 +568,7 @@ def plan_disk(output_dir, model: Optional[str], *, dtype: torch.dtype, state_dty
               adapters: Optional[Dict[str, Tuple[int, ...]]] = None) -> DiskPlan:
     """The disk plan of a fine-tune of `model` (or of a model with these parameter `shapes`; module docstring).
     `mode`: None (one process), "ddp", "sharded" or "fsdp". `adapters`: the shapes of the masked LoRA adapters
-    (lora.adapter_shapes) when only they train: the checkpoints hold them and their state, the end adds them
+    (adapter_shapes) when only they train: the checkpoints hold them and their state, the end adds them
     beside the merged model."""
     from ..masks import load_masks
 
@@ -617,11 +629,8 @@ def disk_plan(plan) -> Optional[DiskPlan]:
     else:
         save_steps = int(save_steps)
     mode = "fsdp" if t.get("fsdp") else None if plan.world_size == 1 else a.data_parallel
-    adapters = None
-    if plan.lora is not None:
-        from .lora import adapter_shapes
-
-        adapters = adapter_shapes(model_shapes(a.model), plan.lora)
+    adapters = None if plan.lora is None else adapter_shapes(model_shapes(a.model), plan.lora.r,
+                                                             plan.lora.target_modules)
     return plan_disk(t["output_dir"], a.model, dtype=resolve_dtype(a.dtype), state_dtype=resolve_dtype(a.state_dtype),
                      masks_file=a.masks_file, world_size=plan.world_size, mode=mode, save_steps=save_steps,
                      max_steps=max_steps, keep=t.get("save_total_limit"), checkpoint_at_end=a.keep_checkpoints,

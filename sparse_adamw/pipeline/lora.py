@@ -318,19 +318,6 @@ def check_combination(settings: LoraSettings, *, fsdp: bool, data_parallel: str)
                          "--data_parallel ddp (or auto)")
 
 
-def adapter_shapes(shapes: Dict[str, Tuple[int, ...]], settings: LoraSettings) -> Dict[str, Tuple[int, ...]]:
-    """The adapters' parameter shapes for a model with these parameter shapes: A [r, in] and B [out, r] for each
-    2-D weight `<...>.<target>.weight` (the disk plan counts them before anything loads)."""
-    out = {}
-    for name, shape in shapes.items():
-        parts = name.split(".")
-        if len(shape) == 2 and parts[-1] == "weight" and len(parts) > 1 and parts[-2] in settings.target_modules:
-            module = ".".join(parts[:-1])
-            out[f"{module}.lora_A"] = (settings.r, shape[1])
-            out[f"{module}.lora_B"] = (shape[0], settings.r)
-    return out
-
-
 def pruned_masks(model: nn.Module, masks_file: Optional[str], block: Tuple[int, int]) -> Tuple[
         Dict[str, torch.Tensor], Tuple[int, int]]:
     """The frozen model's block masks: the prune step's file (its block shape wins), checked against the model, or
