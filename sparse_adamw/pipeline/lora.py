@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -318,6 +318,23 @@ def check_combination(settings: LoraSettings, *, fsdp: bool, data_parallel: str)
                          "--data_parallel ddp (or auto)")
 
 
+def _leaks(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[int, int], source) -> List[str]:
+    """`name: n blocks` for each weight nonzero in blocks `masks` marks pruned; ValueError (naming `source`) for a
+    mask of a weight the model lacks, or of another shape: masks made for another model."""
+    weights = dict(model.named_parameters())
+    leaked = []
+    for name, mask in masks.items():
+        if name not in weights:
+            raise ValueError(f"{source} names {name}, which the model does not have: made for another model?")
+        if tuple(mask.shape) != block_grid(weights[name].shape, block):
+            raise ValueError(f"{source}: the mask of {name} has shape {tuple(mask.shape)}, which does not fit the "
+                             f"weight {tuple(weights[name].shape)} in {block[0]}x{block[1]} blocks")
+        n = int(leaked_blocks(weights[name].detach(), mask.to(weights[name].device), block).sum())
+        if n:
+            leaked.append(f"{name}: {n} blocks")
+    return leaked
+
+
 def pruned_masks(model: nn.Module, masks_file: Optional[str], block: Tuple[int, int]) -> Tuple[
         Dict[str, torch.Tensor], Tuple[int, int]]:
     """The frozen model's block masks: the prune step's file (its block shape wins), checked against the model, or
@@ -328,18 +345,7 @@ def pruned_masks(model: nn.Module, masks_file: Optional[str], block: Tuple[int, 
     if masks_file is None:
         return linear_block_masks(model, block), block
     masks, block = load_masks(masks_file)
-    weights = dict(model.named_parameters())
-    leaked = []
-    for name, mask in masks.items():
-        if name not in weights:
-            raise ValueError(f"{masks_file} names {name}, which the model does not have; was it made for another "
-                             "model?")
-        if tuple(mask.shape) != block_grid(weights[name].shape, block):
-            raise ValueError(f"{masks_file}: the mask of {name} has shape {tuple(mask.shape)}, which does not fit "
-                             f"the weight {tuple(weights[name].shape)} in {block[0]}x{block[1]} blocks")
-        n = int(leaked_blocks(weights[name].detach(), mask, block).sum())
-        if n:
-            leaked.append(f"{name}: {n} blocks")
+    leaked = _leaks(model, masks, block, masks_file)
     if leaked:
         raise SparsityViolation(f"the model has nonzeros in blocks that {masks_file} marks pruned (is it the model "
                                 "those masks were made for?): " + "; ".join(leaked[:10]))
@@ -407,18 +413,10 @@ def load_masked_adapter(model: nn.Module, folder: Union[str, Path]) -> Dict[str,
     weights are nonzero in a block its masks mark pruned, or its masks do not cover the adapted weights) or for
     another model (names or shapes)."""
     settings, tensors, masks, block = read_adapter(folder)
-    weights = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in weights:
-            raise ValueError(f"{folder}: the adapter was saved for another model: it adapts {name}, which this model "
-                             "does not have")
-        if tuple(mask.shape) != block_grid(weights[name].shape, block):
-            raise ValueError(f"{folder}: the mask of {name} has shape {tuple(mask.shape)}, which does not fit the "
-                             f"weight {tuple(weights[name].shape)} in {block[0]}x{block[1]} blocks")
-        leaked = int(leaked_blocks(weights[name].detach(), mask.to(weights[name].device), block).sum())
-        if leaked:
-            raise ValueError(f"{folder}: the adapter was saved for other masks: {name} is nonzero in {leaked} blocks "
-                             "its masks mark pruned (is this the pruned model it was trained on?)")
+    leaked = _leaks(model, masks, block, f"{folder}: the adapter")
+    if leaked:
+        raise ValueError(f"{folder}: the adapter was saved for other masks: the model is nonzero in blocks its masks "
+                         f"mark pruned ({'; '.join(leaked[:3])}; is this the pruned model it was trained on?)")
     adapted = add_masked_lora(model, masks, block, target_modules=settings.target_modules, r=settings.r,
                               alpha=settings.alpha, dropout=settings.dropout)
     unmasked = sorted(name for name in adapted if f"{name}.weight" not in masks)
