@@ -5,6 +5,8 @@ before training."""
 import json
 import re
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from sparse_adamw.masks import MASKS_FILE, load_masks
 from sparse_adamw.pipeline.finetune import main
 from sparse_adamw.pipeline.lora import load_masked_adapter
 
-from finetune_helpers import Finetune, learnable_corpus, pruned_tiny_model, run_finetune, tiny_run_args
+from finetune_helpers import (REPO, Finetune, learnable_corpus, pruned_tiny_model, run_finetune, subprocess_env,
+                              tiny_run_args)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,3 +221,19 @@ def test_a_masks_file_of_another_model_is_refused_before_training(tiny, tmp_path
     assert main(tiny_run_args(model_dir, corpus, tmp_path / "p", "--lora", "--skip_eval", "--masks_file",
                               same / MASKS_FILE)) == 2
     assert "has nonzeros in blocks that" in capsys.readouterr().err
+
+
+def test_plain_lora_s_merge_fills_the_pruned_blocks_in(tiny, tmp_path):
+    """The baseline benchmarks/plain_lora.py measures: PEFT's unmasked LoRA, merged, leaves no pruned block zero,
+    and the merge changes nothing the model computes (so the fill-in is what plain LoRA trained)."""
+    model_dir, _, corpus = tiny
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plain_lora.py"), "--model", str(model_dir),
+                           "--dataset_path", str(corpus), "--block_size", "32", "--output_dir", str(tmp_path / "p"),
+                           "--max_steps", "3", "--micro_batch", "4", "--max_eval_windows", "4",
+                           "--learning_rate", "3e-3"], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 3 and result["pruned_blocks_still_zero"] == 0.0
+    ppl = result["perplexity"]
+    assert ppl["adapted"] != ppl["before"] and ppl["merged"] == pytest.approx(ppl["adapted"], rel=1e-4)
