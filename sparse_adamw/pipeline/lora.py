@@ -55,15 +55,18 @@ def _masked(product: torch.Tensor, block_mask: torch.Tensor, block: Tuple[int, i
 
 
 class MaskedDelta(torch.autograd.Function):
-    """x Δᵀ with Δ = M ⊙ (B·A) · scale, Δ recomputed in backward instead of kept."""
+    """x Δᵀ with Δ = M ⊙ (B·A) · scale, Δ recomputed in backward instead of kept. (custom_fwd/custom_bwd: under
+    autocast the backward recomputes in the forward's dtypes.)"""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, lora_a, lora_b, block_mask, block: Tuple[int, int], scale: float):
         ctx.save_for_backward(x, lora_a, lora_b, block_mask)
         ctx.block, ctx.scale = block, scale
         return F.linear(x, _masked(lora_b @ lora_a, block_mask, block, scale))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, lora_a, lora_b, block_mask = ctx.saved_tensors
         block, scale = ctx.block, ctx.scale
@@ -83,12 +86,14 @@ class MaskedFrozenLinear(torch.autograd.Function):
     product, and again in backward for the gradient of x, never kept."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, block_mask, block: Tuple[int, int]):
         ctx.save_for_backward(weight, block_mask)
         ctx.block = block
         return F.linear(x, _masked(weight.clone(), block_mask, block, 1.0))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         weight, block_mask = ctx.saved_tensors
         return grad_out @ _masked(weight.clone(), block_mask, ctx.block, 1.0).to(grad_out.dtype), None, None, None
