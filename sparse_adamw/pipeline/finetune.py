@@ -339,25 +339,7 @@ def _load(job: _Job) -> None:
         with timed(job.timings, "load_teacher_s"):
             job.teacher, _ = load_model(args.teacher, "cpu", args.dtype if job.plan.on_cpu else "bfloat16")
     if job.plan.lora is not None:
-        _prepare_lora(job)
-
-
-def _prepare_lora(job: _Job) -> None:
-    """--lora, on the CPU before anything is placed: the frozen model's masks and sparsity, the teacher's weights
-    shared with it where they can be (one copy on the GPU), then the adapters."""
-    args = job.args
-    job.masks, job.lora_block = lora.pruned_masks(job.model, args.masks_file, job.prune_block)
-    job.sparsity["before"] = check_sparsity(job.model, verbose=False)
-    job.pruned_blocks["before"] = pruned_fraction(job.model, job.masks, job.lora_block)
-    adapted, not_shared = lora.prepare(job.model, job.teacher, job.masks, job.lora_block, job.plan.lora,
-                                       share=not args.lora_args.lora_separate_teacher)
-    masked = sum(f"{name}.weight" in job.masks for name in adapted)
-    job.say(f"Masked LoRA: {len(adapted)} Linear layers adapted ({masked} of them pruned, masked), "
-            f"{job.plan.lora.describe()}")
-    if job.teacher is not None:
-        job.say("Masked LoRA: the student and the teacher share one copy of the dense weights (the student masks its "
-                "pruned blocks in each product)" if not_shared is None else
-                f"Masked LoRA: the teacher is a second copy of the weights ({not_shared})")
+        lora.prepare_job(job)
 
 
 def _write_teacher_text(job: _Job) -> None:
@@ -593,7 +575,7 @@ def _adopt_checkpoint(job: _Job) -> None:
     else:
         job.say(f"{checkpoint} holds all {job.plan.status.resume_step} steps: finishing the run from it")
     if job.plan.lora is not None:
-        _adopt_adapters(job, checkpoint)
+        lora.adopt_checkpoint(job, checkpoint)
         return
     load_weights(job.model, checkpoint)
     params = dict(job.model.named_parameters())
@@ -605,38 +587,6 @@ def _adopt_checkpoint(job: _Job) -> None:
     job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
     job.masks = dict(trainer.masks)
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
-
-
-def _adopt_adapters(job: _Job, checkpoint: str) -> None:
-    """--lora: the adapters of a checkpoint that holds every step; or, when the merged model is in place already,
-    the adapter saved beside it, merged again (the same sums, so the same weights)."""
-    from transformers import TrainerState
-    from transformers.trainer_utils import TrainOutput
-
-    trainer = job.trainer
-    if Path(checkpoint) == job.output_dir:
-        _, tensors, _, _ = lora.read_adapter(job.output_dir / lora.ADAPTER_DIR)
-        lora.copy_adapter_weights(lora.adapters_of(job.model), tensors, job.output_dir / lora.ADAPTER_DIR)
-        lora.merge_masked_lora(job.model)
-        lora.check_merged(job.model, job.masks, job.lora_block)
-    else:
-        load_weights(job.model, checkpoint, trainable_only=True)
-    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
-    job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
-
-
-def _write_lora_result(job: _Job, staging: Path) -> None:
-    """--lora, main process: the adapter in PEFT's format (staging/adapter), then the merged model, checked: every
-    pruned block exactly zero."""
-    from .models import save_model
-
-    model = job.trainer.accelerator.unwrap_model(job.trainer.model)
-    lora.save_adapter(model, staging / lora.ADAPTER_DIR, job.plan.lora,
-                      base_model=os.path.abspath(job.args.model) if Path(job.args.model).exists() else job.args.model)
-    _, merged = lora.merge_masked_lora(model)
-    checked = lora.check_merged(model, job.masks, job.lora_block)
-    save_model(model, job.tokenizer, staging)
-    job.say(f"Merged {merged} adapters: {checked} pruned weights checked, every pruned block exactly zero")
 
 
 def _save(job: _Job) -> Optional[int]:
@@ -653,7 +603,7 @@ def _save(job: _Job) -> Optional[int]:
         with timed(job.timings, "save_s"):
             if job.plan.lora is not None:
                 if job.main:
-                    _write_lora_result(job, staging)
+                    lora.write_result(job, staging)
             elif not job.plan.status.trained:
                 job.trainer.save_model(str(staging))
             elif job.main:  # adopted from a checkpoint: a plain model, never wrapped

@@ -462,3 +462,58 @@ def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[
     if bad:
         raise SparsityViolation("the merged model is nonzero in pruned blocks: " + "; ".join(bad[:5]))
     return len(masks)
+
+
+# ------------------------------------------------------------------- the fine-tune's steps (finetune.py's _Job)
+def prepare_job(job) -> None:
+    """--lora, on the CPU before anything is placed: the frozen model's masks and sparsity, the teacher's weights
+    shared with it where they can be (one copy on the GPU), then the adapters."""
+    from ..sparsity import check_sparsity, pruned_fraction
+
+    job.masks, job.lora_block = pruned_masks(job.model, job.args.masks_file, job.prune_block)
+    job.sparsity["before"] = check_sparsity(job.model, verbose=False)
+    job.pruned_blocks["before"] = pruned_fraction(job.model, job.masks, job.lora_block)
+    settings = job.plan.lora
+    adapted, not_shared = prepare(job.model, job.teacher, job.masks, job.lora_block, settings,
+                                  share=not job.args.lora_args.lora_separate_teacher)
+    masked = sum(f"{name}.weight" in job.masks for name in adapted)
+    job.say(f"Masked LoRA: {len(adapted)} Linear layers adapted ({masked} of them pruned, masked), "
+            f"{settings.describe()}")
+    if job.teacher is not None:
+        job.say("Masked LoRA: the student and the teacher share one copy of the dense weights (the student masks its "
+                "pruned blocks in each product)" if not_shared is None else
+                f"Masked LoRA: the teacher is a second copy of the weights ({not_shared})")
+
+
+def adopt_checkpoint(job, checkpoint: str) -> None:
+    """A checkpoint that holds every step: its adapters; or, when the merged model is in place already, the adapter
+    saved beside it, merged again (the same sums, so the same weights)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from .run_folder import TRAINER_STATE, load_weights
+
+    if Path(checkpoint) == job.output_dir:
+        folder = job.output_dir / ADAPTER_DIR
+        _, tensors, _, _ = read_adapter(folder)
+        copy_adapter_weights(adapters_of(job.model), tensors, folder)
+        merge_masked_lora(job.model)
+        check_merged(job.model, job.masks, job.lora_block)
+    else:
+        load_weights(job.model, checkpoint, trainable_only=True)
+    job.trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    job.result, job.timings["train_s"] = TrainOutput(job.trainer.state.global_step, None, {}), 0.0
+
+
+def write_result(job, staging: Path) -> None:
+    """The main process's end: the adapter in PEFT's format (staging/adapter), then the merged model, checked: every
+    pruned block exactly zero."""
+    from .models import save_model
+
+    model = job.trainer.accelerator.unwrap_model(job.trainer.model)
+    base = str(Path(job.args.model).resolve()) if Path(job.args.model).exists() else job.args.model
+    save_adapter(model, staging / ADAPTER_DIR, job.plan.lora, base_model=base)
+    _, merged = merge_masked_lora(model)
+    checked = check_merged(model, job.masks, job.lora_block)
+    save_model(model, job.tokenizer, staging)
+    job.say(f"Merged {merged} adapters: {checked} pruned weights checked, every pruned block exactly zero")
