@@ -713,13 +713,15 @@ def test_a_real_sigterm_outside_training_exits_130_with_one_line(tiny, tmp_path)
     _real_signal_outside_training(tiny, tmp_path, signal.SIGTERM)
 
 
-@pytest.mark.parametrize("distill, data_parallel", [(False, "ddp"), (True, "ddp"), (False, "sharded")],
-                         ids=["lm", "distilled", "sharded"])
-def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_llama, distill, data_parallel):
+@pytest.mark.parametrize("distill, data_parallel, lora", [(False, "ddp", False), (True, "ddp", False),
+                                                          (False, "sharded", False), (True, "ddp", True)],
+                         ids=["lm", "distilled", "sharded", "lora_distilled"])
+def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_llama, distill, data_parallel, lora):
     """DDP over gloo, 2 processes x accumulation 2 against 1 process x accumulation 4: the same 4 sequences per
     step (accelerate deals the sampler's batches out round-robin), so the losses agree to fp32 summation order.
     Distilled, each rank holds its own teacher and the loss is normalized over both ranks' tokens. The sharded step
     (ShardedSparseAdamW over gloo) the same way, through the whole command: the final model saved from its buffer.
+    Masked LoRA (--lora, no dropout), distilled with the teacher's weights shared, the same way: its merged model.
 
     Tolerance: the two runs differ only in how the gradient sums are associated (two half-sums all-reduced
     against one running sum), a relative difference of ~1e-7 per step that Adam carries forward; 1e-4 relative on
@@ -727,10 +729,14 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_l
     """
     model_dir, masks, corpus = tiny
     common = ["--max_steps", 6, "--skip_eval", "--logging_steps", 1, "--max_train_samples", 64]
+    if lora:
+        common += ["--lora", "--lora_dropout", 0]
     if distill:
         from pipeline_helpers import save_tiny_model, tiny_tokenizer
 
-        common += ["--teacher", save_tiny_model(tmp_path / "teacher", tiny_llama(seed=1), tiny_tokenizer()),
+        # --lora: the dense parent (tiny_llama's seed 0, which the fixture pruned), whose weights the student shares
+        teacher = tiny_llama(seed=0 if lora else 1)
+        common += ["--teacher", save_tiny_model(tmp_path / "teacher", teacher, tiny_tokenizer()),
                    "--distill_alpha", 0.7]
     single = subprocess.run(
         [sys.executable, "-m", "sparse_adamw.pipeline.finetune",
@@ -751,6 +757,7 @@ def test_two_processes_through_torchrun_match_one_process(tiny, tmp_path, tiny_l
     assert (report["sharded_step_buffer_bytes"] or 0) > 0 if data_parallel == "sharded" else (
         report["sharded_step_buffer_bytes"] is None)
     assert ("Distillation: 0.7 x KL" in ddp.stdout) == distill
+    assert ("share one copy of the dense weights" in ddp.stdout) == lora
     one, two = _losses(single.stdout), _losses(ddp.stdout)
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 7))
     for (step, a), (_, b) in zip(one, two):
