@@ -327,7 +327,8 @@ def main():
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     append_csv(args.csv, rows)
     print()
-    print(f"{env['gpu']} (host: {env['host_cpu']}), torch {env['torch']}, triton {env['triton']}; {args.shape} dims, {args.layers} layers, "
+    print(f"{env['gpu']} (host: {env['host_cpu']}), torch {env['torch']}, triton {env['triton']}; {args.shape} dims, "
+          f"{args.layers} layers, "
           f"{args.param_dtype} params, seq {args.seq}, {args.sparsity:.0%} of 16x16 blocks pruned; cap "
           f"{args.max_memory_gb or 'none'} GiB; bf16 matrix rate {args.tflops:.0f} TFLOP/s")
     print(markdown_table(rows, ["contender", "batch", "ga", "grad_ckpt", "liger", "tokens_per_s", "pct_matrix_rate",

@@ -113,7 +113,8 @@ def write_report(job, tokens_per_s: Optional[float]) -> None:
                           "by_kind": job.held_out_perplexity},
         "teacher_text": job.teacher_text,
         # --lora: the adapters, and where their PEFT-format copy is (the output folder holds the merged model)
-        "lora": None if plan.lora is None else {**plan.lora.as_dict(), "adapter": str(job.output_dir / lora.ADAPTER_DIR)},
+        "lora": None if plan.lora is None else {**plan.lora.as_dict(),
+                                                "adapter": str(job.output_dir / lora.ADAPTER_DIR)},
         "memory_plan": None if job.memory is None else {
             "micro_batch": job.memory.chosen.micro_batch, "gradient_checkpointing": job.memory.chosen.checkpointing,
             "gradient_accumulation_steps": job.memory.gradient_accumulation_steps, "budget_bytes": job.memory.budget,
