@@ -189,7 +189,7 @@ def test_an_adapter_saved_for_other_masks_is_refused(tiny, tmp_path, tiny_llama)
     (["--lora", "--lora_r", "0"], "--lora_r must be at least 1"),
     (["--lora", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
     (["--lora", "--lora_alpha", "0"], "--lora_alpha must be positive"),
-    (["--lora", "--fsdp"], "--fsdp would shard the frozen weights"),
+    (["--lora", "--fsdp"], "--lora does not run under --fsdp"),
 ])
 def test_flags_a_lora_run_cannot_take_are_refused_before_anything_loads(tiny, tmp_path, capsys, flags, message):
     model_dir, _, corpus = tiny
@@ -237,3 +237,17 @@ def test_plain_lora_s_merge_fills_the_pruned_blocks_in(tiny, tmp_path):
     assert result["steps"] == 3 and result["pruned_blocks_still_zero"] == 0.0
     ppl = result["perplexity"]
     assert ppl["adapted"] != ppl["before"] and ppl["merged"] == pytest.approx(ppl["adapted"], rel=1e-4)
+
+
+def test_lora_takes_ddp_and_refuses_the_sharded_step():
+    from sparse_adamw.pipeline.finetune_config import _split, build_parser, resolve_arguments
+
+    def resolve(*flags):
+        args, training = _split(build_parser().parse_args(["--model", "m", "--lora", *flags]))
+        return resolve_arguments(args, training, cuda_available=True, bf16_supported=True, world_size=2)
+
+    with pytest.raises(ValueError, match="the sharded step has nothing to share"):
+        resolve("--data_parallel", "sharded")
+    plan = resolve()
+    assert plan.args.data_parallel == "ddp" and plan.lora.r == 16 and plan.training["learning_rate"] == 2e-4
+    assert plan.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

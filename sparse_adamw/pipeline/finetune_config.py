@@ -299,7 +299,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     _resolve_generated(args, on_cpu)
     adapters = lora.resolve(args.lora_args)
     if adapters is not None:
-        lora.check_combination(adapters, fsdp=bool(training.get("fsdp")), data_parallel=args.data_parallel)
+        lora.check_combination(fsdp=bool(training.get("fsdp")), data_parallel=args.data_parallel)
         if training["learning_rate"] is None:
             training["learning_rate"] = lora.DEFAULT_LEARNING_RATE
     given = {"per_device_train_batch_size": training.get("per_device_train_batch_size"),

@@ -313,11 +313,12 @@ def resolve(lora: LoraArguments) -> Optional[LoraSettings]:
     return LoraSettings(r, float(alpha), float(dropout), tuple(targets))
 
 
-def check_combination(settings: LoraSettings, *, fsdp: bool, data_parallel: str) -> None:
+def check_combination(*, fsdp: bool, data_parallel: str) -> None:
     """Flags a LoRA run cannot take: ValueError, before anything loads."""
     if fsdp:
-        raise ValueError("--lora trains adapters of a few MB on a frozen model: --fsdp would shard the frozen "
-                         "weights for nothing. Run it without --fsdp (DDP under torchrun)")
+        raise ValueError("--lora does not run under --fsdp: its masked products are not written for sharded "
+                         "weights, and its merge needs each weight whole. Run it without --fsdp: one GPU holds the "
+                         "frozen weights once (shared with the teacher), and torchrun runs DDP")
     if data_parallel == "sharded":
         raise ValueError("--lora steps adapters of a few MB: the sharded step has nothing to share. Use "
                          "--data_parallel ddp (or auto)")
