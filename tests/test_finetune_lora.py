@@ -251,3 +251,7 @@ def test_lora_takes_ddp_and_refuses_the_sharded_step():
     plan = resolve()
     assert plan.args.data_parallel == "ddp" and plan.lora.r == 16 and plan.training["learning_rate"] == 2e-4
     assert plan.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # The packaged model (the offline default, here on the CPU) takes its measured rate.
+    args, training = _split(build_parser().parse_args(["--lora"]))
+    plan = resolve_arguments(args, training, cuda_available=False, bf16_supported=False, world_size=1)
+    assert plan.cpu_default and plan.training["learning_rate"] == 1e-3

@@ -301,7 +301,8 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     if adapters is not None:
         lora.check_combination(fsdp=bool(training.get("fsdp")), data_parallel=args.data_parallel)
         if training["learning_rate"] is None:
-            training["learning_rate"] = lora.DEFAULT_LEARNING_RATE
+            packaged = args.model == str(default_pruned_model())
+            training["learning_rate"] = lora.PACKAGED_LEARNING_RATE if packaged else lora.DEFAULT_LEARNING_RATE
     given = {"per_device_train_batch_size": training.get("per_device_train_batch_size"),
              "gradient_accumulation_steps": training.get("gradient_accumulation_steps"),
              "gradient_checkpointing": next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None),

@@ -45,7 +45,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 DEFAULT_R = 16
 DEFAULT_ALPHA_PER_R = 2.0  # alpha = 2 r: scale 2, a common choice
 DEFAULT_DROPOUT = 0.05
-DEFAULT_LEARNING_RATE = 2e-4
+DEFAULT_LEARNING_RATE = 2e-4  # your own model: the common LoRA rate
+PACKAGED_LEARNING_RATE = 1e-3  # the packaged model: measured at the CPU demo's size (benchmarks/RESULTS.md)
 
 
 def _masked(product: torch.Tensor, block_mask: torch.Tensor, block: Tuple[int, int], scale: float) -> torch.Tensor:
