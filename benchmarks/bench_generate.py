@@ -4,6 +4,8 @@ Random-init models of the packaged SmolLM2-135M's shape and of LLaMA-2-7B's (bf1
 weights), prompts of 16 random tokens continued to 1024 tokens, as the fine-tune does it (teacher_text.generate:
 static KV cache, equal batches, the batch sized from the free memory), once with the decoding step compiled
 (transformers' torch.compile of a static-cache generate, CUDA graphs) and once eager. Times include compilation.
+At the 135M shape (grouped-query attention, 9 query heads on 3 KV heads) a third run decodes eagerly with
+transformers' own SDPA attention instead of teacher_text's packed one (teacher_text.PACK_GQA_DECODING off).
 
     python benchmarks/bench_generate.py --json results.json
     python benchmarks/bench_generate.py --sizes 135m --tokens 1000000
@@ -68,12 +70,16 @@ def main() -> int:
             n = -(-args.tokens // (args.length - args.prompt))
         else:
             n = args.batches_7b * teacher_text.batch_for(model.config, args.length, 2, free, 10**6)
-        for compile in (True, False):
+        grouped = model.config.num_key_value_heads < model.config.num_attention_heads
+        for compile, packed in ((True, True), (False, True)) + (((False, False),) if grouped else ()):
+            teacher_text.PACK_GQA_DECODING = packed
             started = time.perf_counter()
-            run = {"shape": shape, **measure(model, n, args.length, args.prompt, compile)}
+            run = {"shape": shape, "attention": "packed GQA" if packed and grouped else "transformers' SDPA",
+                   **measure(model, n, args.length, args.prompt, compile)}
             run["wall_s"] = round(time.perf_counter() - started, 2)
             print(json.dumps(run), flush=True)
             results["runs"].append(run)
+        teacher_text.PACK_GQA_DECODING = True
         del model
         torch.cuda.empty_cache()
     print(json.dumps(results, indent=1))

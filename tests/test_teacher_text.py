@@ -187,3 +187,27 @@ def test_replace_share_writes_the_share_keeps_it_and_leaves_the_random_state_alo
         output_dir=tmp_path / "out", device=torch.device("cpu"), max_memory_gb=None, rank=0, world_size=1,
         say=lambda _: None)["reused"] is True
     assert torch.equal(again, train)
+
+
+def test_decoding_runs_grouped_query_heads_packed_as_sdpa_would_run_them(tiny_llama):
+    """packed_gqa_attention against transformers' SDPA attention (which repeats each KV head for its query heads)
+    on a decoding step's shapes with a static cache's mask; generate uses it (the greedy test above checks what it
+    writes), and puts the model's attention back afterwards."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = _model(tiny_llama)
+    assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads == 2
+    attention = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((4, 1), (2, 11), (2, 11)))
+    mask = torch.arange(11)[None, None, None, :] <= torch.tensor([3, 7, 10])[:, None, None, None]  # filled so far
+    reference, _ = sdpa_attention_forward(attention, q, k, v, mask, scaling=0.25)
+    packed, _ = teacher_text.packed_gqa_attention(attention, q, k, v, mask, scaling=0.25)
+    assert packed.shape == reference.shape == (3, 1, 4, 16)
+    torch.testing.assert_close(packed, reference, rtol=1e-6, atol=1e-6)
+
+    seen = []
+    attention.register_forward_hook(lambda module, args, out: seen.append(module.config._attn_implementation))
+    teacher_text.generate(model, torch.randint(0, 256, (2, 4), generator=g), 9, TextSettings(1.0), seed=0, batch=2,
+                          compile=False, say=lambda _: None)
+    assert seen and set(seen) == {teacher_text.PACKED_GQA} and model.config._attn_implementation == "sdpa"

@@ -19,6 +19,10 @@ its own samples carry that over: a share of the training sequences is written by
   same key reads them back instead of generating again; any other key generates afresh (the settings are also in
   run_config.json, where a changed one refuses a resume like any other flag that changes the result).
 - The same seed, teacher, prompts, batch size and machine give the same text.
+- Grouped-query attention (the 135M teacher has 9 query heads on 3 KV heads): transformers before 5.25 repeats
+  each KV head for its query heads at every decoding step, under a static cache's mask, which at a batch of ~1000
+  writes and reads ~70 GB a step for the 135M teacher. Decoding here runs the query heads that share a KV head as
+  that head's query positions instead (PACKED_GQA, as transformers 5.25 does itself): the same products, no copy.
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ import gc
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -120,6 +125,58 @@ def _release(model) -> None:
         torch.cuda.empty_cache()
 
 
+PACKED_GQA = "sparse_adamw_packed_gqa"  # the attention implementation decoding registers and uses
+PACK_GQA_DECODING = True  # benchmarks/bench_generate.py turns it off to time transformers' own SDPA beside it
+
+
+def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         **kwargs):
+    """transformers' SDPA attention, except for one query token under grouped-query attention: the query heads
+    [b, heads, 1, d] become [b, kv_heads, heads / kv_heads, d], the KV heads' query positions, so no KV head is
+    repeated. Returns ([b, 1, heads, d], None), as transformers' attention functions do."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q_len, d = query.shape
+    if q_len != 1 or groups == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+        if mask.shape[1] != 1:  # a mask per query head: per (KV head, group) likewise
+            mask = mask.reshape(b, heads // groups, groups, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, heads // groups, groups, d), key, value, attn_mask=mask,
+        dropout_p=dropout if module.training else 0.0, scale=scaling)
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _register_packed_gqa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_GQA, sdpa_mask)  # the masks SDPA takes
+
+
+@contextmanager
+def packed_gqa(model) -> Iterator[None]:
+    """Within the block, a model on SDPA attention with grouped-query attention decodes with PACKED_GQA."""
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    grouped = getattr(config, "num_key_value_heads", None) not in (None, getattr(config, "num_attention_heads", None))
+    if not PACK_GQA_DECODING or previous != "sdpa" or not grouped:
+        yield
+        return
+    _register_packed_gqa()
+    config._attn_implementation = PACKED_GQA
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 @torch.no_grad()
 def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int,
            compile: bool) -> torch.Tensor:
@@ -128,11 +185,12 @@ def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k:
     torch.manual_seed(seed)
     new = length - prompts.shape[1]
     eos = model.generation_config.eos_token_id
-    out = model.generate(
-        prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=top_k,
-        top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
-        cache_implementation="static", disable_compile=not compile, num_beams=1,
-        pad_token_id=eos[0] if isinstance(eos, list) else eos)
+    with packed_gqa(model):
+        out = model.generate(
+            prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=top_k,
+            top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
+            cache_implementation="static", disable_compile=not compile, num_beams=1,
+            pad_token_id=eos[0] if isinstance(eos, list) else eos)
     return out[:, :length]
 
 
