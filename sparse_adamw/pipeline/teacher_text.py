@@ -20,9 +20,9 @@ its own samples carry that over: a share of the training sequences is written by
   run_config.json, where a changed one refuses a resume like any other flag that changes the result).
 - The same seed, teacher, prompts, batch size and machine give the same text.
 - Grouped-query attention (the 135M teacher has 9 query heads on 3 KV heads): transformers before 5.25 repeats
-  each KV head for its query heads at every decoding step, under a static cache's mask, which at a batch of ~1000
-  writes and reads ~70 GB a step for the 135M teacher. Decoding here runs the query heads that share a KV head as
-  that head's query positions instead (PACKED_GQA, as transformers 5.25 does itself): the same products, no copy.
+  each KV head for its query heads at every decoding step under a static cache's mask. Decoding here runs the
+  query heads that share a KV head as that head's query positions instead (PACKED_GQA, as transformers 5.25 does
+  itself): the same products, no copy; 1.05x on an H100 (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
