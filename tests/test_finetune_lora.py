@@ -17,6 +17,7 @@ from sparse_adamw.masks import MASKS_FILE, load_masks
 from sparse_adamw.pipeline.finetune import main
 from sparse_adamw.pipeline.lora import load_masked_adapter
 
+from tests.utils import kron_mask
 from finetune_helpers import (REPO, Finetune, learnable_corpus, pruned_tiny_model, run_finetune, subprocess_env,
                               tiny_run_args)
 
@@ -32,8 +33,8 @@ def tiny(tmp_path, tiny_llama):
     return model_dir, masks, learnable_corpus(tmp_path / "corpus.txt")
 
 
-def _elementwise(block_mask, shape, block=16):
-    return np.kron(block_mask.numpy().astype(np.float32), np.ones((block, block), np.float32))[:shape[0], :shape[1]]
+def _elementwise(block_mask, shape):
+    return kron_mask(block_mask, shape).astype(np.float32)
 
 
 def _expected_merge(model_dir, out, masks):

@@ -11,11 +11,11 @@ from torch import nn
 
 from sparse_adamw.pipeline.lora import MaskedLoRALinear, add_masked_lora, merge_masked_lora
 
+from tests.utils import kron_mask
+
 
 def _kron_mask(block_mask, shape, bh, bw):
-    """The elementwise mask of a block mask, by a Kronecker product with a block of ones (cut at the edges)."""
-    full = np.kron(block_mask.numpy().astype(np.float64), np.ones((bh, bw)))
-    return torch.from_numpy(full[: shape[0], : shape[1]])
+    return torch.from_numpy(kron_mask(block_mask, shape, bh, bw))
 
 
 def _pruned_linear(rows, cols, bh, bw, seed):

@@ -1,6 +1,7 @@
 """Shared test helpers."""
 import time
 
+import numpy as np
 import torch
 
 
@@ -50,3 +51,10 @@ def spawn_ranks(fn, args=(), nprocs=2, timeout=900):
                 process.join(timeout=30)
             raise AssertionError(f"gave up after {timeout} s: rank(s) {stuck} of {nprocs} running "
                                  f"{getattr(fn, '__name__', fn)} had not finished (killed)")
+
+
+def kron_mask(block_mask, shape, bh=16, bw=16) -> np.ndarray:
+    """The elementwise mask of a block mask, by a Kronecker product with a block of ones (cut at the edges): an
+    oracle sharing no code with sparse_adamw.masks.expand_block_mask."""
+    full = np.kron(block_mask.numpy().astype(np.float64), np.ones((bh, bw)))
+    return full[: shape[0], : shape[1]]

@@ -575,18 +575,19 @@ def _adopt_checkpoint(job: _Job) -> None:
     else:
         job.say(f"{checkpoint} holds all {job.plan.status.resume_step} steps: finishing the run from it")
     if job.plan.lora is not None:
-        lora.adopt_checkpoint(job, checkpoint)
-        return
-    load_weights(job.model, checkpoint)
-    params = dict(job.model.named_parameters())
-    leaked = [name for name, mask in trainer.masks.items() if bool(leaked_blocks(params[name], mask,
-                                                                                 trainer.block_size).any())]
-    if leaked:
-        raise SparsityViolation(f"{checkpoint}: pruned blocks are nonzero in {leaked[:3]}")
+        lora.adopt_adapters(job, checkpoint)
+    else:
+        load_weights(job.model, checkpoint)
+        params = dict(job.model.named_parameters())
+        leaked = [name for name, mask in trainer.masks.items() if bool(leaked_blocks(params[name], mask,
+                                                                                     trainer.block_size).any())]
+        if leaked:
+            raise SparsityViolation(f"{checkpoint}: pruned blocks are nonzero in {leaked[:3]}")
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
     job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
-    job.masks = dict(trainer.masks)
-    job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
+    if job.plan.lora is None:  # --lora: job.masks are the frozen weights', checked at the merge
+        job.masks = dict(trainer.masks)
+        job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
 
 
 def _save(job: _Job) -> Optional[int]:

@@ -455,14 +455,9 @@ def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[
     otherwise). Returns how many weights were checked."""
     from .trainer import SparsityViolation
 
-    weights = dict(model.named_parameters())
-    bad = []
-    for name, mask in masks.items():
-        n = int(leaked_blocks(weights[name].detach(), mask.to(weights[name].device), block).sum())
-        if n:
-            bad.append(f"{name}: {n} blocks")
-    if bad:
-        raise SparsityViolation("the merged model is nonzero in pruned blocks: " + "; ".join(bad[:5]))
+    leaked = _leaks(model, masks, block, "the merged model's masks")
+    if leaked:
+        raise SparsityViolation("the merged model is nonzero in pruned blocks: " + "; ".join(leaked[:5]))
     return len(masks)
 
 
@@ -487,13 +482,10 @@ def prepare_job(job) -> None:
                 f"Masked LoRA: the teacher is a second copy of the weights ({not_shared})")
 
 
-def adopt_checkpoint(job, checkpoint: str) -> None:
-    """A checkpoint that holds every step: its adapters; or, when the merged model is in place already, the adapter
-    saved beside it, merged again (the same sums, so the same weights)."""
-    from transformers import TrainerState
-    from transformers.trainer_utils import TrainOutput
-
-    from .run_folder import TRAINER_STATE, load_weights
+def adopt_adapters(job, checkpoint: str) -> None:
+    """The adapters of a checkpoint that holds every step; or, when the merged model is in place already, the adapter
+    saved beside it, merged again (the same sums, so the same weights). finetune.py takes the trainer state."""
+    from .run_folder import load_weights
 
     if Path(checkpoint) == job.output_dir:
         folder = job.output_dir / ADAPTER_DIR
@@ -503,8 +495,6 @@ def adopt_checkpoint(job, checkpoint: str) -> None:
         check_merged(job.model, job.masks, job.lora_block)
     else:
         load_weights(job.model, checkpoint, trainable_only=True)
-    job.trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
-    job.result, job.timings["train_s"] = TrainOutput(job.trainer.state.global_step, None, {}), 0.0
 
 
 def write_result(job, staging: Path) -> None:
