@@ -2,13 +2,13 @@
 
 Random-init models of the packaged SmolLM2-135M's shape and of LLaMA-2-7B's (bf16; speed does not depend on the
 weights), prompts of 16 random tokens continued to 1024 tokens, as the fine-tune does it (teacher_text.generate:
-static KV cache, equal batches, the batch sized from the free memory), once with the decoding step compiled
-(transformers' torch.compile of a static-cache generate, CUDA graphs) and once eager. Times include compilation.
-At the 135M shape (grouped-query attention, 9 query heads on 3 KV heads) a third run decodes eagerly with
-transformers' own SDPA attention instead of teacher_text's packed one (teacher_text.PACK_GQA_DECODING off).
+static KV cache, equal batches, the batch sized from the free memory), with each decoder of --decoders: `ours`,
+teacher_text.decode (the fine-tune's: a loop of the model's forwards, attention over the written positions only,
+sampling over the top k); `generate`, transformers' generate, eager; `compiled`, transformers' generate with its
+decoding step compiled (CUDA graphs). Times include compilation.
 
     python benchmarks/bench_generate.py --json results.json
-    python benchmarks/bench_generate.py --sizes 135m --tokens 1000000
+    python benchmarks/bench_generate.py --sizes 135m --tokens 1000000 --decoders ours,generate
 """
 import argparse
 import json
@@ -59,6 +59,8 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--batches_7b", type=int, default=1, help="batches to write at the 7B shape")
+    parser.add_argument("--decoders", default="ours,generate,compiled",
+                        help="comma-separated: ours (teacher_text.decode), generate (transformers', eager), compiled")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -70,16 +72,15 @@ def main() -> int:
             n = -(-args.tokens // (args.length - args.prompt))
         else:
             n = args.batches_7b * teacher_text.batch_for(model.config, args.length, 2, free, 10**6)
-        grouped = model.config.num_key_value_heads < model.config.num_attention_heads
-        for compile, packed in ((True, True), (False, True)) + (((False, False),) if grouped else ()):
-            teacher_text.PACK_GQA_DECODING = packed
+        for decoder in args.decoders.split(","):
+            teacher_text.OWN_DECODING = decoder == "ours"
             started = time.perf_counter()
-            run = {"shape": shape, "attention": "packed GQA" if packed and grouped else "transformers' SDPA",
-                   **measure(model, n, args.length, args.prompt, compile)}
+            run = {"shape": shape, "decoder": decoder, **measure(model, n, args.length, args.prompt,
+                                                                 compile=decoder == "compiled")}
             run["wall_s"] = round(time.perf_counter() - started, 2)
             print(json.dumps(run), flush=True)
             results["runs"].append(run)
-        teacher_text.PACK_GQA_DECODING = True
+        teacher_text.OWN_DECODING = True
         del model
         torch.cuda.empty_cache()
     print(json.dumps(results, indent=1))

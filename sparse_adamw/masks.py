@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -90,6 +90,29 @@ def leaked_blocks(weight: torch.Tensor, mask: torch.Tensor, block_size: BlockSiz
     a DTensor, in this rank's rows."""
     nonzero = nonzero_blocks(weight, block_size)
     return nonzero & ~mask.to(nonzero.device)
+
+
+def pruned_block_leaks(weights: Mapping[str, torch.Tensor], masks: Dict[str, torch.Tensor], block_size: BlockSize,
+                       source: str = "masks", whole: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> List[str]:
+    """`name: n blocks` for each weight nonzero in blocks its mask marks pruned (empty is good). ValueError naming
+    `source` for a mask of a weight `weights` lacks, or of another grid: masks made for another model. `whole`
+    gathers a sharded weight, one at a time."""
+    block = normalize_block_size(block_size)
+    unknown = sorted(set(masks) - set(weights))
+    if unknown:
+        raise ValueError(f"{source} names {len(unknown)} parameter(s) the model does not have, e.g. "
+                         f"{', '.join(unknown[:3])}; was it made for another model?")
+    leaks = []
+    for name, mask in masks.items():
+        weight = weights[name]
+        expected = block_grid(weight.shape, block) if weight.dim() == 2 else None
+        if expected is None or tuple(mask.shape) != expected:
+            raise ValueError(f"{source}: the mask of {name} has shape {tuple(mask.shape)}, which does not fit the "
+                             f"weight {tuple(weight.shape)} in {block[0]}x{block[1]} blocks (that needs {expected})")
+        n = int(leaked_blocks(whole(weight.detach()), mask, block).sum())
+        if n:
+            leaks.append(f"{name}: {n} blocks")
+    return leaks
 
 
 def expand_block_mask(mask: torch.Tensor, shape: Sequence[int], block_size: BlockSize = 16) -> torch.Tensor:

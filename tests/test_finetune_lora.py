@@ -216,7 +216,7 @@ def test_a_masks_file_of_another_model_is_refused_before_training(tiny, tmp_path
     assert main(tiny_run_args(model_dir, corpus, tmp_path / "o", "--lora", "--skip_eval", "--masks_file",
                               other / MASKS_FILE)) == 2
     err = capsys.readouterr().err
-    assert "model.layers.2.self_attn.q_proj.weight, which the model does not have" in err and "Traceback" not in err
+    assert "parameter(s) the model does not have, e.g. model.layers.2." in err and "Traceback" not in err
     # The same layers, other blocks: the model is nonzero where that file says pruned.
     same, _ = pruned_tiny_model(tmp_path / "same", tiny_llama, hidden_size=48, intermediate_size=80, seed=5)
     assert main(tiny_run_args(model_dir, corpus, tmp_path / "p", "--lora", "--skip_eval", "--masks_file",

@@ -75,3 +75,28 @@ def test_leaked_blocks_sees_a_leak_in_the_last_partial_block_row_and_column(shap
     expected = _leaked_by_hand(weight, mask.tolist(), 16, 16)
     assert expected == {(where[0] // 16, where[1] // 16)}
     assert {tuple(i) for i in found.nonzero().tolist()} == expected
+
+
+def test_pruned_block_leaks_counts_leaks_per_weight_and_refuses_masks_of_another_model():
+    """The one check behind a masks file, a resumed checkpoint and a merged adapter: each weight's count of pruned
+    blocks holding a nonzero (the plain loop's count), and ValueError for a mask naming a weight the model lacks or
+    of another grid."""
+    from sparse_adamw.masks import pruned_block_leaks
+
+    generator = torch.Generator().manual_seed(3)
+    weights, masks = {}, {}
+    for name, shape, bh, bw in (("a", (40, 37), 8, 16), ("b", (24, 64), 8, 16)):
+        grid = ((shape[0] + bh - 1) // bh, (shape[1] + bw - 1) // bw)
+        masks[name] = torch.rand(grid, generator=generator) > 0.4
+        weights[name] = torch.randn(shape, generator=generator)
+    counts = {name: len(_leaked_by_hand(weights[name], masks[name].tolist(), 8, 16)) for name in weights}
+    assert all(counts.values())  # random weights leak into every pruned block
+    assert pruned_block_leaks(weights, masks, (8, 16)) == [f"{n}: {counts[n]} blocks" for n in ("a", "b")]
+    for name, mask in masks.items():  # zero the pruned blocks: nothing leaks
+        weights[name] *= mask.repeat_interleave(8, 0).repeat_interleave(16, 1)[:weights[name].shape[0],
+                                                                               :weights[name].shape[1]]
+    assert pruned_block_leaks(weights, masks, "8x16") == []
+    with pytest.raises(ValueError, match=r"my.pt names 1 parameter\(s\) the model does not have, e.g. c;"):
+        pruned_block_leaks(weights, {**masks, "c": masks["a"]}, (8, 16), "my.pt")
+    with pytest.raises(ValueError, match=r"the mask of b has shape \(2, 4\), which does not fit"):
+        pruned_block_leaks(weights, {"b": masks["b"][:2]}, (8, 16), "my.pt")

@@ -189,25 +189,34 @@ def test_replace_share_writes_the_share_keeps_it_and_leaves_the_random_state_alo
     assert torch.equal(again, train)
 
 
-def test_decoding_runs_grouped_query_heads_packed_as_sdpa_would_run_them(tiny_llama):
-    """packed_gqa_attention against transformers' SDPA attention (which repeats each KV head for its query heads)
-    on a decoding step's shapes with a static cache's mask; generate uses it (the greedy test above checks what it
-    writes), and puts the model's attention back afterwards."""
+def test_decoding_attention_is_sdpa_over_the_written_positions_with_query_heads_packed(tiny_llama):
+    """decoding_attention against transformers' SDPA attention (which repeats each KV head for its query heads) with
+    a static cache's mask, the unwritten positions holding garbage: one new token, and the prompt attending
+    causally. decode runs under it and puts the model's attention back afterwards."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     model = _model(tiny_llama)
     assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads == 2
     attention = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((4, 1), (2, 11), (2, 11)))
-    mask = torch.arange(11)[None, None, None, :] <= torch.tensor([3, 7, 10])[:, None, None, None]  # filled so far
-    reference, _ = sdpa_attention_forward(attention, q, k, v, mask, scaling=0.25)
-    packed, _ = teacher_text.packed_gqa_attention(attention, q, k, v, mask, scaling=0.25)
-    assert packed.shape == reference.shape == (3, 1, 4, 16)
-    torch.testing.assert_close(packed, reference, rtol=1e-6, atol=1e-6)
+    k, v = (torch.randn(3, 2, 11, 16, generator=g) * 100 for _ in range(2))  # 11 cache positions, 7 written
+    q = torch.randn(3, 4, 1, 16, generator=g)
+    written = torch.arange(11)[None, None, None, :] < 7
+    reference, _ = sdpa_attention_forward(attention, q, k, v, written.expand(3, 1, 1, 11), scaling=0.25)
+    teacher_text._FILLED[0] = 7
+    ours, _ = teacher_text.decoding_attention(attention, q, k, v, None, scaling=0.25)
+    assert ours.shape == reference.shape == (3, 1, 4, 16)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+    prompt = torch.randn(3, 4, 7, 16, generator=g)  # the prompt's 7 tokens, each seeing itself and those before
+    causal = written & (torch.arange(11)[None, None, None, :] <= torch.arange(7)[None, None, :, None])
+    reference, _ = sdpa_attention_forward(attention, prompt, k, v, causal.expand(3, 1, 7, 11), scaling=0.25)
+    ours, _ = teacher_text.decoding_attention(attention, prompt, k, v, None, scaling=0.25)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
     seen = []
     attention.register_forward_hook(lambda module, args, out: seen.append(module.config._attn_implementation))
     teacher_text.generate(model, torch.randint(0, 256, (2, 4), generator=g), 9, TextSettings(1.0), seed=0, batch=2,
                           compile=False, say=lambda _: None)
-    assert seen and set(seen) == {teacher_text.PACKED_GQA} and model.config._attn_implementation == "sdpa"
+    assert len(seen) == 9 - 4 and set(seen) == {teacher_text.DECODING}  # the prompt, then one forward per token
+    assert model.config._attn_implementation == "sdpa"

@@ -47,7 +47,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..masks import MASKS_FILE, leaked_blocks, normalize_block_size, save_masks
+from ..masks import MASKS_FILE, normalize_block_size, pruned_block_leaks, save_masks
 from ..sparsity import check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
@@ -578,11 +578,9 @@ def _adopt_checkpoint(job: _Job) -> None:
         lora.adopt_adapters(job, checkpoint)
     else:
         load_weights(job.model, checkpoint)
-        params = dict(job.model.named_parameters())
-        leaked = [name for name, mask in trainer.masks.items() if bool(leaked_blocks(params[name], mask,
-                                                                                     trainer.block_size).any())]
+        leaked = pruned_block_leaks(dict(job.model.named_parameters()), trainer.masks, trainer.block_size)
         if leaked:
-            raise SparsityViolation(f"{checkpoint}: pruned blocks are nonzero in {leaked[:3]}")
+            raise SparsityViolation(f"{checkpoint}: pruned blocks are nonzero in {'; '.join(leaked[:3])}")
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
     job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
     if job.plan.lora is None:  # --lora: job.masks are the frozen weights', checked at the merge

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import MASKS_FILE, BlockSize, block_grid, expand_block_mask, leaked_blocks, load_masks, \
-    normalize_block_size, save_masks
+from ..masks import MASKS_FILE, BlockSize, block_grid, expand_block_mask, load_masks, \
+    normalize_block_size, pruned_block_leaks, save_masks
 
 ADAPTER_DIR = "adapter"  # in the output folder: beside the merged model, whose from_pretrained it must not redirect
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's names
@@ -325,37 +325,17 @@ def check_combination(*, fsdp: bool, data_parallel: str) -> None:
                          "--data_parallel ddp (or auto)")
 
 
-def _leaks(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[int, int], source) -> List[str]:
-    """`name: n blocks` for each weight nonzero in blocks `masks` marks pruned; ValueError (naming `source`) for a
-    mask of a weight the model lacks, or of another shape: masks made for another model."""
-    weights = dict(model.named_parameters())
-    leaked = []
-    for name, mask in masks.items():
-        if name not in weights:
-            raise ValueError(f"{source} names {name}, which the model does not have: made for another model?")
-        if tuple(mask.shape) != block_grid(weights[name].shape, block):
-            raise ValueError(f"{source}: the mask of {name} has shape {tuple(mask.shape)}, which does not fit the "
-                             f"weight {tuple(weights[name].shape)} in {block[0]}x{block[1]} blocks")
-        n = int(leaked_blocks(weights[name].detach(), mask.to(weights[name].device), block).sum())
-        if n:
-            leaked.append(f"{name}: {n} blocks")
-    return leaked
-
-
 def pruned_masks(model: nn.Module, masks_file: Optional[str], block: Tuple[int, int]) -> Tuple[
         Dict[str, torch.Tensor], Tuple[int, int]]:
     """The frozen model's block masks: the prune step's file (its block shape wins), checked against the model, or
     derived from its all-zero blocks (as SparseTrainer derives them). ValueError for a file made for another model;
     SparsityViolation for a model nonzero where the file says pruned."""
-    from .trainer import SparsityViolation, linear_block_masks
+    from .trainer import check_given_masks, linear_block_masks
 
     if masks_file is None:
         return linear_block_masks(model, block), block
     masks, block = load_masks(masks_file)
-    leaked = _leaks(model, masks, block, masks_file)
-    if leaked:
-        raise SparsityViolation(f"the model has nonzeros in blocks that {masks_file} marks pruned (is it the model "
-                                "those masks were made for?): " + "; ".join(leaked[:10]))
+    check_given_masks(dict(model.named_parameters()), masks, block, str(masks_file))
     return masks, block
 
 
@@ -420,7 +400,7 @@ def load_masked_adapter(model: nn.Module, folder: Union[str, Path]) -> Dict[str,
     weights are nonzero in a block its masks mark pruned, or its masks do not cover the adapted weights) or for
     another model (names or shapes)."""
     settings, tensors, masks, block = read_adapter(folder)
-    leaked = _leaks(model, masks, block, f"{folder}: the adapter")
+    leaked = pruned_block_leaks(dict(model.named_parameters()), masks, block, f"{folder}: the adapter")
     if leaked:
         raise ValueError(f"{folder}: the adapter was saved for other masks: the model is nonzero in blocks its masks "
                          f"mark pruned ({'; '.join(leaked[:3])}; is this the pruned model it was trained on?)")
@@ -455,7 +435,7 @@ def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[
     otherwise). Returns how many weights were checked."""
     from .trainer import SparsityViolation
 
-    leaked = _leaks(model, masks, block, "the merged model's masks")
+    leaked = pruned_block_leaks(dict(model.named_parameters()), masks, block, "the merged model's masks")
     if leaked:
         raise SparsityViolation("the merged model is nonzero in pruned blocks: " + "; ".join(leaked[:5]))
     return len(masks)

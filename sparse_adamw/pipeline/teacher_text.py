@@ -125,72 +125,117 @@ def _release(model) -> None:
         torch.cuda.empty_cache()
 
 
-PACKED_GQA = "sparse_adamw_packed_gqa"  # the attention implementation decoding registers and uses
-PACK_GQA_DECODING = True  # benchmarks/bench_generate.py turns it off to time transformers' own SDPA beside it
+DECODING = "sparse_adamw_decoding"  # the attention implementation `decode` registers and runs under
+_FILLED = [0]  # how many positions of the static cache `decode` has written before the forward it runs
+OWN_DECODING = True  # benchmarks/bench_generate.py turns it off to time transformers' generate beside it
 
 
-def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                         **kwargs):
-    """transformers' SDPA attention, except for one query token under grouped-query attention: the query heads
-    [b, heads, 1, d] become [b, kv_heads, heads / kv_heads, d], the KV heads' query positions, so no KV head is
-    repeated. Returns ([b, 1, heads, d], None), as transformers' attention functions do."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
+def decoding_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                       **kwargs):
+    """Attention for `decode`'s forwards over a static cache of shape [b, kv_heads, length, d]: the keys and
+    values cut to the _FILLED[0] positions written so far, so no mask is built or read and a step reads half the
+    cache on average. The prompt attends causally; one new token under grouped-query attention runs the query
+    heads that share a KV head as that head's query positions (no KV head repeated). Returns ([b, q, heads, d],
+    None), as transformers' attention functions do."""
+    filled = _FILLED[0]
+    key, value = key[:, :, :filled], value[:, :, :filled]
     b, heads, q_len, d = query.shape
-    if q_len != 1 or groups == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    mask = attention_mask
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]
-        if mask.shape[1] != 1:  # a mask per query head: per (KV head, group) likewise
-            mask = mask.reshape(b, heads // groups, groups, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(b, heads // groups, groups, d), key, value, attn_mask=mask,
-        dropout_p=dropout if module.training else 0.0, scale=scaling)
-    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+    kv_heads = key.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if q_len == 1:
+        out = sdpa(query.reshape(b, kv_heads, heads // kv_heads, d), key, value, scale=scaling)
+        return out.reshape(b, heads, 1, d).transpose(1, 2), None
+    if q_len != filled:
+        raise RuntimeError(f"decode runs the prompt whole or one token at a time, not {q_len} of {filled}")
+    out = sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=kv_heads != heads)
+    return out.transpose(1, 2), None
 
 
-def _register_packed_gqa() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_GQA, sdpa_mask)  # the masks SDPA takes
+def _no_mask(*args, **kwargs):
+    return None  # decoding_attention masks by cutting the cache to the positions written
 
 
 @contextmanager
-def packed_gqa(model) -> Iterator[None]:
-    """Within the block, a model on SDPA attention with grouped-query attention decodes with PACKED_GQA."""
-    config = model.config
-    previous = getattr(config, "_attn_implementation", None)
-    grouped = getattr(config, "num_key_value_heads", None) not in (None, getattr(config, "num_attention_heads", None))
-    if not PACK_GQA_DECODING or previous != "sdpa" or not grouped:
-        yield
-        return
-    _register_packed_gqa()
-    config._attn_implementation = PACKED_GQA
+def _decoding_attention(model) -> Iterator[None]:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(DECODING, decoding_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODING, _no_mask)
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = DECODING
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        model.config._attn_implementation = previous
+
+
+def _eos_ids(model) -> List[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, suppressed: List[int],
+          generator: torch.Generator) -> torch.Tensor:
+    """[b] tokens drawn at `temperature` from the `top_k` most likely of fp32 `logits` [b, vocab] (0: all),
+    `suppressed` never."""
+    logits = logits.float()
+    if suppressed:
+        logits[:, suppressed] = -math.inf
+    index = None
+    if 0 < top_k < logits.shape[-1]:
+        logits, index = logits.topk(top_k, dim=-1)  # the draw runs over k candidates, not the vocabulary
+    choice = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)
+    return (choice if index is None else index.gather(-1, choice))[:, 0]
+
+
+@torch.no_grad()
+def decode(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int) -> torch.Tensor:
+    """[b, length] token ids: the prompts [b, p] continued by sampling at `temperature` from the `top_k` most likely
+    tokens (0: all), end-of-text suppressed, with a static KV cache. A loop of the model's forwards rather than
+    transformers' generate, whose step at batch ~1000 spends ~110 ms on logits processors over the whole
+    vocabulary and attention over the whole cache (benchmarks/RESULTS.md)."""
+    import inspect
+
+    from transformers import StaticCache
+
+    b, p = prompts.shape
+    device = prompts.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    suppressed = _eos_ids(model)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    accepted = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x
+    positions = torch.arange(length, device=device)
+    ids = torch.empty(b, length, dtype=torch.long, device=device)
+    ids[:, :p] = prompts
+    start = 0
+    with _decoding_attention(model):
+        for pos in range(p, length):
+            _FILLED[0] = pos
+            extra = {"cache_position": positions[start:pos]} if "cache_position" in accepted else {}
+            logits = model(input_ids=ids[:, start:pos], position_ids=positions[None, start:pos], use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}, **extra).logits[:, -1]
+            ids[:, pos] = _pick(logits, temperature, top_k, suppressed, generator)
+            start = pos
+    return ids
 
 
 @torch.no_grad()
 def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int,
            compile: bool) -> torch.Tensor:
-    """[b, length] token ids: the prompts [b, p] continued by sampling at `temperature` from the `top_k` most likely
-    tokens (0: all), end-of-text suppressed, with a static KV cache (and a compiled decoding step when `compile`)."""
+    """`decode`, or transformers' generate (its compiled static-cache step when `compile`; eager when
+    OWN_DECODING is off or the model does not run SDPA attention)."""
+    if OWN_DECODING and not compile and model.config._attn_implementation == "sdpa":
+        return decode(model, prompts, length, temperature, top_k, seed)
     torch.manual_seed(seed)
     new = length - prompts.shape[1]
-    eos = model.generation_config.eos_token_id
-    with packed_gqa(model):
-        out = model.generate(
-            prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=top_k,
-            top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
-            cache_implementation="static", disable_compile=not compile, num_beams=1,
-            pad_token_id=eos[0] if isinstance(eos, list) else eos)
+    eos = _eos_ids(model)
+    out = model.generate(
+        prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=top_k,
+        top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
+        cache_implementation="static", disable_compile=not compile, num_beams=1,
+        pad_token_id=eos[0] if eos else None)
     return out[:, :length]
 
 

@@ -91,7 +91,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..dtensor import full_tensor, is_dtensor
-from ..masks import BlockSize, block_grid, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size
+from ..masks import BlockSize, block_mask_from_zeros, leaked_blocks, load_masks, normalize_block_size, \
+    pruned_block_leaks
 from ..optimizer import SparseAdamW
 from ..sharded_step import ShardedSparseAdamW
 from .callbacks import SigintCheckpointCallback, SignalCheckpointCallback, StepLogCallback, TrainingAborted
@@ -120,6 +121,16 @@ class SparsityViolation(RuntimeError):
 
 
 @torch.no_grad()
+def check_given_masks(weights: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor], block_size: BlockSize,
+                      source: str) -> None:
+    """Masks read from `source` must fit `weights` (ValueError otherwise) and agree with their zeros
+    (SparsityViolation otherwise)."""
+    leaked = pruned_block_leaks(weights, masks, block_size, source, whole=full_tensor)
+    if leaked:
+        raise SparsityViolation(f"the model has nonzeros in blocks that {source} marks pruned (is it the model those "
+                                "masks were made for?): " + "; ".join(leaked[:10]))
+
+
 def linear_block_masks(model: torch.nn.Module, block_size: BlockSize = 16) -> Dict[str, torch.Tensor]:
     """{parameter name: bool block mask} for every nn.Linear weight with at least one all-zero block.
 
@@ -394,26 +405,7 @@ class SparseTrainer(Trainer):
     # --------------------------------------------------------------------------------------- the optimizer
     def _check_given_masks(self, masks: Dict[str, torch.Tensor]) -> None:
         """Given masks must name parameters of the model, fit their shapes, and agree with their zeros."""
-        params = dict(self.model.named_parameters())
-        source = self.masks_file or "masks"
-        unknown = sorted(set(masks) - set(params))
-        if unknown:
-            raise ValueError(f"{source} names {len(unknown)} parameter(s) the model does not have, e.g. "
-                             f"{unknown[:3]}; was it made for another model?")
-        leaked = []
-        for name, mask in masks.items():
-            p = params[name]
-            expected = block_grid(p.shape, self.block_size) if p.dim() == 2 else None
-            if expected is None or tuple(mask.shape) != expected:
-                raise ValueError(f"{source}: the mask of {name} has shape {tuple(mask.shape)}, but the parameter "
-                                 f"{tuple(p.shape)} in {self.block_size[0]}x{self.block_size[1]} blocks needs "
-                                 f"{expected}")
-            n = int(leaked_blocks(full_tensor(p), mask, self.block_size).sum())
-            if n:
-                leaked.append(f"{name}: {n} blocks")
-        if leaked:
-            raise SparsityViolation(f"the model has nonzeros in blocks that {source} marks pruned (is it the "
-                                    f"model those masks were made for?): " + "; ".join(leaked[:10]))
+        check_given_masks(dict(self.model.named_parameters()), masks, self.block_size, self.masks_file or "masks")
 
     @property
     def fsdp_version(self) -> Optional[int]:
