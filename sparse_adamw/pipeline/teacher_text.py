@@ -10,7 +10,7 @@ its own samples carry that over: a share of the training sequences is written by
   teacher takes it). The number of training sequences, and so the schedule, stays what it was.
 - How: sampled at `temperature` from the `top_k` most likely tokens (50, as transformers' generate does by
   default; 0 samples the whole distribution, whose text is much noisier), end-of-text suppressed so every
-  sequence is whole, in equal batches with a static KV cache, decoded eagerly (see COMPILE_ON_GPU). The batch is
+  sequence is whole, in equal batches with a static KV cache, by `decode` (below). The batch is
   the largest whose KV cache fits the free memory (or --max_memory_gb) with a margin, halved on an out-of-memory
   error. The process's random state is put back afterwards, so training draws what it would have drawn.
 - Each process of a data-parallel run writes every world_size-th sequence; they exchange them, so all hold all.
@@ -19,10 +19,10 @@ its own samples carry that over: a share of the training sequences is written by
   same key reads them back instead of generating again; any other key generates afresh (the settings are also in
   run_config.json, where a changed one refuses a resume like any other flag that changes the result).
 - The same seed, teacher, prompts, batch size and machine give the same text.
-- Grouped-query attention (the 135M teacher has 9 query heads on 3 KV heads): transformers before 5.25 repeats
-  each KV head for its query heads at every decoding step under a static cache's mask. Decoding here runs the
-  query heads that share a KV head as that head's query positions instead (PACKED_GQA, as transformers 5.25 does
-  itself): the same products, no copy; 1.05x on an H100 (benchmarks/RESULTS.md).
+- Decoding: `decode` runs the model's forwards itself rather than transformers' generate. Each step's attention
+  reads only the cache positions written so far (no mask), runs the query heads that share a KV head as that
+  head's query positions (transformers before 5.25 repeats each KV head instead), and draws among the top k
+  logits rather than processing the whole vocabulary (benchmarks/RESULTS.md, "How fast the teacher writes").
 """
 from __future__ import annotations
 
@@ -175,13 +175,11 @@ def _eos_ids(model) -> List[int]:
     return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int, suppressed: List[int],
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, suppressed: torch.Tensor,
           generator: torch.Generator) -> torch.Tensor:
-    """[b] tokens drawn at `temperature` from the `top_k` most likely of fp32 `logits` [b, vocab] (0: all),
-    `suppressed` never."""
-    logits = logits.float()
-    if suppressed:
-        logits[:, suppressed] = -math.inf
+    """[b] tokens drawn at `temperature` from the `top_k` most likely of fp32 `logits` [b, vocab] (0: all), the
+    token ids `suppressed` (on the logits' device: no copy from the host each step) never."""
+    logits = logits.float().index_fill_(-1, suppressed, -math.inf)
     index = None
     if 0 < top_k < logits.shape[-1]:
         logits, index = logits.topk(top_k, dim=-1)  # the draw runs over k candidates, not the vocabulary
@@ -202,7 +200,7 @@ def decode(model, prompts: torch.Tensor, length: int, temperature: float, top_k:
     b, p = prompts.shape
     device = prompts.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    suppressed = _eos_ids(model)
+    suppressed = torch.tensor(_eos_ids(model), dtype=torch.long, device=device)
     cache = StaticCache(config=model.config, max_cache_len=length)
     accepted = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x
