@@ -85,3 +85,12 @@ def tiny_llama():
         return LlamaForCausalLM(config)
 
     return make
+
+
+@pytest.fixture
+def tiny(tmp_path, tiny_llama):
+    """(pruned model dir, its masks, a learnable corpus): what a CPU fine-tune test runs on."""
+    from finetune_helpers import learnable_corpus, pruned_tiny_model
+
+    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama)
+    return model_dir, masks, learnable_corpus(tmp_path / "corpus.txt")

@@ -44,13 +44,6 @@ STEP_LINE = re.compile(r"^Step (\d+): loss=(\d+\.\d{4})\b", re.M)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def tiny(tmp_path, tiny_llama):
-    """(pruned model dir, its masks, a learnable corpus)."""
-    model_dir, masks = pruned_tiny_model(tmp_path / "pruned_model", tiny_llama)
-    return model_dir, masks, learnable_corpus(tmp_path / "corpus.txt")
-
-
 def _resolve(argv, cuda=False, bf16=False, world_size=1):
     args, training = _split(build_parser().parse_args(argv))
     return resolve_arguments(args, training, cuda_available=cuda, bf16_supported=bf16, world_size=world_size)

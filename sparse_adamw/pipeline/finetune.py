@@ -53,8 +53,8 @@ from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
 from . import held_out, lora, results, teacher_text
 from .data import DEFAULT_DATASET
-from .checkpoints import (WRITE_ERRORS, describe_error, disk_plan, disk_refusal, lower_plan_flag,
-                          out_of_memory_message)
+from .checkpoints import WRITE_ERRORS, describe_error
+from .disk_plan import disk_plan, disk_refusal
 from .finetune_config import (
     FinetuneArguments,
     FinetuneTrainingArguments,
@@ -67,7 +67,7 @@ from .finetune_config import (
     print_config,
     text_settings,
 )
-from .memory_plan import CHECKPOINTING_ARGS, MARGIN
+from .memory_plan import CHECKPOINTING_ARGS, MARGIN, lower_plan_flag, out_of_memory_message
 from .models import DEFAULT_MODEL, liger_supports
 from .run_folder import (
     RECORD_FORMAT,

@@ -726,7 +726,7 @@ def generated_note(plan: Plan) -> str:
 
 def print_config(plan: Plan) -> None:
     """Shell-quoted KEY=VALUE lines for run_dense_finetune.sh."""
-    from . import checkpoints
+    from .disk_plan import describe_disk_plan
 
     t, a = plan.training, plan.args
     input_error = _input_error(a)
@@ -769,7 +769,7 @@ def print_config(plan: Plan) -> None:
                  "off (every weight trains)"),
         "OOD": (f"{a.ood_windows} windows x {a.block_size} tokens of held-out novels, plays, speeches and recipes"
                 if a.ood_windows and not a.skip_eval else "off"),
-        "DISK_PLAN": checkpoints.describe_disk_plan(plan) if not input_error else "not estimated",
+        "DISK_PLAN": describe_disk_plan(plan) if not input_error else "not estimated",
         "RESUME_FROM": plan.resume_from or "",
         "RUN_STATE": "complete" if plan.status.complete else "resume" if plan.resume_from else "new",
         "INPUT_ERROR": input_error,  # what a run (not --print_config) would stop at, before the banner

@@ -17,6 +17,7 @@ state and a landing buffer for (world - 1) / world of the gradients, in symmetri
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -291,3 +292,36 @@ def set_checkpointing(model, on: bool, kwargs: Optional[dict]) -> None:
         getattr(model, f"{prefix}_checkpointing_enable")(kwargs)
     else:
         getattr(model, f"{prefix}_checkpointing_disable")()
+
+
+# -------------------------------------------------------------- out of memory in the middle of a run
+def suggested_memory_gb(trial_peak: int, margin: float) -> int:
+    """A --max_memory_gb under which the plan's chosen candidate no longer fits: its trial peak over the budget."""
+    return max(1, math.floor(trial_peak / GiB / (1 - margin)) - 1)
+
+
+def lower_plan_flag(*, trial_peak: Optional[int], margin: float, micro_batch: int, per_process: int,
+                    checkpointing: bool) -> str:
+    """The flag that lowers the plan: under the memory plan, a --max_memory_gb its choice no longer fits; else the
+    next smaller micro-batch that divides the sequences a process takes per step, or checkpointing."""
+    if trial_peak is not None:
+        return f"--max_memory_gb {suggested_memory_gb(trial_peak, margin)}"
+    if micro_batch > 1:
+        return f"--per_device_train_batch_size {max(b for b in range(1, micro_batch) if per_process % b == 0)}"
+    if not checkpointing:
+        return "--gradient_checkpointing"
+    return "--max_memory_gb (below the free memory) or more GPUs with --fsdp"
+
+
+def out_of_memory_message(step: int, *, plan_text: str, trial_peak: Optional[int], run_peak: Optional[int],
+                          flag: str, resume_from: Optional[str]) -> str:
+    """One message: the step, the plan, the peaks, the flag that lowers the plan, and where a rerun resumes (the
+    name of the newest checkpoint)."""
+    peaks = []
+    if trial_peak is not None:
+        peaks.append(f"trial peak {trial_peak / GiB:.1f} GiB")
+    if run_peak is not None:
+        peaks.append(f"this run's peak {run_peak / GiB:.1f} GiB")
+    where = f"resumes from {resume_from}" if resume_from else "starts again (no checkpoint was written yet)"
+    return (f"out of GPU memory in step {step} (plan: {plan_text}" + (f"; {', '.join(peaks)}" if peaks else "")
+            + f"). The same command with {flag} {where}, with a smaller plan")
