@@ -123,6 +123,35 @@ def test_auto_takes_the_built_extension(fresh_caches):
     assert select_backend("auto", torch.device("cpu")) is ext_impl
 
 
+def test_a_built_extension_is_imported_without_ninja_or_its_lock(fresh_caches, monkeypatch):
+    """Once built, each process (all the ranks of a distributed run start at once) imports the library itself:
+    no ninja run and no wait on torch's build lock. While a lock says a build runs, cpp_extension.load waits."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(build, "_installed", lambda cuda: None)  # the JIT build, installed or not
+    monkeypatch.setattr(build, "_modules", {})
+    build.extension(cuda=False)  # built (at most once: the kernel tests build it too)
+    build._modules.clear()
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **kw: pytest.fail("ran cpp_extension.load"))
+    module = build.extension(cuda=False)
+    assert module.__file__ == build._jit_library(False)
+    p = torch.randn(40, 24)
+    p.grad = torch.randn_like(p)
+    reference = p.detach().clone()
+    _optimizer([p], impl="cpp").step()
+    assert not torch.equal(p, reference)  # the imported kernel stepped
+
+    build._modules.clear()
+    lock = os.path.join(build.jit_build_dir(False), "lock")
+    open(lock, "w").close()
+    waited = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *a, **kw: waited.append(name) or "loaded after the wait")
+    try:
+        assert build.extension(cuda=False) == "loaded after the wait" and waited
+    finally:
+        os.remove(lock)
+
+
 def test_each_version_of_the_sources_builds_in_a_folder_of_its_own(tmp_path, monkeypatch):
     """Two checkouts of different versions share the build cache: neither may take the other's binary."""
     copy = tmp_path / "checkout"

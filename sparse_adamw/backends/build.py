@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -176,6 +177,10 @@ def _jit_build(cuda: bool):
     os.makedirs(build_dir, exist_ok=True)
     clear_stale_lock(build_dir)
     fresh = _jit_is_fresh(cuda)
+    if fresh and not os.path.exists(os.path.join(build_dir, "lock")):
+        # Built and no build running: import the library itself. cpp_extension.load would run ninja under a file
+        # lock in every process, and the processes of a distributed run all start at once.
+        return _import_library(cuda)
     if not fresh:
         logger.warning("sparse_adamw: compiling the C++%s extension into %s (once; about %s; "
                        "SPARSE_ADAMW_IMPL=torch does without it) ...", "/CUDA" if cuda else "", build_dir,
@@ -192,6 +197,13 @@ def _jit_build(cuda: bool):
     )
     if not fresh:
         logger.warning("sparse_adamw: compiled the extension in %.0f s", time.perf_counter() - start)
+    return module
+
+
+def _import_library(cuda: bool):
+    spec = importlib.util.spec_from_file_location(_jit_name(cuda), _jit_library(cuda))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
