@@ -75,10 +75,10 @@ Performance:
     (benchmarks/RESULTS_cpu_finetune.md)
   SmolLM2-135M, the default (3 epochs, distilled) on one H200: 60 s of training, perplexity 375 -> 18.95
   LLaMA-2-7B shape, one GPU held to 80 GB, per machine (benchmarks/RESULTS.md):
-    the memory plan trains at 13,392 to 14,160 tokens/s, 2.9x to 3.6x the guide's configuration (batch 1,
-    checkpointing, gradient masking: 3,892 to 4,577 tokens/s, bound by the host's CPU, so it moves with the
-    machine) on two H100 machines and one H200; distilling from the dense teacher (the default where it is
-    at hand): 9,008 to 9,370 tokens/s, 2.0x to 2.4x the guide;
+    the memory plan trains at 13,392 to 14,160 tokens/s, 2.4x to 3.6x the guide's configuration (batch 1,
+    checkpointing, gradient masking: 3,892 to 5,570 tokens/s, bound by the host's CPU, so it moves with the
+    machine) on three H100 machines and one H200; distilling from the dense teacher (the default where it
+    is at hand): 9,008 to 9,847 tokens/s, 1.8x to 2.4x the guide;
     2 H200s: 1.87x to 1.92x one (1.905x at the median of three same-call pairs) under the default sharded
     step, 1.71x under DDP
   Disk, LLaMA-2-7B (bf16 weights and states): each checkpoint is 35.3 GB (13.5 GB of weights, 21.8 GB of

@@ -15,6 +15,9 @@ OUT=${OUT:-sweep_logs}
 ROOT=${ROOT:-/tmp/sweep}
 RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed
 MEMORY_GB=${MEMORY_GB:-14}  # 12 was too tight: a run peaked 1 GiB above its trial (RESULTS.md)
+# The packaged model's rate. Given as a path, the model would take the rate for your own model, 5e-5: both sweeps of
+# 2026-12-07 ran so (RESULTS.md).
+LR=${LR:-5e-4}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT" "$ROOT"
 OUT=$(cd "$OUT" && pwd)
@@ -37,6 +40,7 @@ for run in $RUNS; do
     name="f${fraction}_s${seed}"
     "$PYTHON" -m sparse_adamw.pipeline.finetune --model "$ROOT/pruned_model" --teacher "$ROOT/dense" \
         --output_dir "$ROOT/$name" --generated_fraction "$fraction" --seed "$seed" --max_memory_gb "$MEMORY_GB" \
+        --learning_rate "$LR" \
         --save_strategy no ${EXTRA:-} > "$OUT/$name.log" 2>&1 &
 done
 wait

@@ -48,12 +48,12 @@ PACKAGED_LEARNING_RATE = 5e-4
 CPU_SAVE_STEPS = 10
 # Distillation from the dense parent, where it is at hand (benchmarks/RESULTS.md, "Recovery"): the KL weight.
 DEFAULT_DISTILL_ALPHA = 0.5
-# The share of training sequences the teacher writes (teacher_text.py) by default. Off: measured on one H100 with the
-# packaged model and text sampled from the teacher's whole distribution, writing 0.25, 0.5 or all of them cost 13 to
-# 30 points of in-domain recovery (benchmarks/RESULTS.md, "Text the teacher writes"), where a default may cost 1.5.
-# Top-k 50 sampling (the default since, far less noisy text) is not measured on a GPU yet. On the CPU it stays off
-# whatever the GPU measurements say: generation there runs at about 190 tokens/s, so the CPU demo's 80 sequences
-# would take 100 s of a 10-minute budget that is spent.
+# The share of training sequences the teacher writes (teacher_text.py) by default. Off: on one H100 with the packaged
+# model (top-k 50, lr 5e-5, fraction 0 in the same call), a quarter raised out-of-domain recovery 2.9 points and cost
+# 1.8 in domain, half +3.3 and -4.0 (benchmarks/RESULTS.md, "Text the teacher writes"), where a default may cost 1.5
+# in domain. At the packaged model's own rate, 5e-4, it is not measured yet. On the CPU it stays off whatever the
+# GPU measurements say: the teacher writes about 190 tokens/s there, so the CPU demo's 80 sequences would take
+# about 100 s of a 10-minute budget that is spent.
 DEFAULT_GENERATED_FRACTION = 0.0
 FINETUNED_DIR = "dense_finetuned_model"
 # What run_config.json compares besides FinetuneArguments' own: the TrainingArguments that change the result.
