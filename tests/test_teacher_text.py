@@ -30,7 +30,7 @@ def _model(tiny_llama, seed=3):
 def test_top_k_1_is_the_greedy_reference_in_any_batching(tiny_llama, batch):
     model = _model(tiny_llama)
     prompts = torch.randint(0, 256, (7, 5), generator=torch.Generator().manual_seed(batch))
-    made = teacher_text.generate(model, prompts, 19, TextSettings(1.0, top_k=1), seed=0, batch=batch, compile=False,
+    made = teacher_text.generate(model, prompts, 19, TextSettings(1.0, top_k=1), seed=0, batch=batch,
                                  say=lambda _: None)
     assert made["ids"].shape == (7, 19) and made["ids"].dtype == torch.int64
     torch.testing.assert_close(made["ids"], _reference_greedy(model, prompts, 19), rtol=0, atol=0)
@@ -40,7 +40,7 @@ def test_sampling_repeats_under_a_seed_and_keeps_the_prompts(tiny_llama):
     model = _model(tiny_llama)
     prompts = torch.randint(3, 256, (6, 4), generator=torch.Generator().manual_seed(0))
     settings = TextSettings(1.0, temperature=1.5, top_k=0)
-    run = lambda seed: teacher_text.generate(model, prompts, 40, settings, seed=seed, batch=4, compile=False,  # noqa
+    run = lambda seed: teacher_text.generate(model, prompts, 40, settings, seed=seed, batch=4,  # noqa
                                              say=lambda _: None)["ids"]
     a, b, c = run(11), run(11), run(12)
     assert torch.equal(a, b)
@@ -55,7 +55,7 @@ def test_end_of_text_never_ends_a_sequence(tiny_llama):
     prompts = torch.randint(3, 256, (3, 4), generator=torch.Generator().manual_seed(6))
     eos = int(_reference_greedy(model, prompts, 8)[0, 7])
     model.generation_config.eos_token_id = eos
-    ids = teacher_text.generate(model, prompts, 30, TextSettings(1.0, top_k=1), seed=0, batch=3, compile=False,
+    ids = teacher_text.generate(model, prompts, 30, TextSettings(1.0, top_k=1), seed=0, batch=3,
                                 say=lambda _: None)["ids"]
     assert ids.shape == (3, 30)
     assert not (ids[:, 4:] == eos).any()
@@ -64,7 +64,7 @@ def test_end_of_text_never_ends_a_sequence(tiny_llama):
 def test_top_k_keeps_every_token_among_the_k_most_likely(tiny_llama):
     model = _model(tiny_llama)
     prompts = torch.randint(3, 256, (4, 3), generator=torch.Generator().manual_seed(1))
-    ids = teacher_text.generate(model, prompts, 20, TextSettings(1.0, top_k=3), seed=5, batch=4, compile=False,
+    ids = teacher_text.generate(model, prompts, 20, TextSettings(1.0, top_k=3), seed=5, batch=4,
                                 say=lambda _: None)["ids"]
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits
@@ -119,30 +119,26 @@ def test_the_kv_cache_size_is_what_a_cache_holds(tiny_llama):
     assert teacher_text.batch_for(model.config, 37, 4, available=None, n=100) == teacher_text.CPU_BATCH
 
 
-def test_out_of_memory_halves_the_batch_and_a_failed_compile_writes_eager(tiny_llama, monkeypatch):
+def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
     model = _model(tiny_llama)
     prompts = torch.randint(3, 256, (9, 3), generator=torch.Generator().manual_seed(2))
     reference = _reference_greedy(model, prompts, 12)
     real = teacher_text.sample
     calls = []
 
-    def flaky(model, prompts, length, temperature, top_k, seed, compile):
-        calls.append((prompts.shape[0], compile))
+    def flaky(model, prompts, length, temperature, top_k, seed):
+        calls.append(prompts.shape[0])
         if prompts.shape[0] > 3:
             raise torch.OutOfMemoryError("fake")
-        if compile:
-            raise RuntimeError("inductor: fake failure")
-        return real(model, prompts, length, temperature, top_k, seed, compile)
+        return real(model, prompts, length, temperature, top_k, seed)
 
     monkeypatch.setattr(teacher_text, "sample", flaky)
     said = []
-    made = teacher_text.generate(model, prompts, 12, TextSettings(1.0, top_k=1), seed=0, batch=9, compile=True,
-                                 say=said.append)
+    made = teacher_text.generate(model, prompts, 12, TextSettings(1.0, top_k=1), seed=0, batch=9, say=said.append)
     torch.testing.assert_close(made["ids"], reference, rtol=0, atol=0)
-    # 9 rows in one batch: out of memory; batches of at most 4 are 3 of 3 rows, which fit, but not compiled
-    assert made["batch"] == 4 and made["compiled"] is False
-    assert calls[:3] == [(9, True), (3, True), (3, False)]
-    assert any("out of memory" in line for line in said) and any("without compiling" in line for line in said)
+    # 9 rows in one batch: out of memory; batches of at most 4 are 3 of 3 rows, which fit
+    assert made["batch"] == 4 and calls == [9, 3, 3, 3]
+    assert any("out of memory" in line for line in said)
 
 
 def _key(prompts, **changes):
@@ -217,6 +213,6 @@ def test_decoding_attention_is_sdpa_over_the_written_positions_with_query_heads_
     seen = []
     attention.register_forward_hook(lambda module, args, out: seen.append(module.config._attn_implementation))
     teacher_text.generate(model, torch.randint(0, 256, (2, 4), generator=g), 9, TextSettings(1.0), seed=0, batch=2,
-                          compile=False, say=lambda _: None)
+                          say=lambda _: None)
     assert len(seen) == 9 - 4 and set(seen) == {teacher_text.DECODING}  # the prompt, then one forward per token
     assert model.config._attn_implementation == "sdpa"

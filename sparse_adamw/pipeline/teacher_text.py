@@ -43,10 +43,6 @@ MAX_BATCH = 1024  # beyond this the sampling's [batch, vocab] fp32 buffers grow 
 MEMORY_SHARE = 0.8  # of the free memory the KV cache may take; the rest is the step's activations and logits
 CPU_BATCH = 32
 PROGRESS_S = 10.0  # at most one progress line this often
-# Compiling the decoding step on GPUs (transformers' torch.compile of a static-cache generate, CUDA graphs) did not
-# pay on an H100, compilation included: 1M tokens at the 135M shape in 105 s against 110 s eager, one batch at the
-# 7B shape in 78 s against 38 s (benchmarks/RESULTS.md, "Text the teacher writes").
-COMPILE_ON_GPU = False
 
 
 @dataclass(frozen=True)
@@ -104,8 +100,8 @@ def batch_for(config, length: int, dtype_bytes: int, available: Optional[int], n
 
 
 def equal_batches(n: int, batch: int) -> List[range]:
-    """n rows in batches of one size (the last filled up by repeating rows, see `generate`): a compiled decoding
-    step is not compiled again for a smaller last batch."""
+    """n rows in batches of one size (the last filled up by repeating rows, see `generate`): every batch is the
+    size the memory was checked for."""
     count = -(-n // batch)
     size = -(-n // count)
     return [range(start, min(n, start + size)) for start in range(0, n, size)]
@@ -116,8 +112,8 @@ def _seed_of(seed: int, first_row: int) -> int:
 
 
 def _release(model) -> None:
-    """Drop what generation keeps on the model (a compiled step and its CUDA graphs' memory pool, a cache)."""
-    for attr in ("_compiled_call", "_last_compile_config", "_cache", "_previous_max_cache_length"):
+    """Drop what transformers' generate keeps on the model (its cache) and free the cached GPU memory."""
+    for attr in ("_cache", "_previous_max_cache_length"):
         if hasattr(model, attr):
             delattr(model, attr)
     gc.collect()
@@ -220,11 +216,10 @@ def decode(model, prompts: torch.Tensor, length: int, temperature: float, top_k:
 
 
 @torch.no_grad()
-def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int,
-           compile: bool) -> torch.Tensor:
-    """`decode`, or transformers' generate (its compiled static-cache step when `compile`; eager when
-    OWN_DECODING is off or the model does not run SDPA attention)."""
-    if OWN_DECODING and not compile and model.config._attn_implementation == "sdpa":
+def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int) -> torch.Tensor:
+    """`decode`, or transformers' generate where the model does not run SDPA attention (or OWN_DECODING is off).
+    (Compiling generate's step, CUDA graphs included, took 105 s for 1M tokens on an H100 where decode takes 58.)"""
+    if OWN_DECODING and model.config._attn_implementation == "sdpa":
         return decode(model, prompts, length, temperature, top_k, seed)
     torch.manual_seed(seed)
     new = length - prompts.shape[1]
@@ -232,18 +227,17 @@ def sample(model, prompts: torch.Tensor, length: int, temperature: float, top_k:
     out = model.generate(
         prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=temperature, top_k=top_k,
         top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
-        cache_implementation="static", disable_compile=not compile, num_beams=1,
+        cache_implementation="static", disable_compile=True, num_beams=1,
         pad_token_id=eos[0] if eos else None)
     return out[:, :length]
 
 
 def generate(model, prompts: torch.Tensor, length: int, settings: TextSettings, seed: int, *,
-             batch: int, compile: bool, say: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Continue every prompt [n, p] to `length` tokens, `batch` at a time: halved on an out-of-memory error, and
-    without compiling when the compiled step fails (an old or partial compiler stack).
+             batch: int, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Continue every prompt [n, p] to `length` tokens, `batch` at a time, halved on an out-of-memory error.
 
-    Returns {"ids": [n, length] int64 on the CPU, "seconds", "batch", "compiled"}. Progress goes to `say`, every
-    PROGRESS_S seconds at most."""
+    Returns {"ids": [n, length] int64 on the CPU, "seconds", "batch"}. Progress goes to `say`, every PROGRESS_S
+    seconds at most."""
     device = next(model.parameters()).device
     started = time.perf_counter()
     was_training = model.training
@@ -251,7 +245,7 @@ def generate(model, prompts: torch.Tensor, length: int, settings: TextSettings, 
     try:
         while True:
             try:
-                rows = _batches(model, prompts, length, settings, seed, batch, compile, device, say, started)
+                rows = _batches(model, prompts, length, settings, seed, batch, device, say, started)
                 break
             except torch.OutOfMemoryError:
                 if batch == 1:
@@ -259,21 +253,13 @@ def generate(model, prompts: torch.Tensor, length: int, settings: TextSettings, 
                 _release(model)
                 batch = max(1, batch // 2)
                 say(f"  out of memory while writing: trying batches of {batch}")
-            except Exception as err:  # noqa: BLE001 - what torch.compile raises varies with its version
-                if not compile:
-                    raise
-                _release(model)
-                compile = False
-                say(f"  the compiled decoding step failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                    "writing without compiling")
     finally:
         model.train(was_training)
         _release(model)
-    return {"ids": torch.cat(rows).long(), "seconds": time.perf_counter() - started, "batch": batch,
-            "compiled": compile}
+    return {"ids": torch.cat(rows).long(), "seconds": time.perf_counter() - started, "batch": batch}
 
 
-def _batches(model, prompts, length, settings, seed, batch, compile, device, say, started) -> List[torch.Tensor]:
+def _batches(model, prompts, length, settings, seed, batch, device, say, started) -> List[torch.Tensor]:
     n, rows, said = prompts.shape[0], [], started
     batches = equal_batches(n, batch)
     size = len(batches[0])
@@ -281,8 +267,7 @@ def _batches(model, prompts, length, settings, seed, batch, compile, device, say
         chunk = prompts[list(part)]
         if len(part) < size:  # fill the last batch up to the same size (the extra rows are dropped)
             chunk = torch.cat([chunk, chunk[:1].expand(size - len(part), -1)])
-        ids = sample(model, chunk.to(device), length, settings.temperature, settings.top_k, _seed_of(seed, part.start),
-                     compile)
+        ids = sample(model, chunk.to(device), length, settings.temperature, settings.top_k, _seed_of(seed, part.start))
         rows.append(ids[:len(part)].cpu())
         now = time.perf_counter()
         if now - said >= PROGRESS_S and part.stop < n:
@@ -292,15 +277,14 @@ def _batches(model, prompts, length, settings, seed, batch, compile, device, say
 
 
 def generate_shared(model, prompts: torch.Tensor, length: int, settings: TextSettings, seed: int, *, batch: int,
-                    compile: bool, rank: int, world_size: int, say: Callable[[str], None] = print) -> Dict[str, Any]:
+                    rank: int, world_size: int, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """`generate`, each process of a distributed run writing rows rank, rank + world_size, ...; every process
     returns all the rows, the slowest process's time, and how many rows each process wrote ("per_process")."""
     if world_size == 1:
-        result = generate(model, prompts, length, settings, seed, batch=batch, compile=compile, say=say)
+        result = generate(model, prompts, length, settings, seed, batch=batch, say=say)
         return {**result, "per_process": [prompts.shape[0]]}
     mine = torch.arange(rank, prompts.shape[0], world_size)
-    result = generate(model, prompts[mine], length, settings, _seed_of(seed, 1 + rank), batch=batch,
-                      compile=compile, say=say)
+    result = generate(model, prompts[mine], length, settings, _seed_of(seed, 1 + rank), batch=batch, say=say)
     shares: List[Any] = [None] * world_size
     torch.distributed.all_gather_object(shares, (mine, result["ids"], result["seconds"]))
     ids = torch.empty(prompts.shape[0], length, dtype=torch.long)
@@ -345,16 +329,15 @@ def replace_share(train: torch.Tensor, teacher, *, teacher_path: str, settings: 
         batch = batch_for(teacher.config, length, next(teacher.parameters()).element_size(), available,
                           -(-len(rows) // world_size))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # sampling reseeds
-            made = generate_shared(teacher, prompts, length, settings, seed, batch=batch,
-                                   compile=device.type == "cuda" and COMPILE_ON_GPU, rank=rank,
+            made = generate_shared(teacher, prompts, length, settings, seed, batch=batch, rank=rank,
                                    world_size=world_size, say=say)
         ids = made["ids"]
         tokens = len(rows) * (length - settings.prompt_tokens)
-        info.update(batch=made["batch"], compiled=made["compiled"], seconds=made["seconds"],
+        info.update(batch=made["batch"], seconds=made["seconds"],
                     per_process=made["per_process"],
                     tokens_per_s=tokens / made["seconds"] if made["seconds"] > 0 else None)
         say(f"Teacher's text: {tokens:,} tokens in {made['seconds']:.1f} s ({info['tokens_per_s']:,.0f} tokens/s, "
-            f"batches of {made['batch']}{', compiled' if made['compiled'] else ''}), kept in {path}")
+            f"batches of {made['batch']}), kept in {path}")
         if rank == 0:
             write_text(path, ids, key)
         if world_size > 1:
