@@ -216,3 +216,10 @@ def test_decoding_attention_is_sdpa_over_the_written_positions_with_query_heads_
                           say=lambda _: None)
     assert len(seen) == 9 - 4 and set(seen) == {teacher_text.DECODING}  # the prompt, then one forward per token
     assert model.config._attn_implementation == "sdpa"
+
+    # a sliding window is attention decode does not compute: transformers' generate writes instead
+    model.config.sliding_window = 4
+    seen.clear()
+    teacher_text.generate(model, torch.randint(0, 256, (2, 4), generator=g), 9, TextSettings(1.0), seed=0, batch=2,
+                          say=lambda _: None)
+    assert seen and set(seen) == {"sdpa"}
