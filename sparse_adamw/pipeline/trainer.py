@@ -120,7 +120,6 @@ class SparsityViolation(RuntimeError):
     """A block that the masks mark pruned holds a nonzero."""
 
 
-@torch.no_grad()
 def check_given_masks(weights: Dict[str, torch.Tensor], masks: Dict[str, torch.Tensor], block_size: BlockSize,
                       source: str) -> None:
     """Masks read from `source` must fit `weights` (ValueError otherwise) and agree with their zeros
@@ -131,6 +130,7 @@ def check_given_masks(weights: Dict[str, torch.Tensor], masks: Dict[str, torch.T
                                 "masks were made for?): " + "; ".join(leaked[:10]))
 
 
+@torch.no_grad()
 def linear_block_masks(model: torch.nn.Module, block_size: BlockSize = 16) -> Dict[str, torch.Tensor]:
     """{parameter name: bool block mask} for every nn.Linear weight with at least one all-zero block.
 
