@@ -15,8 +15,8 @@ OUT=${OUT:-sweep_logs}
 ROOT=${ROOT:-/tmp/sweep}
 RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed
 MEMORY_GB=${MEMORY_GB:-14}  # 12 was too tight: a run peaked 1 GiB above its trial (RESULTS.md)
-# The packaged model's rate. Given as a path, the model would take the rate for your own model, 5e-5: both sweeps of
-# 2026-12-07 ran so (RESULTS.md).
+# The packaged model's rate, given explicitly: both sweeps of 2026-12-07 ran at 5e-5, the rate for your own model,
+# which a pruned copy of the packaged model took then when given as a path (RESULTS.md).
 LR=${LR:-5e-4}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT" "$ROOT"

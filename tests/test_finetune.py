@@ -105,6 +105,27 @@ def test_the_memory_plan_decides_on_gpus_what_the_command_line_leaves_open(capsy
     assert _resolve(["--model", model], cuda=True, world_size=2).training["ddp_find_unused_parameters"] is False
 
 
+def test_the_packaged_model_pruned_anywhere_takes_its_own_learning_rate(tmp_path):
+    """The prune step's report names the packaged model as the source: its recipe's rate (5e-4; masked LoRA
+    1e-3), wherever the folder is. Another source, or no report, takes the rate for your own model."""
+    import json
+
+    from sparse_adamw.pipeline.lora import DEFAULT_LEARNING_RATE as LORA_OWN, PACKAGED_LEARNING_RATE as LORA_PACKAGED
+
+    folders = {}
+    for name, source in (("copy", "smollm2-135m"), ("other", str(tmp_path))):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "prune_report.json").write_text(json.dumps({"model": source, "source": source}))
+    folders["bare"] = tmp_path / "bare"
+    folders["bare"].mkdir()
+    rate = lambda name, *extra: _resolve(["--model", str(folders[name]), *extra], cuda=True,  # noqa: E731
+                                         bf16=True).training["learning_rate"]
+    assert (rate("copy"), rate("other"), rate("bare")) == (5e-4, 5e-5, 5e-5)
+    assert (rate("copy", "--lora"), rate("other", "--lora")) == (LORA_PACKAGED, LORA_OWN)
+    assert rate("copy", "--learning_rate", "3e-4") == 3e-4
+
+
 def test_cpu_offline_default_is_cpu_sized():
     plan = _resolve([])
     t, a = plan.training, plan.args

@@ -208,8 +208,9 @@ class FinetuneTrainingArguments(TrainingArguments):
         f"default: effective batch {EFFECTIVE_BATCH_SIZE} / (processes x per-device batch); "
         f"{CPU_EFFECTIVE_BATCH_SIZE} / ... in the CPU offline default")})
     learning_rate: Optional[float] = field(default=None, metadata={"help": (
-        f"default {format_lr(DEFAULT_LEARNING_RATE)}, the guide's; the offline default model: "
-        f"{format_lr(PACKAGED_LEARNING_RATE)} on GPUs, {format_lr(CPU_LEARNING_RATE)} in the CPU offline default)")})
+        f"default {format_lr(DEFAULT_LEARNING_RATE)}, the guide's; the packaged model pruned by the prune command "
+        f"(its prune_report.json says so, wherever its folder is): {format_lr(PACKAGED_LEARNING_RATE)} on GPUs, "
+        f"{format_lr(CPU_LEARNING_RATE)} in the CPU offline default)")})
     max_steps: Optional[int] = field(default=None, metadata={"help": (
         f"stop after this many optimizer steps; -1 = train --num_train_epochs (default -1; "
         f"{CPU_MAX_STEPS} in the CPU offline default)")})
@@ -301,8 +302,8 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     if adapters is not None:
         lora.check_combination(fsdp=bool(training.get("fsdp")), data_parallel=args.data_parallel)
         if training["learning_rate"] is None:
-            packaged = args.model == str(default_pruned_model())
-            training["learning_rate"] = lora.PACKAGED_LEARNING_RATE if packaged else lora.DEFAULT_LEARNING_RATE
+            training["learning_rate"] = (lora.PACKAGED_LEARNING_RATE if pruned_from_packaged(args.model)
+                                         else lora.DEFAULT_LEARNING_RATE)
     given = {"per_device_train_batch_size": training.get("per_device_train_batch_size"),
              "gradient_accumulation_steps": training.get("gradient_accumulation_steps"),
              "gradient_checkpointing": next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None),
@@ -423,6 +424,12 @@ def teacher_of(model: str) -> Optional[str]:
     return None
 
 
+def pruned_from_packaged(model: str) -> bool:
+    """Whether `model` is the packaged model pruned by the prune step, wherever its folder is (its
+    prune_report.json names the packaged model as its source): it takes the packaged model's recipe."""
+    return teacher_of(model) == DEFAULT_MODEL
+
+
 def _resolve_distill(args: FinetuneArguments) -> None:
     """Distil when a teacher is at hand (or --distill demands one); check the weights."""
     if args.no_distill:
@@ -473,9 +480,8 @@ def data_parallel(plan: Plan) -> Optional[str]:
 def _resolve_schedule(training: Dict[str, object], world_size: int, cpu_default: bool, model: str) -> None:
     """Learning rate, steps, checkpoints and the gradient accumulation that keeps the effective batch."""
     if training["learning_rate"] is None:
-        packaged = model == str(default_pruned_model())
-        training["learning_rate"] = (CPU_LEARNING_RATE if cpu_default else PACKAGED_LEARNING_RATE if packaged
-                                     else DEFAULT_LEARNING_RATE)
+        training["learning_rate"] = (CPU_LEARNING_RATE if cpu_default else PACKAGED_LEARNING_RATE
+                                     if pruned_from_packaged(model) else DEFAULT_LEARNING_RATE)
     if training["max_steps"] is None:
         training["max_steps"] = CPU_MAX_STEPS if cpu_default else -1
     if training["save_steps"] is None:
