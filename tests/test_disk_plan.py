@@ -12,6 +12,7 @@ import torch
 
 from finetune_helpers import tiny_run_args
 from sparse_adamw.pipeline import checkpoints, disk_plan
+from sparse_adamw.pipeline.run_folder import folder_size
 from sparse_adamw.pipeline.disk_plan import peak_of, plan_disk
 from sparse_adamw.pipeline.finetune import main
 
@@ -69,12 +70,12 @@ def test_the_plan_is_within_10_percent_of_what_a_run_writes(tiny, tmp_path, monk
     rotate = checkpoints.rotate_checkpoints
 
     def measured(run_dir, keep, newest):
-        peaks.append(checkpoints.folder_size(run_dir))
+        peaks.append(folder_size(run_dir))
         return rotate(run_dir, keep, newest)
 
     monkeypatch.setattr(checkpoints, "rotate_checkpoints", measured)
     assert main(_args(tiny, out, "--max_steps", 7, "--save_steps", 2, "--keep_checkpoints", *lora)) == 0
-    peaks.append(checkpoints.folder_size(out))  # the end: the kept checkpoint beside the final model
+    peaks.append(folder_size(out))  # the end: the kept checkpoint beside the final model
     text = capsys.readouterr().out
     planned = re.search(r"Disk plan: at most ([\d.]+) [kMG]?B", text)
     assert planned, text

@@ -3,6 +3,8 @@ import torch
 
 from sparse_adamw.masks import MASKS_FILE, load_masks, normalize_block_size, save_masks
 
+from tests.utils import kron_mask
+
 
 def test_block_shapes_from_the_command_line():
     assert normalize_block_size("16") == (16, 16)
@@ -93,8 +95,7 @@ def test_pruned_block_leaks_counts_leaks_per_weight_and_refuses_masks_of_another
     assert all(counts.values())  # random weights leak into every pruned block
     assert pruned_block_leaks(weights, masks, (8, 16)) == [f"{n}: {counts[n]} blocks" for n in ("a", "b")]
     for name, mask in masks.items():  # zero the pruned blocks: nothing leaks
-        weights[name] *= mask.repeat_interleave(8, 0).repeat_interleave(16, 1)[:weights[name].shape[0],
-                                                                               :weights[name].shape[1]]
+        weights[name] *= torch.from_numpy(kron_mask(mask, weights[name].shape, 8, 16)).float()
     assert pruned_block_leaks(weights, masks, "8x16") == []
     with pytest.raises(ValueError, match=r"my.pt names 1 parameter\(s\) the model does not have, e.g. c;"):
         pruned_block_leaks(weights, {**masks, "c": masks["a"]}, (8, 16), "my.pt")
