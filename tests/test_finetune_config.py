@@ -1,15 +1,16 @@
-"""How `--data_parallel` resolves, and what the banner says about it (sparse_adamw/pipeline/finetune_config.py):
+"""How `--data_parallel` resolves, and what the banner says about it (sparse_adamw/pipeline/parallel_mode.py):
 the sharded step where GPUs of one host reach each other's memory, DDP elsewhere, and a word where the chosen mode
 has not been measured (more GPUs than the 2 it was measured on, or GPUs linked by PCIe only)."""
 import pytest
 
-from sparse_adamw.pipeline import finetune_config
-from sparse_adamw.pipeline.finetune_config import _split, build_parser, print_config, resolve_arguments
+from sparse_adamw.pipeline import parallel_mode
+from sparse_adamw.pipeline.banner import print_config
+from sparse_adamw.pipeline.finetune_config import _split, build_parser, resolve_arguments
 
 
 def _plan(monkeypatch, *flags, cuda=True, world=2, peers=True, nvlink=True, local=None):
-    monkeypatch.setattr(finetune_config, "peers_reachable", lambda n: peers)
-    monkeypatch.setattr(finetune_config, "nvlink_between", lambda n: nvlink)
+    monkeypatch.setattr(parallel_mode, "peers_reachable", lambda n: peers)
+    monkeypatch.setattr(parallel_mode, "nvlink_between", lambda n: nvlink)
     if local is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:

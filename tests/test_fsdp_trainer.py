@@ -362,7 +362,8 @@ def test_fsdp_on_the_cpu_is_refused_by_finetune():
 
 
 def test_print_config_says_fsdp(capsys):
-    from sparse_adamw.pipeline.finetune_config import _split, build_parser, print_config, resolve_arguments
+    from sparse_adamw.pipeline.banner import print_config
+    from sparse_adamw.pipeline.finetune_config import _split, build_parser, resolve_arguments
 
     for argv, expected in ((["--model", "m"], "FSDP=0"), (["--model", "m", "--fsdp"], "FSDP=1")):
         args, training = _split(build_parser().parse_args(argv))

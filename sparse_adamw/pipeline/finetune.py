@@ -53,6 +53,7 @@ from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
 from . import held_out, lora, results, teacher_text
 from .data import DEFAULT_DATASET
+from .banner import print_config
 from .checkpoints import WRITE_ERRORS, describe_error
 from .disk_plan import disk_plan, disk_refusal
 from .finetune_config import (
@@ -64,7 +65,6 @@ from .finetune_config import (
     distill_config,
     format_lr,
     parse_arguments,
-    print_config,
     text_settings,
 )
 from .memory_plan import CHECKPOINTING_ARGS, MARGIN, lower_plan_flag, out_of_memory_message

@@ -1,12 +1,11 @@
-"""The fine-tune's arguments: its flags and defaults, how they resolve into a Plan before anything is loaded, what
-changes a run's result (run_config.json), and the KEY=VALUE lines run_dense_finetune.sh reads (--print_config).
-The run itself is in finetune.py."""
+"""The fine-tune's arguments: its flags and defaults, how they resolve into a Plan before anything is loaded, and
+what changes a run's result (run_config.json). The data-parallel mode is chosen in parallel_mode.py, the banner's
+KEY=VALUE lines (--print_config) are in banner.py, and the run itself is in finetune.py."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -16,7 +15,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..backends import IMPLS
 from ..masks import MASKS_FILE, normalize_block_size
-from . import lora
+from . import lora, parallel_mode
 from .distill import DistillConfig
 from .memory_plan import CHECKPOINTING_ARGS
 from .cli import (CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS, CPU_OOD_WINDOWS, DEFAULT_OOD_WINDOWS, command_prog,
@@ -33,8 +32,6 @@ from .run_folder import (
     )
 
 EFFECTIVE_BATCH_SIZE = 8
-DATA_PARALLEL_MODES = ("auto", "ddp", "sharded")
-SHARDED_MEASURED_GPUS = 2  # the sharded step's speed is measured on this many GPUs (benchmarks/RESULTS.md)
 DEFAULT_MAX_TRAIN_SAMPLES = 30000
 DEFAULT_LEARNING_RATE = 5e-5
 DEFAULT_SAVE_STEPS = 500
@@ -144,7 +141,7 @@ class FinetuneArguments:
         "on GPUs, half the state memory of float32 and the same perplexity on the packaged model's recipe; a "
         "bfloat16 exp_avg_sq is rounded stochastically)")})
     optimizer_impl: str = field(default="auto", metadata={"choices": IMPLS, "help": "SparseAdamW backend"})
-    data_parallel: str = field(default="auto", metadata={"choices": DATA_PARALLEL_MODES, "help": (
+    data_parallel: str = field(default="auto", metadata={"choices": parallel_mode.MODES, "help": (
         "how several processes share the work without --fsdp: sharded = ShardedSparseAdamW, each GPU steps the "
         "parameters it owns and gradients and weights travel by copy engine (one host whose GPUs reach each "
         "other's memory); ddp = DDP, every GPU steps the whole model on all-reduced gradients. auto (default): "
@@ -312,8 +309,9 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
     _resolve_schedule(training, world_size, cpu_default, args.model)
     _resolve_precision(args, training, on_cpu, bf16_supported)
     if training.get("fsdp"):
-        _resolve_fsdp(training, on_cpu, world_size)
-    data_parallel_why = _resolve_data_parallel(args, training, on_cpu, world_size)
+        parallel_mode.resolve_fsdp(training, on_cpu, world_size)
+    args.data_parallel, data_parallel_why = parallel_mode.choose(
+        args.data_parallel, fsdp=bool(training.get("fsdp")), on_cpu=on_cpu, world_size=world_size)
     if adapters is not None and args.data_parallel == "sharded":  # auto's choice; asked for, it was refused
         args.data_parallel = "ddp"
         data_parallel_why = "DDP for --lora: its adapters' step is small, the sharded step would share nothing"
@@ -521,105 +519,6 @@ def _resolve_precision(args: FinetuneArguments, training: Dict[str, object], on_
         args.state_dtype = args.dtype
 
 
-def _resolve_fsdp(training: Dict[str, object], on_cpu: bool, world_size: int) -> None:
-    if on_cpu:
-        raise ValueError("--fsdp needs GPUs: accelerate runs FSDP on accelerators only (on the CPU it would "
-                         "quietly train with DDP instead)")
-    if world_size < 2:
-        raise ValueError("--fsdp shards over several processes: launch it with torchrun "
-                         "(run_dense_finetune.sh --num_gpus 2 or more)")
-    config = training.get("fsdp_config") or {}
-    if isinstance(config, dict):
-        version = int(config.get("version", config.get("fsdp_version", 2)))
-        if version != 2:
-            raise ValueError(f"--fsdp_config asks for FSDP{version}: SparseAdamW needs FSDP2 (version 2), which "
-                             "keeps each parameter's rows together")
-        training["fsdp_config"] = {**config, "version": 2}
-    training["fsdp"] = True
-
-
-def _resolve_data_parallel(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool,
-                           world_size: int) -> str:
-    """auto: sharded on 2 or more GPUs of one host that reach each other's memory (not under --fsdp), else ddp.
-    ddp and sharded differ only in rounding (the clip norm's summation order) and share the checkpoint format, so
-    a run may resume under the other. Returns why the mode was chosen, for the banner (empty for one process)."""
-    asked = args.data_parallel
-    if asked not in DATA_PARALLEL_MODES:
-        raise ValueError(f"--data_parallel must be one of {', '.join(DATA_PARALLEL_MODES)}, got {asked!r}")
-    if asked == "sharded":
-        if training.get("fsdp"):
-            raise ValueError("--data_parallel sharded and --fsdp are two ways to split the work: pick one")
-        if world_size < 2:
-            raise ValueError("--data_parallel sharded splits the step over several processes: launch it with "
-                             "torchrun (run_dense_finetune.sh --num_gpus 2 or more)")
-        if not on_cpu and world_size > local_world_size(world_size):
-            raise ValueError("--data_parallel sharded runs on the GPUs of one host (copy engines through each "
-                             "other's memory); this run spans several nodes: use ddp")
-    if world_size < 2:
-        args.data_parallel = "ddp" if asked == "auto" else asked  # one process: nothing to share
-        return ""
-    if asked != "auto":
-        return f"as asked (--data_parallel {asked})"
-    why = ("the CPU" if on_cpu else "--fsdp" if training.get("fsdp")
-           else "several nodes" if world_size != local_world_size(world_size)
-           else None if peers_reachable(world_size) else "GPUs that cannot map each other's memory, or a PyTorch "
-           "without symmetric memory")
-    if why is not None:
-        args.data_parallel = "ddp"
-        return f"auto: DDP, since the sharded step needs the GPUs of one host that reach each other ({why})"
-    args.data_parallel = "sharded"
-    nvlink = nvlink_between(world_size)
-    measured = world_size == SHARDED_MEASURED_GPUS and nvlink is not False
-    return (f"auto: the sharded step, on {world_size} GPUs of one host that reach each other's memory"
-            + (" (measured on 2 H200s joined by NVLink: 1.87x to 1.92x one GPU, DDP 1.71x)" if measured else
-               f"; not measured on {world_size} GPUs{' linked by PCIe only' if nvlink is False else ''} yet: "
-               "--data_parallel ddp runs DDP instead"))
-
-
-def nvlink_between(n: int) -> Optional[bool]:
-    """Whether each of the first n visible GPUs has an active NVLink (NVML, through nvidia-ml-py); None where it
-    cannot tell."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        ids = [int(i) for i in visible.split(",")] if visible and all(
-            i.strip().isdigit() for i in visible.split(",")) else list(range(n))
-        for index in ids[:n]:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            links = 0
-            for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
-                try:
-                    links += pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED
-                except pynvml.NVMLError:
-                    break
-            if not links:
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - no driver, no NVML: unknown
-        return None
-
-
-def local_world_size(world_size: int) -> int:
-    """Processes on this host: torchrun's LOCAL_WORLD_SIZE (the launcher sets it for --print_config too)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-
-
-def peers_reachable(n: int) -> bool:
-    """Whether the first n visible GPUs can all map each other's memory (NVLink or PCIe peer access) and this
-    PyTorch has symmetric memory: what ShardedSparseAdamW's copy engines need."""
-    try:
-        import torch.distributed._symmetric_memory  # noqa: F401
-    except ImportError:
-        return False
-    if torch.cuda.device_count() < n:
-        return False
-    return all(torch.cuda.can_device_access_peer(a, b) for a in range(n) for b in range(n) if a != b)
-
-
 def check_inputs(args: FinetuneArguments) -> None:
     """The files a run reads exist (checked in milliseconds, before anything is loaded); ValueError otherwise."""
     model = Path(args.model).expanduser()
@@ -696,89 +595,3 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> Plan:
     except ValueError as err:
         parser.error(str(err))
     return plan
-
-
-def _input_error(args: FinetuneArguments) -> str:
-    try:
-        check_inputs(args)
-    except ValueError as err:
-        return str(err)
-    return ""
-
-
-def liger_note(training: Dict[str, object], on_cpu: bool) -> str:
-    """What the run will do about Liger-Kernel, for the banner."""
-    import importlib.metadata
-
-    if on_cpu or training.get("use_liger_kernel") is False:
-        return "off" + (" (CPU)" if on_cpu else "")
-    try:
-        version = importlib.metadata.version("liger-kernel")
-    except importlib.metadata.PackageNotFoundError:
-        return "off (liger-kernel is not installed: pip install 'sparse_adamw[gpu]')"
-    return f"on where liger-kernel {version} supports the model type"
-
-
-def generated_note(plan: Plan) -> str:
-    """The banner's line on the teacher's text."""
-    a = plan.args
-    if a.generated_fraction > 0:
-        return (f"{a.generated_fraction:g} of the training sequences written by the teacher before training (T="
-                f"{a.generated_temperature:g}, top-k {a.generated_top_k or 'off'}, from the first "
-                f"{a.generated_prompt_tokens} tokens of the blocks they replace), kept in "
-                f"{Path(plan.training['output_dir']) / TEXT_FILE}")
-    return "off" + ("" if a.distill else " (no teacher)")
-
-
-def print_config(plan: Plan) -> None:
-    """Shell-quoted KEY=VALUE lines for run_dense_finetune.sh."""
-    from .disk_plan import describe_disk_plan
-
-    t, a = plan.training, plan.args
-    input_error = _input_error(a)
-    values = {
-        "MODEL": a.model,
-        "MODEL_NOTE": "" if plan.model_exists else (
-            " (not there yet: the prune step makes it first)" if a.model == str(default_pruned_model())
-            else " (not found here)"),
-        "OUTPUT_DIR": t["output_dir"],
-        "DATASET": describe_dataset(a.dataset, a.dataset_path),
-        "DEVICE": "cpu" if plan.on_cpu else "cuda",
-        "CPU_DEFAULT": int(plan.cpu_default),
-        "NUM_EPOCHS": f"{t['num_train_epochs']:g}",
-        "MAX_STEPS": t["max_steps"],
-        "LEARNING_RATE": format_lr(t["learning_rate"]),
-        "BATCH_SIZE": t["per_device_train_batch_size"] if plan.given["per_device_train_batch_size"] or not
-        plan.memory_plan else "auto",
-        "GRADIENT_ACCUMULATION": "auto" if plan.memory_plan else t["gradient_accumulation_steps"],
-        "CHECKPOINTING": ("auto" if plan.given["gradient_checkpointing"] is None and plan.memory_plan
-                          else "on" if any(t.get(k) for k in CHECKPOINTING_ARGS) else "off"),
-        "MEMORY_PLAN": ("measured on the GPU at the start: the fastest micro-batch and checkpointing that fit "
-                        + (f"{a.max_memory_gb:g} GiB" if a.max_memory_gb else "the free memory") + ", less 5%"
-                        if plan.memory_plan else "off (given on the command line)" if not plan.on_cpu else "off (CPU)"),
-        "LIGER": liger_note(t, plan.on_cpu),
-        "EFFECTIVE_BATCH": plan.effective_batch_size,
-        "BLOCK_SIZE": a.block_size,
-        "MAX_TRAIN_SAMPLES": a.max_train_samples or "all",
-        "BF16": int(bool(t["bf16"])),
-        "DTYPE": a.dtype,
-        "STATE_DTYPE": a.state_dtype,
-        "FSDP": int(bool(t.get("fsdp"))),
-        "DATA_PARALLEL": a.data_parallel,
-        "DATA_PARALLEL_WHY": plan.data_parallel_why,
-        "DISTILL": (f"alpha {a.distill_alpha:g} (KL to the dense model, T={a.distill_temperature:g}"
-                    + (f", SquareHead {a.distill_hidden_weight:g}" if a.distill_hidden_weight else "")
-                    + f"), teacher {a.teacher}") if a.distill else (
-                        "off (--no_distill)" if a.no_distill else "off (no dense teacher at hand: --teacher DIR)"),
-        "GENERATED": generated_note(plan),
-        "LORA": (f"masked LoRA, {plan.lora.describe()}; the pruned weights frozen" if plan.lora else
-                 "off (every weight trains)"),
-        "OOD": (f"{a.ood_windows} windows x {a.block_size} tokens of held-out novels, plays, speeches and recipes"
-                if a.ood_windows and not a.skip_eval else "off"),
-        "DISK_PLAN": describe_disk_plan(plan) if not input_error else "not estimated",
-        "RESUME_FROM": plan.resume_from or "",
-        "RUN_STATE": "complete" if plan.status.complete else "resume" if plan.resume_from else "new",
-        "INPUT_ERROR": input_error,  # what a run (not --print_config) would stop at, before the banner
-    }
-    for key, value in values.items():
-        print(f"{key}={shlex.quote(str(value))}")
