@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import append_csv, environment, markdown_table  # noqa: E402
 
-from sparse_adamw.pipeline.data import train_blocks  # noqa: E402
+from sparse_adamw.pipeline.data import load_eval_windows, train_blocks  # noqa: E402
 from sparse_adamw.pipeline.cli import CPU_BLOCK_SIZE, CPU_MAX_EVAL_WINDOWS  # noqa: E402
-from sparse_adamw.pipeline.evaluate import load_eval_windows, perplexity  # noqa: E402
+from sparse_adamw.pipeline.evaluate import perplexity  # noqa: E402
 from sparse_adamw.pipeline.models import DEFAULT_MODEL, load_model  # noqa: E402
 from sparse_adamw.pipeline.prune import CPU_NSAMPLES, calibration_blocks, prune_model  # noqa: E402
 from sparse_adamw.sparsity import check_sparsity  # noqa: E402

@@ -27,7 +27,8 @@ from finetune_helpers import (
     tiny_run_args,
 )
 from sparse_adamw.pipeline.cli import CPU_BLOCK_SIZE
-from sparse_adamw.pipeline.finetune import last_checkpoint, main
+from sparse_adamw.pipeline.finetune import main
+from sparse_adamw.pipeline.run_folder import last_checkpoint
 from sparse_adamw.pipeline.finetune_config import (
     _split,
     build_parser,
@@ -627,7 +628,7 @@ class _SigintFromAnotherThread:
 def test_ctrl_c_between_the_renames_of_the_final_model_waits_until_every_file_is_in_place(tiny, tmp_path, capsys,
                                                                                            monkeypatch, to):
     """The final model is renamed from the staging folder into the output folder file by file, with SIGINT and
-    SIGTERM held back (_sigint_deferred). A real SIGINT right after the first of those renames, delivered to the
+    SIGTERM held back (final_model.signals_held_back). A real SIGINT right after the first of those renames, delivered to the
     thread doing them or taken by another: every file the staging folder held still arrives, byte for byte (the
     safetensors loads, its pruned blocks zero), and only then does the interrupt end the run (exit 130, one line);
     without the hold, the run stopped with one file of the model in place and the rest left behind."""

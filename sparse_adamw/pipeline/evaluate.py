@@ -22,7 +22,6 @@ from ..sparsity import check_sparsity, sparsity_report
 from . import held_out
 from .cli import (CPU_OOD_WINDOWS, DEFAULT_OOD_WINDOWS, add_eval_arguments, default_ood_windows,
                   default_pruned_model, load_for_eval, parse_eval_command, timed)
-from .data import load_eval_windows  # noqa: F401  (its home before data.py; benchmarks import it from here)
 from .models import DEFAULT_MODEL
 
 # Wanda's zero-shot suite.

@@ -1,5 +1,6 @@
 """Full fine-tuning of a block-pruned causal LM with SparseAdamW; `python -m sparse_adamw.pipeline.finetune --help`.
-(Its flags, defaults and their resolution: finetune_config.py; this module runs the job.)
+(Its flags, defaults and their resolution: finetune_config.py; this module runs the job; how it ends, the final
+model written whole: final_model.py.)
 
 Every Linear weight's pruned 16x16 blocks stay exactly zero: SparseTrainer derives the block masks from the
 model once (or reads the prune step's block_masks.pt and checks it against the model), SparseAdamW never touches
@@ -16,8 +17,9 @@ sparse_adamw.pipeline.prune` (run first when its output is missing), trained at 
 5e-4. On a CPU that default job is resized to finish in minutes (docs/design.md, "The offline default"): 40 steps
 of 4 sequences of 256 tokens, perplexity on 16 windows of 256 tokens.
 
-Under torchrun the ranks train with DDP; --fsdp shards the weights, gradients and SparseAdamW's state over the
-GPUs with FSDP2 instead (accelerate's fully_shard through the Trainer; GPUs only). Either way the checkpoint's
+Under torchrun the ranks share the work as --data_parallel says (parallel_mode.py: by default the sharded step on
+GPUs of one host that reach each other's memory, else DDP); --fsdp shards the weights, gradients and SparseAdamW's
+state over the GPUs with FSDP2 instead (accelerate's fully_shard through the Trainer; GPUs only). Either way the checkpoint's
 optimizer.pt has the one-process format, so a run can resume on another number of GPUs.
 
 The run keeps its resolved configuration and a fingerprint of its starting weights and masks in --output_dir
@@ -43,18 +45,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from ..masks import MASKS_FILE, normalize_block_size, pruned_block_leaks, save_masks
+from ..masks import MASKS_FILE, normalize_block_size
 from ..sparsity import check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
-from . import held_out, lora, results, teacher_text
+from . import final_model, held_out, lora, results, teacher_text
 from .data import DEFAULT_DATASET
 from .banner import print_config
-from .checkpoints import WRITE_ERRORS, describe_error
 from .disk_plan import disk_plan, disk_refusal
 from .finetune_config import (
     FinetuneArguments,
@@ -73,20 +74,15 @@ from .run_folder import (
     RECORD_FORMAT,
     REPORT_FILE,
     RUN_CONFIG,
-    STAGING,
-    TRAINER_STATE,
     WAYS_OUT,
     RunFolderError,
-    checkpoint_dirs,
     clear_leftovers,
     clear_run,
     fingerprint,
     fingerprint_differences,
     folder_size,
     format_size,
-    install,
-    last_checkpoint,  # noqa: F401 - public here since before run_folder.py
-    load_weights,
+    newest_checkpoint,
     read_json,
     remove_checkpoints,
     weight_files,
@@ -143,29 +139,6 @@ def _pause_here(point: str) -> None:
         print(f"[{PAUSE_ENV}] paused at {point}", flush=True)
         while True:
             time.sleep(0.05)
-
-
-@contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while the block runs (renaming the final files into place: all or none).
-
-    Masking the signals (pthread_sigmask) would cover the calling thread only: the process's other threads (tqdm's
-    monitor, the checkpoint writer) would take a Ctrl+C, and Python would still raise it in the main thread mid-block.
-    So the handlers themselves wait: a signal that arrives during the block (on any thread: Python runs handlers on
-    the main thread) is noted, and raised again once the block is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: List[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(pending):
-            signal.raise_signal(signum)
 
 
 @dataclass
@@ -521,7 +494,7 @@ def _train(job: _Job) -> Optional[int]:
         step = trainer.state.global_step
         checkpoint = job.output_dir / f"checkpoint-{step}"
         job.say(f"\nInterrupted at step {step}: " + (f"checkpoint saved in {checkpoint}" if checkpoint.is_dir() else
-                f"its checkpoint could not be written; the newest is {_newest_checkpoint(job) or 'none'}")
+                f"its checkpoint could not be written; the newest is {newest_checkpoint(job.output_dir) or 'none'}")
                 + ". Rerun the same command to resume.")
         return EXIT_INTERRUPTED
     if job.plan.lora is not None:
@@ -529,11 +502,6 @@ def _train(job: _Job) -> Optional[int]:
     job.masks = trainer.optimizer_masks()  # after a resume, the checkpoint's
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
     return None
-
-
-def _newest_checkpoint(job: _Job) -> Optional[str]:
-    found = checkpoint_dirs(job.output_dir)
-    return found[0][1].name if found else None
 
 
 def _out_of_memory(job: _Job) -> int:
@@ -555,78 +523,9 @@ def _out_of_memory(job: _Job) -> int:
     if job.main:
         print("\nerror: " + out_of_memory_message(trainer.state.global_step + 1, plan_text=plan_text,
                                                    trial_peak=trial_peak, run_peak=run_peak, flag=flag,
-                                                   resume_from=_newest_checkpoint(job)),
+                                                   resume_from=newest_checkpoint(job.output_dir)),
               file=sys.stderr, flush=True)
     return EXIT_FAILED
-
-
-def _adopt_checkpoint(job: _Job) -> None:
-    """The checkpoint holds every step (the run stopped after its last one, before its end was written): take its
-    weights and state instead of training, since a Trainer resumed there would train one step more."""
-    from transformers import TrainerState
-    from transformers.trainer_utils import TrainOutput
-
-    from .trainer import SparsityViolation
-
-    checkpoint, trainer = job.plan.resume_from, job.trainer
-    if Path(checkpoint) == job.output_dir:
-        job.say(f"{checkpoint} holds the fine-tuned model of all {job.plan.status.resume_step} steps: finishing the run "
-                "from it")
-    else:
-        job.say(f"{checkpoint} holds all {job.plan.status.resume_step} steps: finishing the run from it")
-    if job.plan.lora is not None:
-        lora.adopt_adapters(job, checkpoint)
-    else:
-        load_weights(job.model, checkpoint)
-        leaked = pruned_block_leaks(dict(job.model.named_parameters()), trainer.masks, trainer.block_size)
-        if leaked:
-            raise SparsityViolation(f"{checkpoint}: pruned blocks are nonzero in {'; '.join(leaked[:3])}")
-    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
-    job.result, job.timings["train_s"] = TrainOutput(trainer.state.global_step, None, {}), 0.0
-    if job.plan.lora is None:  # --lora: job.masks are the frozen weights', checked at the merge
-        job.masks = dict(trainer.masks)
-        job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
-
-
-def _save(job: _Job) -> Optional[int]:
-    """The final model, its trainer state and masks go to STAGING, then their files are renamed into the output
-    folder with SIGINT held back: the final model is whole or absent. Every process takes part (FSDP2 gathers).
-    A write that fails (a full disk) removes STAGING and keeps the checkpoints: one line, and EXIT_FAILED."""
-    from .models import save_model
-    from .trainer import SparsityViolation
-
-    if job.plan.status.trained and Path(job.plan.resume_from) == job.output_dir:
-        return None  # the fine-tuned model is in place already
-    staging = job.output_dir / STAGING
-    try:
-        with timed(job.timings, "save_s"):
-            if job.plan.lora is not None:
-                if job.main:
-                    lora.write_result(job, staging)
-            elif not job.plan.status.trained:
-                job.trainer.save_model(str(staging))
-            elif job.main:  # adopted from a checkpoint: a plain model, never wrapped
-                save_model(job.model, job.tokenizer, staging)
-            if job.main:
-                job.trainer.state.save_to_json(str(staging / TRAINER_STATE))
-                save_masks(staging / MASKS_FILE, job.masks, job.trainer.block_size)
-    except SparsityViolation:
-        raise
-    except WRITE_ERRORS as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if job.main:
-            newest = _newest_checkpoint(job)
-            print(f"error: the fine-tuned model could not be written to {job.output_dir} ({describe_error(err)}); "
-                  + (f"{newest} is kept: make room and rerun the same command to resume from it" if newest else
-                     "no checkpoint was kept: make room and rerun the same command to train again"),
-                  file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    if job.main:
-        _pause_here("install")
-        with _sigint_deferred():
-            install(staging, job.output_dir, skip=("training_args.bin",))  # run_config.json says it all
-    _barrier(job.training_args)
-    return None
 
 
 def _evaluate_after(job: _Job) -> None:
@@ -754,15 +653,15 @@ def _steps(job: _Job) -> int:
         _evaluate_before(job)
     job.enter("training")
     if job.plan.status.trained:
-        _adopt_checkpoint(job)
+        final_model.adopt_checkpoint(job)
     else:
         stopped = _train(job)
         if stopped is not None:
             return stopped
     job.enter("saving the fine-tuned model")
-    failed = _save(job)
-    if failed is not None:
-        return failed
+    if not final_model.write(job, pause=_pause_here):
+        return EXIT_FAILED
+    _barrier(job.training_args)
     if not job.main:
         return 0
     job.enter("evaluating the fine-tuned model", "eval_after")
@@ -829,8 +728,8 @@ def say_complete(plan: Plan) -> int:
           f"{REPORT_FILE} are in {out}")
     if report:
         print(results.summary_line(report))
-    kept = checkpoint_dirs(out)
-    print("Nothing to do. " + (f"A larger --max_steps (or --num_train_epochs) trains on from {kept[0][1].name}; "
+    kept = newest_checkpoint(out)
+    print("Nothing to do. " + (f"A larger --max_steps (or --num_train_epochs) trains on from {kept}; "
                                if kept else "It kept no checkpoint to train longer from (--keep_checkpoints keeps "
                                "one); ") + "--overwrite_output_dir starts afresh.")
     return 0

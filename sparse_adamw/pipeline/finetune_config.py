@@ -24,12 +24,7 @@ from .data import DATASETS, DEFAULT_BLOCK_SIZE, DEFAULT_DATASET
 from .models import DEFAULT_MODEL, model_slug
 from .prune import REPORT_FILE as PRUNE_REPORT
 from .teacher_text import TEXT_FILE, TextSettings
-from .run_folder import (
-    RunFolderError,
-    Status,
-    inspect,
-    last_checkpoint,  # noqa: F401 - public here since before run_folder.py
-    )
+from .run_folder import RunFolderError, Status, inspect
 
 EFFECTIVE_BATCH_SIZE = 8
 DEFAULT_MAX_TRAIN_SAMPLES = 30000

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Tuple
 
-import torch
-
 MODES = ("auto", "ddp", "sharded")
 SHARDED_MEASURED_GPUS = 2  # the sharded step's speed is measured on this many GPUs (benchmarks/RESULTS.md)
 

@@ -120,6 +120,12 @@ def checkpoint_dirs(output_dir) -> List[Tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def newest_checkpoint(output_dir) -> Optional[str]:
+    """The name of the newest checkpoint-N folder, or None."""
+    found = checkpoint_dirs(output_dir)
+    return found[0][1].name if found else None
+
+
 def _safetensors_problem(path: Path) -> Optional[str]:
     """Whether the header parses and the file is as long as the header says (a truncated copy is not)."""
     try:
