@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List
 
 from ..masks import MASKS_FILE, pruned_block_leaks, save_masks
+from ..sparsity import SparsityViolation
 from . import lora
 from .checkpoints import WRITE_ERRORS, describe_error
 from .cli import timed
@@ -23,8 +24,6 @@ def adopt_checkpoint(job) -> None:
     weights and state instead of training, since a Trainer resumed there would train one step more."""
     from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
-
-    from .trainer import SparsityViolation
 
     checkpoint, trainer = job.plan.resume_from, job.trainer
     if Path(checkpoint) == job.output_dir:
@@ -52,7 +51,6 @@ def write(job, pause: Callable[[str], None]) -> bool:
     A write that fails (a full disk) removes STAGING and keeps the checkpoints: one line, and False. `pause` is
     the tests' hook before the renames."""
     from .models import save_model
-    from .trainer import SparsityViolation
 
     if job.plan.status.trained and Path(job.plan.resume_from) == job.output_dir:
         return True  # the fine-tuned model is in place already

@@ -50,7 +50,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from ..masks import MASKS_FILE, normalize_block_size
-from ..sparsity import check_sparsity, pruned_fraction
+from ..sparsity import SparsityViolation, check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
 from . import final_model, held_out, lora, results, teacher_text
@@ -594,7 +594,6 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
 def _prepare(job: _Job, record: bool = True) -> Optional[int]:
     """Record the run (unless not `record`), load, make the trainer, measure the memory plan: an exit status when the
     user's input is wrong, else None."""
-    from .trainer import SparsityViolation
 
     try:
         if record:

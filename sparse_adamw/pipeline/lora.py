@@ -36,6 +36,7 @@ from torch import nn
 
 from ..masks import MASKS_FILE, BlockSize, block_grid, expand_block_mask, load_masks, \
     normalize_block_size, pruned_block_leaks, save_masks
+from ..sparsity import SparsityViolation, check_given_masks, check_sparsity, linear_block_masks, pruned_fraction
 
 ADAPTER_DIR = "adapter"  # in the output folder: beside the merged model, whose from_pretrained it must not redirect
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's names
@@ -330,8 +331,6 @@ def pruned_masks(model: nn.Module, masks_file: Optional[str], block: Tuple[int, 
     """The frozen model's block masks: the prune step's file (its block shape wins), checked against the model, or
     derived from its all-zero blocks (as SparseTrainer derives them). ValueError for a file made for another model;
     SparsityViolation for a model nonzero where the file says pruned."""
-    from .trainer import check_given_masks, linear_block_masks
-
     if masks_file is None:
         return linear_block_masks(model, block), block
     masks, block = load_masks(masks_file)
@@ -433,7 +432,6 @@ def copy_adapter_weights(adapted: Dict[str, MaskedLoRALinear], tensors: Dict[str
 def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[int, int]) -> int:
     """After the merge: every block `masks` marks pruned is exactly zero (SparsityViolation naming the weights
     otherwise). Returns how many weights were checked."""
-    from .trainer import SparsityViolation
 
     leaked = pruned_block_leaks(dict(model.named_parameters()), masks, block, "the merged model's masks")
     if leaked:
@@ -445,7 +443,6 @@ def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[
 def prepare_job(job) -> None:
     """--lora, on the CPU before anything is placed: the frozen model's masks and sparsity, the teacher's weights
     shared with it where they can be (one copy on the GPU), then the adapters."""
-    from ..sparsity import check_sparsity, pruned_fraction
 
     job.masks, job.lora_block = pruned_masks(job.model, job.args.masks_file, job.prune_block)
     job.sparsity["before"] = check_sparsity(job.model, verbose=False)
