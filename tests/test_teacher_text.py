@@ -188,7 +188,7 @@ def test_replace_share_writes_the_share_keeps_it_and_leaves_the_random_state_alo
 def test_decoding_attention_is_sdpa_over_the_written_positions_with_query_heads_packed(tiny_llama):
     """decoding_attention against transformers' SDPA attention (which repeats each KV head for its query heads) with
     a static cache's mask, the unwritten positions holding garbage: one new token, and the prompt attending
-    causally. decode runs under it and puts the model's attention back afterwards."""
+    causally. decode runs under it, without cuDNN's SDPA kernels, and puts the model's attention back afterwards."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     model = _model(tiny_llama)
@@ -210,12 +210,16 @@ def test_decoding_attention_is_sdpa_over_the_written_positions_with_query_heads_
     ours, _ = teacher_text.decoding_attention(attention, prompt, k, v, None, scaling=0.25)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
-    seen = []
+    seen, cudnn = [], []
     attention.register_forward_hook(lambda module, args, out: seen.append(module.config._attn_implementation))
+    attention.register_forward_hook(lambda module, args, out: cudnn.append(torch.backends.cuda.cudnn_sdp_enabled()))
     teacher_text.generate(model, torch.randint(0, 256, (2, 4), generator=g), 9, TextSettings(1.0), seed=0, batch=2,
                           say=lambda _: None)
     assert len(seen) == 9 - 4 and set(seen) == {teacher_text.DECODING}  # the prompt, then one forward per token
     assert model.config._attn_implementation == "sdpa"
+    # cuDNN's SDPA builds a graph per key length, and each step has a new one: decode leaves it out, then puts the
+    # process's choice back
+    assert set(cudnn) == {False} and torch.backends.cuda.cudnn_sdp_enabled()
 
     # a sliding window is attention decode does not compute: transformers' generate writes instead
     model.config.sliding_window = 4

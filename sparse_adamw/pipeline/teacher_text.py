@@ -122,6 +122,11 @@ def _release(model) -> None:
 
 
 DECODING = "sparse_adamw_decoding"  # the attention implementation `decode` registers and runs under
+# The SDPA kernels `decode` may use: not cuDNN's, which recent PyTorch prefers on Hopper and which builds a graph for
+# each new key length, while each step of `decode` has a new one (the positions written so far). In one call on an
+# H100 with cuDNN allowed, decode took about 80 ms a step whatever the batch, 2.5x generate's time at batch 199 and
+# at the 7B shape (benchmarks/RESULTS.md): those graph builds are the likely cost, not yet measured without them.
+DECODING_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 _FILLED = [0]  # how many positions of the static cache `decode` has written before the forward it runs
 OWN_DECODING = True  # benchmarks/bench_generate.py turns it off to time transformers' generate beside it
 
@@ -187,10 +192,12 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, suppressed: torc
 def decode(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int) -> torch.Tensor:
     """[b, length] token ids: the prompts [b, p] continued by sampling at `temperature` from the `top_k` most likely
     tokens (0: all), end-of-text suppressed, with a static KV cache. A loop of the model's forwards rather than
-    transformers' generate: 1M tokens at the 135M shape in 58 s on an H100, where generate took 110
+    transformers' generate: 1M tokens at the 135M shape (batch 993) in 58 s on an H100, where generate took 110 on
+    another; at batch 199 and at the 7B shape it was 2.5x slower than generate before DECODING_BACKENDS
     (benchmarks/RESULTS.md)."""
     import inspect
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import StaticCache
 
     b, p = prompts.shape
@@ -204,7 +211,7 @@ def decode(model, prompts: torch.Tensor, length: int, temperature: float, top_k:
     ids = torch.empty(b, length, dtype=torch.long, device=device)
     ids[:, :p] = prompts
     start = 0
-    with _decoding_attention(model):
+    with _decoding_attention(model), sdpa_kernel([getattr(SDPBackend, name) for name in DECODING_BACKENDS]):
         for pos in range(p, length):
             _FILLED[0] = pos
             extra = {"cache_position": positions[start:pos]} if "cache_position" in accepted else {}
