@@ -108,10 +108,9 @@ def test_the_memory_plan_decides_on_gpus_what_the_command_line_leaves_open(capsy
 
 def test_the_packaged_model_pruned_anywhere_takes_its_own_learning_rate(tmp_path):
     """The prune step's report names the packaged model as the source: its recipe's rate (5e-4; masked LoRA
-    1e-3), wherever the folder is. Another source, or no report, takes the rate for your own model."""
+    2e-3), wherever the folder is. Another source, or no report, takes the rate for your own model (5e-5; masked
+    LoRA 2e-4)."""
     import json
-
-    from sparse_adamw.pipeline.lora import DEFAULT_LEARNING_RATE as LORA_OWN, PACKAGED_LEARNING_RATE as LORA_PACKAGED
 
     folders = {}
     for name, source in (("copy", "smollm2-135m"), ("other", str(tmp_path))):
@@ -123,7 +122,7 @@ def test_the_packaged_model_pruned_anywhere_takes_its_own_learning_rate(tmp_path
     rate = lambda name, *extra: _resolve(["--model", str(folders[name]), *extra], cuda=True,  # noqa: E731
                                          bf16=True).training["learning_rate"]
     assert (rate("copy"), rate("other"), rate("bare")) == (5e-4, 5e-5, 5e-5)
-    assert (rate("copy", "--lora"), rate("other", "--lora")) == (LORA_PACKAGED, LORA_OWN)
+    assert (rate("copy", "--lora"), rate("other", "--lora")) == (2e-3, 2e-4)
     assert rate("copy", "--learning_rate", "3e-4") == 3e-4
 
 

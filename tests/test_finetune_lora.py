@@ -154,6 +154,31 @@ def test_distilled_with_one_copy_of_the_weights_ends_bitwise_as_with_two(tiny, t
         assert (a[name][_elementwise(mask, a[name].shape) == 0] == 0).all(), name
 
 
+def test_the_teachers_text_with_one_copy_of_the_weights(tiny, tmp_path, tiny_llama):
+    """--generated_fraction under --lora, the student and the teacher sharing one copy of the dense weights: the
+    teacher writes its share with its own dense forward, and the merge keeps every pruned block zero."""
+    from pipeline_helpers import save_tiny_model, tiny_tokenizer
+    from safetensors.torch import load_file as load_tensors
+
+    from sparse_adamw.pipeline.data import train_blocks
+    from sparse_adamw.pipeline.teacher_text import TEXT_FILE
+
+    model_dir, masks, corpus = tiny
+    teacher = save_tiny_model(tmp_path / "dense", tiny_llama(hidden_size=48, intermediate_size=80), tiny_tokenizer())
+    out = tmp_path / "lora"
+    done = run_finetune(tiny_run_args(model_dir, corpus, out, "--max_steps", 3, "--lora", "--lora_r", 4, "--teacher",
+                                      teacher, "--generated_fraction", 0.25, "--generated_prompt_tokens", 5,
+                                      "--max_eval_windows", 4, "--ood_windows", 0))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "share one copy of the dense weights" in done.stdout
+    blocks = train_blocks(tiny_tokenizer(), dataset_path=str(corpus), block_size=32)
+    written = load_tensors(str(out / TEXT_FILE))["input_ids"]
+    assert written.shape == (round(0.25 * len(blocks)), 32)
+    merged = load_file(str(out / "model.safetensors"))
+    for name, mask in masks.items():
+        assert (merged[name][_elementwise(mask, merged[name].shape) == 0] == 0).all(), name
+
+
 def test_peft_loads_the_adapter_as_written(tiny, tmp_path):
     """PEFT reads the adapter's config and weights as they are (its layers then add B·A unmasked: the docs say
     so, and load_masked_adapter applies the masks)."""

@@ -15,7 +15,8 @@ from pipeline_helpers import save_tiny_model, tiny_tokenizer
 from sparse_adamw.pipeline import finetune, teacher_text
 from sparse_adamw.pipeline.data import train_blocks
 from sparse_adamw.pipeline.finetune import main
-from sparse_adamw.pipeline.finetune_config import parse_arguments
+from sparse_adamw.pipeline.finetune_config import (DEFAULT_GENERATED_FRACTION, _split, build_parser,
+                                                   parse_arguments, resolve_arguments)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,6 +149,24 @@ def test_bad_settings_stop_before_anything_loads(setup, tmp_path, capsys, monkey
         parse_arguments(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda, extra, expected", [
+    (True, (), DEFAULT_GENERATED_FRACTION),  # GPUs, distilling: the measured default
+    (False, (), 0.0),  # the CPU: too slow to write (RESULTS.md)
+    (True, ("--no_distill",), 0.0),  # no teacher, no text
+    (True, ("--generated_fraction", 0), 0.0),
+    (False, ("--generated_fraction", 0.3), 0.3),
+])
+def test_the_default_share_is_written_on_gpus_where_distillation_is_on(setup, cuda, extra, expected):
+    model_dir, _, teacher, _ = setup
+    argv = ["--model", str(model_dir), *map(str, extra)]
+    if "--no_distill" not in extra:
+        argv += ["--teacher", str(teacher)]
+    args, training = _split(build_parser().parse_args(argv))
+    plan = resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=1)
+    assert plan.args.generated_fraction == expected
+    assert DEFAULT_GENERATED_FRACTION > 0
 
 
 def test_without_a_teacher_at_hand_the_error_says_how_to_give_one(setup, tmp_path, capsys):

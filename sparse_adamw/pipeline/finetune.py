@@ -594,7 +594,6 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
 def _prepare(job: _Job, record: bool = True) -> Optional[int]:
     """Record the run (unless not `record`), load, make the trainer, measure the memory plan: an exit status when the
     user's input is wrong, else None."""
-
     try:
         if record:
             job.enter("checking the starting weights")

@@ -47,7 +47,10 @@ DEFAULT_R = 16
 DEFAULT_ALPHA_PER_R = 2.0  # alpha = 2 r: scale 2, a common choice
 DEFAULT_DROPOUT = 0.05
 DEFAULT_LEARNING_RATE = 2e-4  # your own model: the common LoRA rate
-PACKAGED_LEARNING_RATE = 1e-3  # the packaged model: measured at the CPU demo's size (benchmarks/RESULTS.md)
+# The packaged model, measured (benchmarks/RESULTS.md, "Masked LoRA"): 3 epochs on one H100, rank 16, distilled,
+# recovered 76.8% at 5e-4, 80.7% at 1e-3 (two seeds), 84.4% at 2e-3. The CPU demo's 40 steps: 1e-3 against 2e-4.
+PACKAGED_LEARNING_RATE = 2e-3
+CPU_LEARNING_RATE = 1e-3
 
 
 def _masked(product: torch.Tensor, block_mask: torch.Tensor, block: Tuple[int, int], scale: float) -> torch.Tensor:
