@@ -1,6 +1,6 @@
 """Full fine-tuning of a block-pruned causal LM with SparseAdamW; `python -m sparse_adamw.pipeline.finetune --help`.
-(Its flags, defaults and their resolution: finetune_config.py; this module runs the job; how it ends, the final
-model written whole: final_model.py.)
+(Its flags, defaults and their resolution: finetune_config.py; this module runs the job; the measurements before
+and after training: finetune_eval.py; how it ends, the final model written whole: final_model.py.)
 
 Every Linear weight's pruned 16x16 blocks stay exactly zero: SparseTrainer derives the block masks from the
 model once (or reads the prune step's block_masks.pt and checks it against the model), SparseAdamW never touches
@@ -53,7 +53,7 @@ from ..masks import MASKS_FILE, normalize_block_size
 from ..sparsity import SparsityViolation, check_sparsity, pruned_fraction
 from .callbacks import LogAtCheckpoints, StepClock
 from .cli import LOAD_ERRORS, default_pruned_model, timed, versions
-from . import final_model, held_out, lora, results, teacher_text
+from . import final_model, finetune_eval, held_out, lora, results, teacher_text
 from .data import DEFAULT_DATASET
 from .banner import print_config
 from .disk_plan import disk_plan, disk_refusal
@@ -68,7 +68,7 @@ from .finetune_config import (
     parse_arguments,
     text_settings,
 )
-from .memory_plan import CHECKPOINTING_ARGS, MARGIN, lower_plan_flag, out_of_memory_message
+from .memory_plan import CHECKPOINTING_ARGS, say_out_of_memory
 from .models import DEFAULT_MODEL, liger_supports
 from .run_folder import (
     RECORD_FORMAT,
@@ -436,42 +436,6 @@ def _announce(job: _Job) -> None:
         job.say("warning: the model has no zero blocks: SparseAdamW acts as plain AdamW")
 
 
-def _perplexity(job: _Job, model, when: str) -> None:
-    """Perplexity `when` ("before", "after" or "dense"), timed as eval_<when>_s; on the held-out text too, when it
-    is at hand (eval_<when>_held_out_s)."""
-    from .evaluate import held_out_perplexity, perplexity
-
-    t = job.training_args
-    with timed(job.timings, f"eval_{when}_s"):
-        job.perplexity[when] = perplexity(model, job.windows, t.per_device_eval_batch_size, t.device,
-                                          progress=False)
-    if job.held_out is not None:
-        with timed(job.timings, f"eval_{when}_held_out_s"):
-            job.held_out_perplexity[when] = held_out_perplexity(model, job.held_out, t.per_device_eval_batch_size,
-                                                                t.device, progress=False)
-
-
-def _held_out_line(job: _Job, when: str) -> str:
-    ppl = job.held_out_perplexity[when]
-    return "" if ppl is None else f"; out of domain {ppl['all']:.4f} ({job.timings[f'eval_{when}_held_out_s']:.1f} s)"
-
-
-def _evaluate_before(job: _Job) -> None:
-    if job.trainer.fsdp_version:
-        job.model.to(job.training_args.device)  # the Trainer leaves placement to FSDP, which shards it later
-    job.say(f"Perplexity of the pruned model on {job.evaluated}...", flush=True)
-    job.say(f"Out of domain: {job.held_out_note}")
-    _perplexity(job, job.model, "before")
-    job.say(f"Perplexity before fine-tuning: {job.perplexity['before']:.4f} ({job.timings['eval_before_s']:.1f} s)"
-            + _held_out_line(job, "before"))
-    if job.teacher is not None:
-        if job.trainer.fsdp_version:
-            job.teacher.to(job.training_args.device)
-        _perplexity(job, job.teacher, "dense")
-        job.say(f"Perplexity of the dense teacher: {job.perplexity['dense']:.4f} ({job.timings['eval_dense_s']:.1f} s)"
-                + _held_out_line(job, "dense"))
-
-
 def _train(job: _Job) -> Optional[int]:
     """Train (resuming from the last checkpoint); an exit status when it stopped early: Ctrl+C (after a
     checkpoint) or out of GPU memory."""
@@ -486,7 +450,8 @@ def _train(job: _Job) -> Optional[int]:
         with timed(job.timings, "train_s"):
             job.result = trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
-        return _out_of_memory(job)
+        say_out_of_memory(job)
+        return EXIT_FAILED
     finally:
         if cuda:
             job.training_peak = torch.cuda.max_memory_reserved(job.training_args.device)
@@ -502,46 +467,6 @@ def _train(job: _Job) -> Optional[int]:
     job.masks = trainer.optimizer_masks()  # after a resume, the checkpoint's
     job.say(f"Masks checked: {len(job.masks)} weights still have exactly zero pruned blocks")
     return None
-
-
-def _out_of_memory(job: _Job) -> int:
-    """One message (main process): the step, the plan, the peaks, and the flag that lowers the plan; the
-    checkpoint being written is finished first, so that the rerun resumes from it."""
-    trainer, t = job.trainer, job.training_args
-    trainer.checkpoint_writer.wait()
-    micro, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    checkpointing = any(getattr(t, k, False) for k in CHECKPOINTING_ARGS)
-    plan_text = (f"micro-batch {micro} x gradient accumulation {accumulation}"
-                 + (", activation checkpointing" if checkpointing else ""))
-    trial_peak = None
-    if job.memory is not None:
-        trial_peak = next((trial.peak for trial in job.memory.trials if trial.candidate == job.memory.chosen), None)
-        plan_text += f", measured at the start within {job.memory.budget / 1024 ** 3:.1f} GiB"
-    flag = lower_plan_flag(trial_peak=trial_peak, margin=MARGIN, micro_batch=micro, checkpointing=checkpointing,
-                           per_process=job.plan.effective_batch_size // job.plan.world_size)
-    run_peak = torch.cuda.max_memory_reserved(t.device) if torch.cuda.is_available() and not job.plan.on_cpu else None
-    if job.main:
-        print("\nerror: " + out_of_memory_message(trainer.state.global_step + 1, plan_text=plan_text,
-                                                   trial_peak=trial_peak, run_peak=run_peak, flag=flag,
-                                                   resume_from=newest_checkpoint(job.output_dir)),
-              file=sys.stderr, flush=True)
-    return EXIT_FAILED
-
-
-def _evaluate_after(job: _Job) -> None:
-    """Sparsity and perplexity of the trained model (main process)."""
-    from .models import load_model
-
-    trainer = job.trainer
-    model = job.model if job.plan.status.trained else trainer.model
-    if trainer.fsdp_version and not job.plan.status.trained:
-        # The trained model is sharded over the ranks: evaluate the whole model that save_model wrote.
-        model, _ = load_model(str(job.output_dir), job.training_args.device, job.args.dtype)
-    job.sparsity["after"] = check_sparsity(model, verbose=False)
-    job.pruned_blocks["after"] = pruned_fraction(model, job.masks, trainer.block_size)
-    if job.windows is not None:
-        _perplexity(job, model, "after")
-    job.timings["total_s"] = time.perf_counter() - job.started
 
 
 def _finish(job: _Job) -> None:
@@ -648,7 +573,7 @@ def _steps(job: _Job) -> int:
     _announce(job)
     if job.windows is not None:
         job.enter("evaluating the pruned model", "eval_before")
-        _evaluate_before(job)
+        finetune_eval.before(job)
     job.enter("training")
     if job.plan.status.trained:
         final_model.adopt_checkpoint(job)
@@ -663,7 +588,7 @@ def _steps(job: _Job) -> int:
     if not job.main:
         return 0
     job.enter("evaluating the fine-tuned model", "eval_after")
-    _evaluate_after(job)
+    finetune_eval.after(job)
     job.enter("writing the report")
     _finish(job)
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -25,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .models import resolve_dtype
+from .run_folder import newest_checkpoint
 
 GiB = 1024 ** 3
 MARGIN = 0.05  # of the budget, for what the trial does not see (allocator fragmentation over a long run)
@@ -325,3 +327,27 @@ def out_of_memory_message(step: int, *, plan_text: str, trial_peak: Optional[int
     where = f"resumes from {resume_from}" if resume_from else "starts again (no checkpoint was written yet)"
     return (f"out of GPU memory in step {step} (plan: {plan_text}" + (f"; {', '.join(peaks)}" if peaks else "")
             + f"). The same command with {flag} {where}, with a smaller plan")
+
+
+def say_out_of_memory(job) -> None:
+    """Out of memory mid-run: one message (main process) with the step, the plan, the peaks, and the flag that lowers
+    the plan; the checkpoint being written is finished first, so that the rerun resumes from it. `job` is
+    finetune.py's record of the run."""
+    trainer, t = job.trainer, job.training_args
+    trainer.checkpoint_writer.wait()
+    micro, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    checkpointing = any(getattr(t, k, False) for k in CHECKPOINTING_ARGS)
+    plan_text = (f"micro-batch {micro} x gradient accumulation {accumulation}"
+                 + (", activation checkpointing" if checkpointing else ""))
+    trial_peak = None
+    if job.memory is not None:
+        trial_peak = next((trial.peak for trial in job.memory.trials if trial.candidate == job.memory.chosen), None)
+        plan_text += f", measured at the start within {job.memory.budget / 1024 ** 3:.1f} GiB"
+    flag = lower_plan_flag(trial_peak=trial_peak, margin=MARGIN, micro_batch=micro, checkpointing=checkpointing,
+                           per_process=job.plan.effective_batch_size // job.plan.world_size)
+    run_peak = torch.cuda.max_memory_reserved(t.device) if torch.cuda.is_available() and not job.plan.on_cpu else None
+    if job.main:
+        print("\nerror: " + out_of_memory_message(trainer.state.global_step + 1, plan_text=plan_text,
+                                                   trial_peak=trial_peak, run_peak=run_peak, flag=flag,
+                                                   resume_from=newest_checkpoint(job.output_dir)),
+              file=sys.stderr, flush=True)
