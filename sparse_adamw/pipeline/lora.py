@@ -435,7 +435,6 @@ def copy_adapter_weights(adapted: Dict[str, MaskedLoRALinear], tensors: Dict[str
 def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[int, int]) -> int:
     """After the merge: every block `masks` marks pruned is exactly zero (SparsityViolation naming the weights
     otherwise). Returns how many weights were checked."""
-
     leaked = pruned_block_leaks(dict(model.named_parameters()), masks, block, "the merged model's masks")
     if leaked:
         raise SparsityViolation("the merged model is nonzero in pruned blocks: " + "; ".join(leaked[:5]))
@@ -446,7 +445,6 @@ def check_merged(model: nn.Module, masks: Dict[str, torch.Tensor], block: Tuple[
 def prepare_job(job) -> None:
     """--lora, on the CPU before anything is placed: the frozen model's masks and sparsity, the teacher's weights
     shared with it where they can be (one copy on the GPU), then the adapters."""
-
     job.masks, job.lora_block = pruned_masks(job.model, job.args.masks_file, job.prune_block)
     job.sparsity["before"] = check_sparsity(job.model, verbose=False)
     job.pruned_blocks["before"] = pruned_fraction(job.model, job.masks, job.lora_block)
