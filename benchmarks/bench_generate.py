@@ -4,7 +4,9 @@ Random-init models of the packaged SmolLM2-135M's shape and of LLaMA-2-7B's (bf1
 weights), prompts of 16 random tokens continued to 1024 tokens, as the fine-tune does it (teacher_text.generate:
 static KV cache, equal batches, the batch sized from the free memory), with each decoder of --decoders: `ours`,
 teacher_text.decode (the fine-tune's: a loop of the model's forwards, attention over the written positions only,
-sampling over the top k); `generate`, transformers' generate, eager. (Its compiled step, CUDA graphs, was measured
+sampling over the top k); `ours_cudnn`, the same with cuDNN's attention allowed first (as PyTorch prefers it on
+Hopper: each decoding step has a new key length, and so a new cuDNN graph); `generate`, transformers' generate,
+eager. (Its compiled step, CUDA graphs, was measured
 once and dropped: 105 s for 1M tokens on an H100, compilation included, where decode takes 58; RESULTS.md.)
 
     python benchmarks/bench_generate.py --json results.json
@@ -60,11 +62,13 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--batches_7b", type=int, default=1, help="batches to write at the 7B shape")
     parser.add_argument("--decoders", default="ours,generate",
-                        help="comma-separated: ours (teacher_text.decode), generate (transformers', eager)")
+                        help="comma-separated: ours (teacher_text.decode), ours_cudnn (decode with cuDNN attention "
+                        "allowed), generate (transformers', eager)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "transformers": __import__("transformers").__version__, "runs": []}
+    backends = teacher_text.DECODING_BACKENDS
     for shape in args.sizes.split(","):
         model = model_of(shape)
         free, _ = torch.cuda.mem_get_info()
@@ -73,13 +77,14 @@ def main() -> int:
         else:
             n = args.batches_7b * teacher_text.batch_for(model.config, args.length, 2, free, 10**6)
         for decoder in args.decoders.split(","):
-            teacher_text.OWN_DECODING = decoder == "ours"
+            teacher_text.OWN_DECODING = decoder.startswith("ours")
+            teacher_text.DECODING_BACKENDS = ("CUDNN_ATTENTION",) + backends if decoder == "ours_cudnn" else backends
             started = time.perf_counter()
             run = {"shape": shape, "decoder": decoder, **measure(model, n, args.length, args.prompt)}
             run["wall_s"] = round(time.perf_counter() - started, 2)
             print(json.dumps(run), flush=True)
             results["runs"].append(run)
-        teacher_text.OWN_DECODING = True
+        teacher_text.OWN_DECODING, teacher_text.DECODING_BACKENDS = True, backends
         del model
         torch.cuda.empty_cache()
     print(json.dumps(results, indent=1))

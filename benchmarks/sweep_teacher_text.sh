@@ -9,11 +9,11 @@
 # Five runs of 14 GiB fit an 80 GB card with their CUDA contexts; EXTRA adds flags to every run.
 #
 #   OUT=sweep RUNS="0:0 0.5:0 0.25:0 0:1 0.5:1" bash benchmarks/sweep_teacher_text.sh
-#   (add --generated_top_k 0 to the runs through EXTRA to sample from the whole distribution)
+#   OUT=sweep RUNS="0.1:0:0 0.1:1:0 0.1:1:50" bash benchmarks/sweep_teacher_text.sh   # fraction:seed:top_k
 set -uo pipefail
 OUT=${OUT:-sweep_logs}
 ROOT=${ROOT:-/tmp/sweep}
-RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed
+RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed[:top_k] (top_k: the fine-tune's default when left out)
 MEMORY_GB=${MEMORY_GB:-14}  # 12 was too tight: a run peaked 1 GiB above its trial (RESULTS.md)
 # The packaged model's rate, given explicitly: both sweeps of 2026-12-07 ran at 5e-5, the rate for your own model,
 # which a pruned copy of the packaged model took then when given as a path (RESULTS.md).
@@ -35,19 +35,25 @@ PY
 wait
 tail -2 "$OUT/prune.log"
 
+# "fraction:seed[:top_k]" -> the fraction, the seed, the top-k flag (if any) and the run's name
+parse() {
+    IFS=: read -r fraction seed top_k <<< "$1"
+    top_k_flag=${top_k:+--generated_top_k $top_k}
+    name="f${fraction}_s${seed}${top_k:+_k$top_k}"
+}
+
 for run in $RUNS; do
-    fraction=${run%%:*} seed=${run##*:}
-    name="f${fraction}_s${seed}"
+    parse "$run"
     "$PYTHON" -m sparse_adamw.pipeline.finetune --model "$ROOT/pruned_model" --teacher "$ROOT/dense" \
         --output_dir "$ROOT/$name" --generated_fraction "$fraction" --seed "$seed" --max_memory_gb "$MEMORY_GB" \
-        --learning_rate "$LR" \
+        --learning_rate "$LR" $top_k_flag \
         --save_strategy no ${EXTRA:-} > "$OUT/$name.log" 2>&1 &
 done
 wait
 
 for run in $RUNS; do
-    fraction=${run%%:*} seed=${run##*:}
-    "$PYTHON" - "$ROOT/f${fraction}_s${seed}/finetune_report.json" "$fraction" "$seed" <<'PY' >> "$OUT/sweep.jsonl"
+    parse "$run"
+    "$PYTHON" - "$ROOT/$name/finetune_report.json" "$fraction" "$seed" <<'PY' >> "$OUT/sweep.jsonl"
 import json, sys
 path, fraction, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 try:
