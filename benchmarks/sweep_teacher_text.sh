@@ -9,11 +9,11 @@
 # Five runs of 14 GiB fit an 80 GB card with their CUDA contexts; EXTRA adds flags to every run.
 #
 #   OUT=sweep RUNS="0:0 0.5:0 0.25:0 0:1 0.5:1" bash benchmarks/sweep_teacher_text.sh
-#   OUT=sweep RUNS="0.1:0:0 0.1:1:0 0.1:1:50" bash benchmarks/sweep_teacher_text.sh   # fraction:seed:top_k
+#   OUT=sweep RUNS="0.1:0:0 0.1:1:50 0.2:0:0:4" bash benchmarks/sweep_teacher_text.sh   # fraction:seed:top_k:prompt
 set -uo pipefail
 OUT=${OUT:-sweep_logs}
 ROOT=${ROOT:-/tmp/sweep}
-RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed[:top_k] (top_k: the fine-tune's default when left out)
+RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed[:top_k[:prompt_tokens]] (the fine-tune's defaults when left out)
 MEMORY_GB=${MEMORY_GB:-14}  # 12 was too tight: a run peaked 1 GiB above its trial (RESULTS.md)
 # The packaged model's rate, given explicitly: both sweeps of 2026-12-07 ran at 5e-5, the rate for your own model,
 # which a pruned copy of the packaged model took then when given as a path (RESULTS.md).
@@ -35,18 +35,18 @@ PY
 wait
 tail -2 "$OUT/prune.log"
 
-# "fraction:seed[:top_k]" -> the fraction, the seed, the top-k flag (if any) and the run's name
+# "fraction:seed[:top_k[:prompt_tokens]]" -> the fraction, the seed, the flags and the run's name
 parse() {
-    IFS=: read -r fraction seed top_k <<< "$1"
-    top_k_flag=${top_k:+--generated_top_k $top_k}
-    name="f${fraction}_s${seed}${top_k:+_k$top_k}"
+    IFS=: read -r fraction seed top_k prompt <<< "$1"
+    flags="${top_k:+--generated_top_k $top_k} ${prompt:+--generated_prompt_tokens $prompt}"
+    name="f${fraction}_s${seed}${top_k:+_k$top_k}${prompt:+_p$prompt}"
 }
 
 for run in $RUNS; do
     parse "$run"
     "$PYTHON" -m sparse_adamw.pipeline.finetune --model "$ROOT/pruned_model" --teacher "$ROOT/dense" \
         --output_dir "$ROOT/$name" --generated_fraction "$fraction" --seed "$seed" --max_memory_gb "$MEMORY_GB" \
-        --learning_rate "$LR" $top_k_flag \
+        --learning_rate "$LR" $flags \
         --save_strategy no ${EXTRA:-} > "$OUT/$name.log" 2>&1 &
 done
 wait
