@@ -9,11 +9,12 @@
 # Five runs of 14 GiB fit an 80 GB card with their CUDA contexts; EXTRA adds flags to every run.
 #
 #   OUT=sweep RUNS="0:0 0.5:0 0.25:0 0:1 0.5:1" bash benchmarks/sweep_teacher_text.sh
-#   OUT=sweep RUNS="0.1:0:0 0.1:1:50 0.2:0:0:4" bash benchmarks/sweep_teacher_text.sh   # fraction:seed:top_k:prompt
+#   OUT=sweep RUNS="0.1:0:0 0.1:1:50 0.2:0:0:4 0.5:0:0:16:add" bash benchmarks/sweep_teacher_text.sh
+#   (fraction:seed:top_k:prompt_tokens:mode)
 set -uo pipefail
 OUT=${OUT:-sweep_logs}
 ROOT=${ROOT:-/tmp/sweep}
-RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed[:top_k[:prompt_tokens]] (the fine-tune's defaults when left out)
+RUNS=${RUNS:-"0:0 0.5:0 0.25:0 0:1 0.5:1"}  # fraction:seed[:top_k[:prompt_tokens[:mode]]] (the fine-tune's defaults when left out)
 MEMORY_GB=${MEMORY_GB:-14}  # 12 was too tight: a run peaked 1 GiB above its trial (RESULTS.md)
 # The packaged model's rate, given explicitly: both sweeps of 2026-12-07 ran at 5e-5, the rate for your own model,
 # which a pruned copy of the packaged model took then when given as a path (RESULTS.md).
@@ -35,11 +36,11 @@ PY
 wait
 tail -2 "$OUT/prune.log"
 
-# "fraction:seed[:top_k[:prompt_tokens]]" -> the fraction, the seed, the flags and the run's name
+# "fraction:seed[:top_k[:prompt_tokens[:mode]]]" -> the fraction, the seed, the flags and the run's name
 parse() {
-    IFS=: read -r fraction seed top_k prompt <<< "$1"
-    flags="${top_k:+--generated_top_k $top_k} ${prompt:+--generated_prompt_tokens $prompt}"
-    name="f${fraction}_s${seed}${top_k:+_k$top_k}${prompt:+_p$prompt}"
+    IFS=: read -r fraction seed top_k prompt mode <<< "$1"
+    flags="${top_k:+--generated_top_k $top_k} ${prompt:+--generated_prompt_tokens $prompt} ${mode:+--generated_mode $mode}"
+    name="f${fraction}_s${seed}${top_k:+_k$top_k}${prompt:+_p$prompt}${mode:+_$mode}"
 }
 
 for run in $RUNS; do
@@ -53,16 +54,16 @@ wait
 
 for run in $RUNS; do
     parse "$run"
-    "$PYTHON" - "$ROOT/$name/finetune_report.json" "$fraction" "$seed" <<'PY' >> "$OUT/sweep.jsonl"
+    "$PYTHON" - "$ROOT/$name/finetune_report.json" "$fraction" "$seed" "$name" <<'PY' >> "$OUT/sweep.jsonl"
 import json, sys
-path, fraction, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+path, fraction, seed, name = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 try:
     r = json.load(open(path))
 except OSError as err:
-    print(json.dumps({"fraction": fraction, "seed": seed, "error": str(err)}))
+    print(json.dumps({"run": name, "fraction": fraction, "seed": seed, "error": str(err)}))
     sys.exit()
 ood = r["out_of_domain"]
-print(json.dumps({"fraction": fraction, "seed": seed, "perplexity": r["perplexity"],
+print(json.dumps({"run": name, "fraction": fraction, "seed": seed, "perplexity": r["perplexity"],
                   "recovered": r["recovered_fraction"], "ood_perplexity": ood["perplexity"],
                   "ood_recovered": ood["recovered_fraction"], "ood_by_kind": ood["by_kind"], "steps": r["steps"],
                   "teacher_text": r["teacher_text"], "train_s": r["timings_s"].get("train_s"),

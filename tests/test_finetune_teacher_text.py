@@ -64,12 +64,13 @@ def test_the_teachers_share_replaces_as_many_corpus_blocks(setup, tmp_path, data
     # each written sequence starts with the first 5 tokens of the block it replaced, and goes on otherwise
     assert torch.equal(kept[:, :5], corpus_blocks[changed, :5])
     assert (kept[:, 5:] != corpus_blocks[changed, 5:]).any(dim=1).all()
-    assert f"Teacher's text: writing {len(changed)} of the {len(corpus_blocks)} training sequences" in text
+    assert (f"Teacher's text: writing {len(changed)} sequences in place of as many of the {len(corpus_blocks)} "
+            "corpus blocks") in text
 
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["teacher_text"]["sequences"] == len(changed) and report["teacher_text"]["reused"] is False
-    assert report["configuration"]["generated"] == {"fraction": 0.3, "temperature": 1.0, "top_k": 50,
-                                                    "prompt_tokens": 5}
+    assert report["configuration"]["generated"] == {"fraction": 0.3, "temperature": 1.0, "top_k": 0,
+                                                    "prompt_tokens": 5, "mode": "replace"}
     ood = report["out_of_domain"]
     assert set(ood["perplexity"]) == {"before", "after", "dense"} and all(ood["perplexity"].values())
     assert set(ood["by_kind"]["after"]) == {"all", "novels", "plays", "speeches", "recipes"}
@@ -86,6 +87,37 @@ def test_the_teachers_share_replaces_as_many_corpus_blocks(setup, tmp_path, data
     assert torch.equal(load_file(str(tmp_path / "b" / teacher_text.TEXT_FILE))["input_ids"].long(), kept)
     assert main(_args(setup, tmp_path / "c", "--generated_fraction", 0.3, "--seed", 5)) == 0
     assert not torch.equal(load_file(str(tmp_path / "c" / teacher_text.TEXT_FILE))["input_ids"].long(), kept)
+
+
+def test_the_teachers_share_added_joins_the_whole_corpus_in_the_corpus_steps(setup, tmp_path, datasets, capsys):
+    """--generated_mode add: the Trainer gets every corpus block, then the teacher's sequences, a third of the mix
+    here; a schedule in epochs takes the steps the corpus alone would (fewer passes over the larger mix)."""
+    model_dir, masks, _, corpus = setup
+    corpus_blocks = train_blocks(tiny_tokenizer(), dataset_path=str(corpus), block_size=32)
+    epochs = ["--max_steps", -1, "--num_train_epochs", 2, "--gradient_accumulation_steps", 2]
+    assert main(_args(setup, tmp_path / "corpus", *epochs)) == 0
+    corpus_steps = json.loads((tmp_path / "corpus" / "finetune_report.json").read_text())["steps"]
+    out = tmp_path / "add"
+    assert main(_args(setup, out, *epochs, "--generated_fraction", 1 / 3, "--generated_mode", "add")) == 0
+    text = capsys.readouterr().out
+    trained, added = datasets[1], round(len(corpus_blocks) / 2)
+    assert trained.shape == (len(corpus_blocks) + added, 32)
+    assert torch.equal(trained[:len(corpus_blocks)], corpus_blocks)
+    kept = load_file(str(out / teacher_text.TEXT_FILE))["input_ids"].long()
+    assert torch.equal(trained[len(corpus_blocks):], kept)
+    starts = {tuple(row) for row in corpus_blocks[:, :5].tolist()}
+    assert all(tuple(row) in starts for row in kept[:, :5].tolist())  # each from the first tokens of a block
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["steps"] == corpus_steps > 0
+    assert report["teacher_text"]["sequences"] == added and report["configuration"]["generated"]["mode"] == "add"
+    assert f"writing {added} sequences added to the {len(corpus_blocks)} corpus blocks" in text
+    assert "the schedule keeps the corpus's steps" in text
+
+    from transformers import AutoModelForCausalLM
+
+    params = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    for name, mask in masks.items():
+        assert pruned_blocks_are_zero(params[name], mask), name
 
 
 def test_a_resume_and_a_fresh_start_read_the_text_back(setup, tmp_path, datasets, monkeypatch, capsys):
@@ -115,10 +147,13 @@ def test_a_resume_and_a_fresh_start_read_the_text_back(setup, tmp_path, datasets
 
 
 @pytest.mark.parametrize("change, line", [
-    (("--generated_temperature", 0.7), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 50, '
-                                       '"prompt_tokens": 5} -> {"fraction": 0.5, "temperature": 0.7'),
-    (("--generated_fraction", 0), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 50, "prompt_tokens": 5} '
-                                  '-> (none)'),
+    (("--generated_temperature", 0.7), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 0, '
+                                       '"prompt_tokens": 5, "mode": "replace"} -> {"fraction": 0.5, '
+                                       '"temperature": 0.7'),
+    (("--generated_fraction", 0), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 0, "prompt_tokens": 5, '
+                                  '"mode": "replace"} -> (none)'),
+    (("--generated_mode", "add"), '"mode": "replace"} -> {"fraction": 0.5, "temperature": 1.0, "top_k": 0, '
+                                  '"prompt_tokens": 5, "mode": "add"}'),
 ])
 def test_a_rerun_with_other_settings_is_refused(setup, tmp_path, capsys, change, line):
     out = tmp_path / "run"
@@ -138,6 +173,7 @@ def test_a_rerun_with_other_settings_is_refused(setup, tmp_path, capsys, change,
     (("--generated_fraction", 0.5, "--generated_top_k", -1), "--generated_top_k must be >= 0"),
     (("--generated_fraction", 0.5, "--generated_prompt_tokens", 32), "leaves nothing to generate"),
     (("--generated_fraction", 0.5, "--no_distill"), "needs the dense teacher to write the text, and --no_distill"),
+    (("--generated_fraction", 1, "--generated_mode", "add"), "its --generated_fraction must be below 1"),
 ])
 def test_bad_settings_stop_before_anything_loads(setup, tmp_path, capsys, monkeypatch, extra, message):
     model_dir, _, teacher, corpus = setup
@@ -197,7 +233,7 @@ def test_two_processes_write_a_share_each_and_one_process_reads_it_back(setup, t
     assert report["per_process"] == [-(-n // 2), n // 2]
     kept = load_file(str(out / teacher_text.TEXT_FILE))["input_ids"].long()
     corpus_blocks = train_blocks(tiny_tokenizer(), dataset_path=str(setup[3]), block_size=32)
-    rows = teacher_text.replaced_rows(len(corpus_blocks), 0.5, 42)
+    rows = teacher_text.prompt_rows(len(corpus_blocks), teacher_text.TextSettings(0.5), 42)
     assert torch.equal(kept[:, :5], corpus_blocks[rows, :5])  # every row written, each from its own block
 
     more = _args(setup, out, "--generated_fraction", 0.5, "--keep_checkpoints", "--skip_eval",

@@ -79,7 +79,9 @@ def test_settings_are_checked():
                          (dict(fraction=0.5, temperature=-1.0), "positive"),
                          (dict(fraction=0.5, temperature=math.inf), "finite"),
                          (dict(fraction=0.5, top_k=-1), "top_k"),
-                         (dict(fraction=0.5, prompt_tokens=0), "prompt_tokens")):
+                         (dict(fraction=0.5, prompt_tokens=0), "prompt_tokens"),
+                         (dict(fraction=0.5, mode="append"), "--generated_mode must be one of replace, add"),
+                         (dict(fraction=1.0, mode="add"), "must be below 1")):
         with pytest.raises(ValueError, match=message):
             TextSettings(**bad)
     with pytest.raises(ValueError, match="leaves nothing to generate"):
@@ -87,14 +89,26 @@ def test_settings_are_checked():
     TextSettings(0.0, prompt_tokens=32).check_block_size(32)  # nothing is generated: no constraint
 
 
-def test_the_replaced_rows():
-    rows = teacher_text.replaced_rows(101, 0.3, seed=4)
+def test_the_prompt_rows_replace_a_share_of_the_blocks():
+    rows = teacher_text.prompt_rows(101, TextSettings(0.3, mode="replace"), seed=4)
     assert len(rows) == 30 and len(set(rows.tolist())) == 30
     assert rows.tolist() == sorted(rows.tolist()) and 0 <= rows.min() and rows.max() < 101
-    assert torch.equal(rows, teacher_text.replaced_rows(101, 0.3, seed=4))
-    assert not torch.equal(rows, teacher_text.replaced_rows(101, 0.3, seed=5))
-    assert teacher_text.replaced_rows(101, 1.0, seed=0).tolist() == list(range(101))
-    assert len(teacher_text.replaced_rows(101, 0.0, seed=0)) == 0
+    assert torch.equal(rows, teacher_text.prompt_rows(101, TextSettings(0.3), seed=4))
+    assert not torch.equal(rows, teacher_text.prompt_rows(101, TextSettings(0.3), seed=5))
+    assert teacher_text.prompt_rows(101, TextSettings(1.0), seed=0).tolist() == list(range(101))
+    assert len(teacher_text.prompt_rows(101, TextSettings(0.0), seed=0)) == 0
+
+
+@pytest.mark.parametrize("n, fraction, count", [(101, 0.2, 25), (10, 0.5, 10), (10, 0.75, 30), (7, 0.0, 0)])
+def test_the_prompt_rows_to_add_make_the_fraction_of_the_mix(n, fraction, count):
+    rows = teacher_text.prompt_rows(n, TextSettings(fraction, mode="add"), seed=3)
+    assert len(rows) == count and abs(count / (n + count) - fraction) <= 0.5 / (n + count)
+    # every block prompts once before any prompts twice
+    uses = torch.bincount(rows, minlength=n)
+    assert uses.max() - uses.min() <= 1 and len(uses) == n  # and no row outside the corpus
+    assert torch.equal(rows, teacher_text.prompt_rows(n, TextSettings(fraction, mode="add"), seed=3))
+    if count > 1:
+        assert not torch.equal(rows, teacher_text.prompt_rows(n, TextSettings(fraction, mode="add"), seed=4))
 
 
 def test_equal_batches_cover_every_row_once():
@@ -164,25 +178,44 @@ def test_the_kept_text_is_read_back_under_its_key_only(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_replace_share_writes_the_share_keeps_it_and_leaves_the_random_state_alone(tiny_llama, tmp_path):
+def _share(model, train, tmp_path, settings):
+    return teacher_text.teacher_share(
+        train, model, teacher_path=str(tmp_path), settings=settings, seed=1, output_dir=tmp_path / "out",
+        device=torch.device("cpu"), max_memory_gb=None, rank=0, world_size=1, say=lambda _: None)
+
+
+def test_the_share_replaces_blocks_is_kept_and_leaves_the_random_state_alone(tiny_llama, tmp_path):
     model = _model(tiny_llama)
     train = torch.randint(3, 256, (10, 12), generator=torch.Generator().manual_seed(8))
     original = train.clone()
     state = torch.get_rng_state()
-    info = teacher_text.replace_share(
-        train, model, teacher_path=str(tmp_path), settings=TextSettings(0.4, top_k=1, prompt_tokens=3), seed=1,
-        output_dir=tmp_path / "out", device=torch.device("cpu"), max_memory_gb=None, rank=0, world_size=1,
-        say=lambda _: None)
-    assert torch.equal(torch.get_rng_state(), state)
+    settings = TextSettings(0.4, top_k=1, prompt_tokens=3)
+    blocks, info = _share(model, train, tmp_path, settings)
+    assert blocks is train and torch.equal(torch.get_rng_state(), state)
     changed = (train != original).any(dim=1).nonzero().flatten()
     assert len(changed) == 4 and info["sequences"] == 4 and info["reused"] is False
     torch.testing.assert_close(train[changed], _reference_greedy(model, original[changed, :3], 12), rtol=0, atol=0)
     again = original.clone()
-    assert teacher_text.replace_share(
-        again, model, teacher_path=str(tmp_path), settings=TextSettings(0.4, top_k=1, prompt_tokens=3), seed=1,
-        output_dir=tmp_path / "out", device=torch.device("cpu"), max_memory_gb=None, rank=0, world_size=1,
-        say=lambda _: None)["reused"] is True
-    assert torch.equal(again, train)
+    blocks, info = _share(model, again, tmp_path, settings)
+    assert info["reused"] is True and torch.equal(blocks, train)
+
+
+def test_the_share_added_follows_the_whole_corpus_and_is_kept(tiny_llama, tmp_path):
+    model = _model(tiny_llama)
+    train = torch.randint(3, 256, (10, 12), generator=torch.Generator().manual_seed(8))
+    original = train.clone()
+    settings = TextSettings(0.25, top_k=1, prompt_tokens=3, mode="add")  # 10 x 0.25 / 0.75: 3 sequences
+    blocks, info = _share(model, train, tmp_path, settings)
+    assert torch.equal(train, original) and blocks.shape == (13, 12) and torch.equal(blocks[:10], original)
+    assert info["sequences"] == 3 and info["mode"] == "add"
+    # greedy continuations of the first tokens of three distinct corpus blocks
+    prompts = {tuple(row) for row in original[:, :3].tolist()}
+    assert all(tuple(row) in prompts for row in blocks[10:, :3].tolist())
+    torch.testing.assert_close(blocks[10:], _reference_greedy(model, blocks[10:, :3], 12), rtol=0, atol=0)
+    again, info = _share(model, original.clone(), tmp_path, settings)
+    assert info["reused"] is True and torch.equal(again, blocks)
+    # the other mode is another key: written afresh
+    assert _share(model, original.clone(), tmp_path, TextSettings(0.25, top_k=1, prompt_tokens=3))[1]["reused"] is False
 
 
 def test_decoding_attention_is_sdpa_over_the_written_positions_with_query_heads_packed(tiny_llama):

@@ -39,9 +39,10 @@ def generated_note(plan: Plan) -> str:
     """The banner's line on the teacher's text."""
     a = plan.args
     if a.generated_fraction > 0:
-        return (f"{a.generated_fraction:g} of the training sequences written by the teacher before training (T="
-                f"{a.generated_temperature:g}, top-k {a.generated_top_k or 'off'}, from the first "
-                f"{a.generated_prompt_tokens} tokens of the blocks they replace), kept in "
+        joins = "in place of as many corpus blocks" if a.generated_mode == "replace" else "added to the corpus"
+        return (f"{a.generated_fraction:g} of the training sequences written by the teacher before training, {joins} "
+                f"(T={a.generated_temperature:g}, top-k {a.generated_top_k or 'off'}, from the first "
+                f"{a.generated_prompt_tokens} tokens of corpus blocks), kept in "
                 f"{Path(plan.training['output_dir']) / TEXT_FILE}")
     return "off" + ("" if a.distill else " (no teacher)")
 

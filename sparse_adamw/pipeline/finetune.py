@@ -316,8 +316,9 @@ def _load(job: _Job) -> None:
 
 
 def _write_teacher_text(job: _Job) -> None:
-    """Replace the teacher's share of the training blocks (--generated_fraction) by the text it writes, or wrote
-    before under the same key (teacher_text.py)."""
+    """Put the teacher's share of the training text (--generated_fraction) into the training blocks: the text it
+    writes, or wrote before under the same key (teacher_text.py). With --generated_mode add, a schedule in epochs
+    is shortened to the corpus's number of steps."""
     from .models import default_model_path
 
     args, t = job.args, job.training_args
@@ -325,11 +326,18 @@ def _write_teacher_text(job: _Job) -> None:
     if settings.fraction == 0:
         return
     teacher = str(default_model_path()) if args.teacher == DEFAULT_MODEL else os.path.abspath(args.teacher)
+    corpus = len(job.train)
     with timed(job.timings, "teacher_text_s"):
-        job.teacher_text = teacher_text.replace_share(
+        job.train, job.teacher_text = teacher_text.teacher_share(
             job.train, job.teacher, teacher_path=teacher, settings=settings, seed=t.seed,
             output_dir=job.output_dir, device=t.device, max_memory_gb=args.max_memory_gb, rank=t.process_index,
             world_size=job.plan.world_size, say=job.say)
+    if len(job.train) > corpus and t.max_steps <= 0:
+        # the Trainer counts steps from the epochs and the data's length: this many passes over the mix take as
+        # many steps as --num_train_epochs over the corpus would
+        t.num_train_epochs *= corpus / len(job.train)
+        job.say(f"Teacher's text: the schedule keeps the corpus's steps, {t.num_train_epochs:.3g} passes over the "
+                f"{len(job.train):,} sequences")
     if job.plan.training.get("fsdp"):
         job.teacher.to("cpu")  # FSDP2 shards it from there, as it does the student
 

@@ -4,14 +4,19 @@ Distillation on the corpus alone teaches the pruned student what the teacher doe
 of other kinds it wins back much less (held_out.py measures it). The teacher knows more than the corpus holds, and
 its own samples carry that over: a share of the training sequences is written by the teacher.
 
-- Which sequences: `replaced_rows` picks round(fraction x n) of the n training blocks at random (seeded by the
-  run's --seed). Each picked block is replaced by a sequence of the same length that the teacher writes,
-  prompted with that block's first `prompt_tokens` tokens (so it starts from the corpus, then goes where the
-  teacher takes it). The number of training sequences, and so the schedule, stays what it was.
-- How: sampled at `temperature` from the `top_k` most likely tokens (50, as transformers' generate does by
-  default; 0 samples the whole distribution, whose text is much noisier), end-of-text suppressed so every
-  sequence is whole, in equal batches with a static KV cache, by `decode` (below). The batch is
-  the largest whose KV cache fits the free memory (or --max_memory_gb) with a margin, halved on an out-of-memory
+- Which sequences (`prompt_rows`), by `mode`:
+  - "replace": round(fraction x n) of the n training blocks, picked at random (seeded by the run's --seed), are
+    replaced by sequences of the same length that the teacher writes, each prompted with the first
+    `prompt_tokens` tokens of the block it replaces (so it starts from the corpus, then goes where the teacher
+    takes it). The number of training sequences, and so the schedule, stays what it was.
+  - "add": the corpus stays whole and the teacher's sequences join it, fraction of the mix: round(n x fraction /
+    (1 - fraction)) of them, prompted from blocks drawn at random (each at most once until all were). The
+    fine-tune keeps the corpus's number of steps (fewer passes over the larger mix), so the run costs what it
+    did, plus the writing.
+- How: sampled at `temperature` from the `top_k` most likely tokens (0, the default: the whole distribution; its
+  text is noisier, and distilling on it recovered more out of domain than top-k 50 did), end-of-text suppressed
+  so every sequence is whole, in equal batches with a static KV cache, by `decode` (below). The batch is the
+  largest whose KV cache fits the free memory (or --max_memory_gb) with a margin, halved on an out-of-memory
   error. The process's random state is put back afterwards, so training draws what it would have drawn.
 - Each process of a data-parallel run writes every world_size-th sequence; they exchange them, so all hold all.
 - Kept: the sequences go to TEXT_FILE in the output folder, keyed by the teacher (its path, its weight files'
@@ -22,7 +27,8 @@ its own samples carry that over: a share of the training sequences is written by
 - Decoding: `decode` runs the model's forwards itself rather than transformers' generate. Each step's attention
   reads only the cache positions written so far (no mask), runs the query heads that share a KV head as that
   head's query positions (transformers before 5.25 repeats each KV head instead), and draws among the top k
-  logits rather than processing the whole vocabulary (benchmarks/RESULTS.md, "How fast the teacher writes").
+  logits rather than processing the whole vocabulary, with cuDNN's attention kept out (DECODING_BACKENDS)
+  (benchmarks/RESULTS.md, "How fast the teacher writes").
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -43,6 +49,7 @@ MAX_BATCH = 1024  # beyond this the sampling's [batch, vocab] fp32 buffers grow 
 MEMORY_SHARE = 0.8  # of the free memory the KV cache may take; the rest is the step's activations and logits
 CPU_BATCH = 32
 PROGRESS_S = 10.0  # at most one progress line this often
+MODES = ("replace", "add")  # how the teacher's sequences join the corpus (the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,18 @@ class TextSettings:
 
     fraction: float
     temperature: float = 1.0
-    top_k: int = 50
+    top_k: int = 0
     prompt_tokens: int = 16
+    mode: str = "replace"  # one of MODES
 
     def __post_init__(self):
         if not 0.0 <= self.fraction <= 1.0 or math.isnan(self.fraction):
             raise ValueError(f"--generated_fraction must be in [0, 1], got {self.fraction}")
+        if self.mode not in MODES:
+            raise ValueError(f"--generated_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "add" and self.fraction == 1:
+            raise ValueError("--generated_mode add keeps the corpus, so its --generated_fraction must be below 1 "
+                             "(--generated_mode replace with fraction 1 trains on the teacher's text only)")
         if not self.temperature > 0 or math.isinf(self.temperature):
             raise ValueError(f"--generated_temperature must be positive and finite, got {self.temperature}")
         if self.top_k < 0:
@@ -73,11 +86,16 @@ class TextSettings:
         return asdict(self)
 
 
-def replaced_rows(n: int, fraction: float, seed: int) -> torch.Tensor:
-    """The sorted indices of the round(fraction x n) training blocks the teacher's text replaces."""
-    count = round(fraction * n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[:count].sort().values
+def prompt_rows(n: int, settings: TextSettings, seed: int) -> torch.Tensor:
+    """The training blocks whose first tokens prompt the teacher, one per sequence it writes: in "replace" mode the
+    sorted indices of the round(fraction x n) blocks its text replaces; in "add" mode round(n x fraction /
+    (1 - fraction)) blocks in a random order, each drawn once before any is drawn again."""
+    generator = torch.Generator().manual_seed(seed)
+    if settings.mode == "replace":
+        return torch.randperm(n, generator=generator)[:round(settings.fraction * n)].sort().values
+    count = round(n * settings.fraction / (1 - settings.fraction))
+    orders = [torch.randperm(n, generator=generator) for _ in range(-(-count // n))] if n else []
+    return torch.cat(orders)[:count] if orders else torch.empty(0, dtype=torch.long)
 
 
 def kv_bytes_per_sequence(config, length: int, dtype_bytes: int) -> int:
@@ -123,9 +141,8 @@ def _release(model) -> None:
 
 DECODING = "sparse_adamw_decoding"  # the attention implementation `decode` registers and runs under
 # The SDPA kernels `decode` may use: not cuDNN's, which recent PyTorch prefers on Hopper and which builds a graph for
-# each new key length, while each step of `decode` has a new one (the positions written so far). In one call on an
-# H100 with cuDNN allowed, decode took about 80 ms a step whatever the batch, 2.5x generate's time at batch 199 and
-# at the 7B shape (benchmarks/RESULTS.md): those graph builds are the likely cost, not yet measured without them.
+# each new key length, while each step of `decode` has a new one (the positions written so far). Measured in one
+# call on an H200, batch 199 at the 135M shape: 27 ms a step without cuDNN, 114 ms with it (benchmarks/RESULTS.md).
 DECODING_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 _FILLED = [0]  # how many positions of the static cache `decode` has written before the forward it runs
 OWN_DECODING = True  # benchmarks/bench_generate.py turns it off to time transformers' generate beside it
@@ -192,9 +209,8 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, suppressed: torc
 def decode(model, prompts: torch.Tensor, length: int, temperature: float, top_k: int, seed: int) -> torch.Tensor:
     """[b, length] token ids: the prompts [b, p] continued by sampling at `temperature` from the `top_k` most likely
     tokens (0: all), end-of-text suppressed, with a static KV cache. A loop of the model's forwards rather than
-    transformers' generate: 1M tokens at the 135M shape (batch 993) in 58 s on an H100, where generate took 110 on
-    another; at batch 199 and at the 7B shape it was 2.5x slower than generate before DECODING_BACKENDS
-    (benchmarks/RESULTS.md)."""
+    transformers' generate: on an H200, 1M tokens at the 135M shape (batch 993) in 29 s; at batch 199, 1.5x
+    generate's speed in the same call; at the 7B shape, generate's (benchmarks/RESULTS.md)."""
     import inspect
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -310,17 +326,20 @@ def generate_shared(model, prompts: torch.Tensor, length: int, settings: TextSet
             "per_process": [len(share[0]) for share in shares]}
 
 
-def replace_share(train: torch.Tensor, teacher, *, teacher_path: str, settings: TextSettings, seed: int,
+def teacher_share(train: torch.Tensor, teacher, *, teacher_path: str, settings: TextSettings, seed: int,
                   output_dir: Path, device: torch.device, max_memory_gb: Optional[float], rank: int,
-                  world_size: int, say: Callable[[str], None]) -> Dict[str, Any]:
-    """Replace the teacher's share of the training blocks `train` [n, length] in place: with the text kept in
-    `output_dir` under the same key, else with text written now (each process its part; the main one keeps it).
-    Returns what the report says about it."""
+                  world_size: int, say: Callable[[str], None]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The training blocks `train` [n, length] with the teacher's share in them (by settings.mode: in place of
+    blocks of `train`, which changes in place, or after them): the text kept in `output_dir` under the same key,
+    else text written now (each process its part; the main one keeps it). Returns (the blocks, what the report says
+    about the text)."""
     from .run_folder import weight_files
 
     length = train.shape[1]
-    rows = replaced_rows(len(train), settings.fraction, seed)
+    rows = prompt_rows(len(train), settings, seed)
     prompts = train[rows, :settings.prompt_tokens]
+    where = (f"in place of as many of the {len(train):,} corpus blocks" if settings.mode == "replace" else
+             f"added to the {len(train):,} corpus blocks")
     path = Path(output_dir) / TEXT_FILE
     key = text_key(settings, teacher=teacher_path, teacher_files=weight_files(teacher_path), seed=seed,
                    prompts=prompts, length=length)
@@ -331,11 +350,11 @@ def replace_share(train: torch.Tensor, teacher, *, teacher_path: str, settings: 
         ids = ids if all(found) else None
     info = {**settings.as_dict(), "sequences": len(rows), "file": str(path), "reused": ids is not None}
     if ids is not None:
-        say(f"Teacher's text: {len(rows):,} of the {len(train):,} training sequences, read back from {path}")
+        say(f"Teacher's text: {len(rows):,} sequences {where}, read back from {path}")
     else:
-        say(f"Teacher's text: writing {len(rows):,} of the {len(train):,} training sequences ({settings.fraction:g}) "
-            f"with the teacher, {length - settings.prompt_tokens} tokens each after {settings.prompt_tokens} of the "
-            f"block it replaces, at T={settings.temperature:g}, top-k {settings.top_k or 'off'}...")
+        say(f"Teacher's text: writing {len(rows):,} sequences {where} ({settings.fraction:g} of the mix) with the "
+            f"teacher, {length - settings.prompt_tokens} tokens each after the first {settings.prompt_tokens} of a "
+            f"corpus block, at T={settings.temperature:g}, top-k {settings.top_k or 'off'}...")
         teacher.to(device)
         available = None
         if device.type == "cuda":
@@ -358,8 +377,10 @@ def replace_share(train: torch.Tensor, teacher, *, teacher_path: str, settings: 
             write_text(path, ids, key)
         if world_size > 1:
             torch.distributed.barrier()
+    if settings.mode == "add":
+        return torch.cat([train, ids.to(train.dtype)]), info
     train[rows] = ids
-    return info
+    return train, info
 
 
 # ----------------------------------------------------------------------------------------- kept in the run folder
