@@ -69,6 +69,10 @@ def test_help(fake_gpus):
                  '  Quad GPU (GPU 0-3):       ./run_dense_finetune.sh --num_gpus 4 --gpu_ids "0,1,2,3"',
                  "1 GPU -> 8, 2 GPUs -> 4, 4 GPUs -> 2", "Performance:"):
         assert text in out, text
+    # the defaults the help states are the fine-tune's
+    from sparse_adamw.pipeline.finetune_config import DEFAULT_GENERATED_FRACTION
+
+    assert re.search(rf"--generated_fraction F .*\n\s+{DEFAULT_GENERATED_FRACTION:g} on GPUs when distilling", out)
     assert fake_gpus(["-h"]).stdout == out
 
 
