@@ -93,6 +93,17 @@ def test_grad_norm_is_the_live_blocks_norm(impl, device, dtype, block):
     assert not optimizer.state or all("exp_avg" not in s for s in optimizer.state.values())  # measuring makes none
 
 
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_grad_norm_of_float64_parameters(impl):
+    """float64 runs on the torch backend (auto falls back to it); its norm is summed in float64, returned in fp32."""
+    model, masks = _model("cpu", torch.float64)
+    optimizer = _optimizer(model, masks, impl)
+    _backward(model, seed=2)
+    _poison_pruned(model, masks)
+    norm = optimizer.grad_norm()
+    assert norm.dtype == torch.float32 and float(norm) == pytest.approx(_live_norm(model, masks), rel=1e-6)
+
+
 @pytest.mark.parametrize("impl,device", CASES)
 def test_clipped_steps_follow_torch_adamw_on_clipped_gradients(impl, device):
     """Eight steps, each clipped (max_norm 0.005, under every norm here) or not (max_norm 1e3); NaN and inf in every

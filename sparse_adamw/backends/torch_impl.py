@@ -128,7 +128,7 @@ def square_sum(grads, layouts, cache=None, launch=None) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
     for grad, layout in zip(grads, layouts):
         if layout.mask is None:
-            total += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            total += _fp32_norm(grad).square()
         elif grad.numel():
             squares = _block_square_norms(grad, layout.row_shift, layout.block)
             total += torch.where(layout.mask.to(squares.device), squares, 0.0).sum()
@@ -143,4 +143,12 @@ def _block_square_norms(grad: torch.Tensor, top: int, block) -> torch.Tensor:
     nbr, nbc = math.ceil((top + rows) / bh), math.ceil(cols / bw)
     if top or top + rows != nbr * bh or cols != nbc * bw:
         grad = torch.nn.functional.pad(grad, (0, nbc * bw - cols, top, nbr * bh - top - rows))
-    return torch.linalg.vector_norm(grad.reshape(nbr, bh, nbc, bw), dim=(1, 3), dtype=torch.float32).square()
+    return _fp32_norm(grad.reshape(nbr, bh, nbc, bw), dim=(1, 3)).square()
+
+
+def _fp32_norm(x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """vector_norm accumulated in fp32 (no copy of a half-precision `x`); float64 is summed in its own precision, as
+    vector_norm refuses to narrow it."""
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, **kwargs).float()
+    return torch.linalg.vector_norm(x, dtype=torch.float32, **kwargs)
