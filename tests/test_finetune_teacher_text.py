@@ -212,7 +212,8 @@ def test_without_a_teacher_at_hand_the_error_says_how_to_give_one(setup, tmp_pat
     assert "needs the dense teacher to write the text, and no prune_report.json next to" in capsys.readouterr().err
 
 
-def test_two_processes_write_a_share_each_and_one_process_reads_it_back(setup, tmp_path, datasets, capsys):
+@pytest.mark.parametrize("mode", teacher_text.MODES)
+def test_two_processes_write_a_share_each_and_one_process_reads_it_back(setup, tmp_path, datasets, capsys, mode):
     """Through torchrun (gloo): each rank writes every other sequence, all ranks train on the whole text; the same
     run resumed in one process reads the text back."""
     import subprocess
@@ -224,8 +225,8 @@ def test_two_processes_write_a_share_each_and_one_process_reads_it_back(setup, t
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "sparse_adamw.pipeline.finetune",
-         *_args(setup, out, "--generated_fraction", 0.5, "--keep_checkpoints", "--skip_eval",
-                "--gradient_accumulation_steps", 4)],
+         *_args(setup, out, "--generated_fraction", 0.5, "--generated_mode", mode, "--keep_checkpoints",
+                "--skip_eval", "--gradient_accumulation_steps", 4)],
         capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
     report = json.loads((out / "finetune_report.json").read_text())["teacher_text"]
@@ -233,12 +234,12 @@ def test_two_processes_write_a_share_each_and_one_process_reads_it_back(setup, t
     assert report["per_process"] == [-(-n // 2), n // 2]
     kept = load_file(str(out / teacher_text.TEXT_FILE))["input_ids"].long()
     corpus_blocks = train_blocks(tiny_tokenizer(), dataset_path=str(setup[3]), block_size=32)
-    rows = teacher_text.prompt_rows(len(corpus_blocks), teacher_text.TextSettings(0.5), 42)
+    rows = teacher_text.prompt_rows(len(corpus_blocks), teacher_text.TextSettings(0.5, mode=mode), 42)
     assert torch.equal(kept[:, :5], corpus_blocks[rows, :5])  # every row written, each from its own block
 
-    more = _args(setup, out, "--generated_fraction", 0.5, "--keep_checkpoints", "--skip_eval",
-                 "--gradient_accumulation_steps", 8)
+    more = _args(setup, out, "--generated_fraction", 0.5, "--generated_mode", mode, "--keep_checkpoints",
+                 "--skip_eval", "--gradient_accumulation_steps", 8)
     more[more.index("--max_steps") + 1] = "4"
     assert main(more) == 0
     assert "read back from" in capsys.readouterr().out
-    assert torch.equal(datasets[0][rows], kept)
+    assert torch.equal(datasets[0][rows] if mode == "replace" else datasets[0][len(corpus_blocks):], kept)
