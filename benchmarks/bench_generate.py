@@ -6,8 +6,8 @@ static KV cache, equal batches, the batch sized from the free memory), with each
 teacher_text.decode (the fine-tune's: a loop of the model's forwards, attention over the written positions only,
 sampling over the top k); `ours_cudnn`, the same with cuDNN's attention allowed first (as PyTorch prefers it on
 Hopper: each decoding step has a new key length, and so a new cuDNN graph); `generate`, transformers' generate,
-eager. (Its compiled step, CUDA graphs, was measured
-once and dropped: 105 s for 1M tokens on an H100, compilation included, where decode takes 58; RESULTS.md.)
+eager. (Its compiled step, CUDA graphs, was measured once and dropped: 105 s for 1M tokens on an H100, compilation
+included; RESULTS.md.)
 
     python benchmarks/bench_generate.py --json results.json
     python benchmarks/bench_generate.py --sizes 135m --tokens 1000000 --decoders ours,generate
