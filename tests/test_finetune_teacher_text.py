@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from finetune_helpers import learnable_corpus, pruned_blocks_are_zero, pruned_tiny_model, tiny_run_args
 from pipeline_helpers import save_tiny_model, tiny_tokenizer
 from sparse_adamw.pipeline import finetune, teacher_text
+from sparse_adamw.pipeline.banner import generated_note
 from sparse_adamw.pipeline.data import train_blocks
 from sparse_adamw.pipeline.finetune import main
 from sparse_adamw.pipeline.finetune_config import (DEFAULT_GENERATED_FRACTION, _split, build_parser,
@@ -203,6 +204,26 @@ def test_the_default_share_is_written_on_gpus_where_distillation_is_on(setup, cu
     plan = resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=1)
     assert plan.args.generated_fraction == expected
     assert DEFAULT_GENERATED_FRACTION > 0
+
+
+@pytest.mark.parametrize("cuda, extra, note", [
+    (True, (), f"{DEFAULT_GENERATED_FRACTION:g} of the training sequences written by the teacher before training, in "
+               "place of as many corpus blocks (T=1, top-k off, from the first 16 tokens of corpus blocks), kept in "),
+    (True, ("--generated_mode", "add", "--generated_top_k", 50, "--generated_fraction", 0.4),
+     "0.4 of the training sequences written by the teacher before training, added to the corpus (T=1, top-k 50, "
+     "from the first 16 tokens of corpus blocks), kept in "),
+    (False, (), "off"),
+    (True, ("--no_distill",), "off (no teacher)"),
+])
+def test_the_banner_says_how_the_teachers_text_joins_the_corpus(setup, tmp_path, cuda, extra, note):
+    model_dir, _, teacher, _ = setup
+    argv = ["--model", str(model_dir), "--output_dir", str(tmp_path / "out"), *map(str, extra)]
+    if "--no_distill" not in extra:
+        argv += ["--teacher", str(teacher)]
+    args, training = _split(build_parser().parse_args(argv))
+    plan = resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=1)
+    where = f"{tmp_path / 'out' / teacher_text.TEXT_FILE}"
+    assert generated_note(plan) == (note + where if note.endswith("kept in ") else note)
 
 
 def test_without_a_teacher_at_hand_the_error_says_how_to_give_one(setup, tmp_path, capsys):
