@@ -120,7 +120,8 @@ def linear_block_masks(model: torch.nn.Module, block_size: BlockSize = 16) -> Di
 
 
 @torch.no_grad()
-def verify_block_sparsity(optimizer: torch.optim.Optimizer, names: Optional[Dict[int, str]] = None, when: str = "") -> int:
+def verify_block_sparsity(optimizer: torch.optim.Optimizer, names: Optional[Dict[int, str]] = None,
+                          when: str = "") -> int:
     """Raise SparsityViolation if any block that `optimizer`'s masks mark pruned holds a nonzero.
 
     `names` maps id(param) to a name for the message. Returns the number of masked parameters checked. With

@@ -68,7 +68,7 @@ from .finetune_config import (
     parse_arguments,
     text_settings,
 )
-from .memory_plan import CHECKPOINTING_ARGS, say_out_of_memory
+from .memory_plan import checkpointing_asked, say_out_of_memory
 from .models import DEFAULT_MODEL, liger_supports
 from .run_folder import (
     RECORD_FORMAT,
@@ -633,7 +633,7 @@ def plan_only(plan: Plan) -> int:
     t = job.training_args
     why = ("measured above" if plan.memory_plan else "the CPU: no memory plan" if plan.on_cpu
            else "as given on the command line (no memory plan)")
-    checkpointing = any(getattr(t, k, False) for k in CHECKPOINTING_ARGS)
+    checkpointing = checkpointing_asked(t)
     job.say(f"Plan only ({why}): micro-batch {t.per_device_train_batch_size} x {plan.world_size} process(es) x "
             f"gradient accumulation {t.gradient_accumulation_steps} = effective batch {plan.effective_batch_size}, "
             f"checkpointing {'on' if checkpointing else 'off'}, Liger-Kernel {'on' if t.use_liger_kernel else 'off'}"

@@ -271,6 +271,11 @@ def apply_plan(trainer, plan: MemoryPlan) -> None:
 CHECKPOINTING_ARGS = ("activation_checkpointing", "gradient_checkpointing")
 
 
+def checkpointing_asked(args) -> bool:
+    """Whether TrainingArguments `args` turn activation checkpointing on, under either of its names."""
+    return any(getattr(args, k, False) for k in CHECKPOINTING_ARGS)
+
+
 def checkpointing_kwargs(args) -> Optional[dict]:
     for name in CHECKPOINTING_ARGS:
         value = getattr(args, name + "_kwargs", None)
@@ -336,7 +341,7 @@ def say_out_of_memory(job) -> None:
     trainer, t = job.trainer, job.training_args
     trainer.checkpoint_writer.wait()
     micro, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    checkpointing = any(getattr(t, k, False) for k in CHECKPOINTING_ARGS)
+    checkpointing = checkpointing_asked(t)
     plan_text = (f"micro-batch {micro} x gradient accumulation {accumulation}"
                  + (", activation checkpointing" if checkpointing else ""))
     trial_peak = None
