@@ -25,16 +25,18 @@ OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 
 # The pruned model (the prune command's default) and its dense parent saved as safetensors: each run loads the
-# teacher in a second rather than de-quantizing the packaged GGUF again.
-"$PYTHON" -m sparse_adamw.pipeline.prune --output_dir "$ROOT/pruned_model" > "$OUT/prune.log" 2>&1 &
-"$PYTHON" - "$ROOT/dense" <<'PY' > "$OUT/dense.log" 2>&1
+# teacher in a second rather than de-quantizing the packaged GGUF again. A second sweep into the same ROOT (more
+# runs on a machine still up) reuses them.
+[ -f "$ROOT/pruned_model/config.json" ] || "$PYTHON" -m sparse_adamw.pipeline.prune --output_dir "$ROOT/pruned_model" \
+    > "$OUT/prune.log" 2>&1 &
+[ -f "$ROOT/dense/config.json" ] || "$PYTHON" - "$ROOT/dense" <<'PY' > "$OUT/dense.log" 2>&1
 import sys
 from sparse_adamw.pipeline.models import load_model, save_model
 model, tokenizer = load_model("smollm2-135m", "cpu", "float32")
 save_model(model, tokenizer, sys.argv[1])
 PY
 wait
-tail -2 "$OUT/prune.log"
+[ -f "$OUT/prune.log" ] && tail -2 "$OUT/prune.log"
 
 # "fraction:seed[:top_k[:prompt_tokens[:mode]]]" -> the fraction, the seed, the flags and the run's name
 parse() {
