@@ -424,10 +424,3 @@ def write_text(path: Path, ids: torch.Tensor, key: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_safetensors(tmp, {"input_ids": ids.to(torch.int32).contiguous()},
                                                     {"format": "pt", "key": json.dumps(key)}))
-
-
-def text_bytes(n: int, fraction: float, length: int) -> int:
-    """The size of TEXT_FILE for n training blocks (the disk plan counts it)."""
-    return round(fraction * n) * length * 4 + 1024
-
-
