@@ -28,7 +28,7 @@ from finetune_helpers import (
 )
 from sparse_adamw.pipeline.cli import CPU_BLOCK_SIZE
 from sparse_adamw.pipeline.finetune import main
-from sparse_adamw.pipeline.run_folder import last_checkpoint
+from sparse_adamw.pipeline.run_folder import find_checkpoint
 from sparse_adamw.pipeline.finetune_config import (
     _split,
     build_parser,
@@ -153,14 +153,15 @@ def test_print_config_is_shell_readable(capsys):
     assert format_lr(1e-4) == "1e-4" and format_lr(2.5e-5) == "2.5e-5"
 
 
-def test_last_checkpoint_skips_an_incomplete_one(tmp_path, capsys):
-    assert last_checkpoint(tmp_path) is None
+def test_find_checkpoint_skips_an_incomplete_one(tmp_path):
+    assert find_checkpoint(tmp_path) == (None, [])
     for step in (5, 10):
         small_checkpoint(tmp_path, step)
     (tmp_path / "checkpoint-20").mkdir()  # a kill during its save: trainer_state.json, written last, is missing
     (tmp_path / "checkpoint-20" / "model.safetensors").write_bytes(b"")
-    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    assert "checkpoint-20: no trainer_state.json" in capsys.readouterr().err
+    found, broken = find_checkpoint(tmp_path)
+    assert found.path == tmp_path / "checkpoint-10" and found.step == 10
+    assert broken == [(tmp_path / "checkpoint-20", "no trainer_state.json (cut short while saving)")]
 
 
 def _truncate(path):
@@ -176,12 +177,12 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys, damage):
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, damage):
     small_checkpoint(tmp_path, 10)
     DAMAGES[damage](small_checkpoint(tmp_path, 20))
-    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and "damaged checkpoint" in lines[0] and "checkpoint-20" in lines[0], lines
+    found, broken = find_checkpoint(tmp_path)
+    assert found.path == tmp_path / "checkpoint-10"
+    assert [path for path, _ in broken] == [tmp_path / "checkpoint-20"] and broken[0][1], broken
 
 
 BAD_INPUTS = {  # flags -> what the one error line says

@@ -239,24 +239,6 @@ def find_checkpoint(output_dir) -> Tuple[Optional[Checkpoint], List[Tuple[Path, 
     return None, broken
 
 
-def last_checkpoint(output_dir, notes: Optional[List[str]] = None) -> Optional[str]:
-    """The newest usable checkpoint-N in `output_dir`; each damaged newer one gets a line in `notes` (or stderr).
-
-    Unlike transformers' get_last_checkpoint, this skips a checkpoint cut short by a kill during its save, or
-    whose files are truncated or empty.
-    """
-    checkpoint, broken = find_checkpoint(output_dir)
-    for path, problem in broken:
-        line = f"note: skipping the damaged checkpoint {path}: {problem}"
-        if notes is None:
-            import sys
-
-            print(line, file=sys.stderr)
-        else:
-            notes.append(line)
-    return None if checkpoint is None else str(checkpoint.path)
-
-
 def load_weights(model: torch.nn.Module, checkpoint, trainable_only: bool = False) -> None:
     """Copy a checkpoint's safetensors weights into `model`; a weight tied to a loaded one (lm_head to the
     embeddings) comes along. ValueError when the files do not cover the model (with `trainable_only`: its
