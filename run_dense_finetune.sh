@@ -46,8 +46,8 @@ Every other argument goes to python -m sparse_adamw.pipeline.finetune (see its -
   --fsdp              shard weights, gradients and optimizer state over the GPUs (FSDP2) instead
                       (2 or more GPUs; for models whose training state does not fit one GPU)
   --generated_fraction F  the dense teacher writes this share of the training sequences first (default
-                      0.2 on GPUs when distilling, 0 on the CPU; 0 = off; see benchmarks/RESULTS.md);
-                      --generated_mode add keeps the whole corpus beside them (default: in place of blocks)
+                      0.4 on GPUs when distilling, 0 on the CPU; 0 = off; see benchmarks/RESULTS.md), added
+                      to the whole corpus in its number of steps (--generated_mode replace: in place of blocks)
   --ood_windows N     perplexity also on N windows of held-out novels, plays, speeches and recipes
                       (default 48 on GPUs, 8 on the CPU; 0 = off)
   --lora              train masked LoRA adapters on the frozen pruned model instead of every weight (less

@@ -16,8 +16,8 @@ from sparse_adamw.pipeline import finetune, teacher_text
 from sparse_adamw.pipeline.banner import generated_note
 from sparse_adamw.pipeline.data import train_blocks
 from sparse_adamw.pipeline.finetune import main
-from sparse_adamw.pipeline.finetune_config import (DEFAULT_GENERATED_FRACTION, _split, build_parser,
-                                                   parse_arguments, resolve_arguments)
+from sparse_adamw.pipeline.finetune_config import (DEFAULT_GENERATED_FRACTION, DEFAULT_GENERATED_MODE, _split,
+                                                   build_parser, parse_arguments, resolve_arguments)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def datasets(monkeypatch):
 def test_the_teachers_share_replaces_as_many_corpus_blocks(setup, tmp_path, datasets, capsys):
     model_dir, masks, _, corpus = setup
     out = tmp_path / "a"
-    assert main(_args(setup, out, "--generated_fraction", 0.3)) == 0
+    assert main(_args(setup, out, "--generated_fraction", 0.3, "--generated_mode", "replace")) == 0
     text = capsys.readouterr().out
     corpus_blocks = train_blocks(tiny_tokenizer(), dataset_path=str(corpus), block_size=32)
     trained = datasets[0]
@@ -84,9 +84,10 @@ def test_the_teachers_share_replaces_as_many_corpus_blocks(setup, tmp_path, data
         assert pruned_blocks_are_zero(params[name], mask), name
 
     # the same command elsewhere writes the same text; another seed, other text
-    assert main(_args(setup, tmp_path / "b", "--generated_fraction", 0.3)) == 0
+    assert main(_args(setup, tmp_path / "b", "--generated_fraction", 0.3, "--generated_mode", "replace")) == 0
     assert torch.equal(load_file(str(tmp_path / "b" / teacher_text.TEXT_FILE))["input_ids"].long(), kept)
-    assert main(_args(setup, tmp_path / "c", "--generated_fraction", 0.3, "--seed", 5)) == 0
+    replace = ("--generated_fraction", 0.3, "--generated_mode", "replace")
+    assert main(_args(setup, tmp_path / "c", *replace, "--seed", 5)) == 0
     assert not torch.equal(load_file(str(tmp_path / "c" / teacher_text.TEXT_FILE))["input_ids"].long(), kept)
 
 
@@ -149,12 +150,12 @@ def test_a_resume_and_a_fresh_start_read_the_text_back(setup, tmp_path, datasets
 
 @pytest.mark.parametrize("change, line", [
     (("--generated_temperature", 0.7), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 0, '
-                                       '"prompt_tokens": 5, "mode": "replace"} -> {"fraction": 0.5, '
+                                       '"prompt_tokens": 5, "mode": "add"} -> {"fraction": 0.5, '
                                        '"temperature": 0.7'),
     (("--generated_fraction", 0), '  generated: {"fraction": 0.5, "temperature": 1.0, "top_k": 0, "prompt_tokens": 5, '
-                                  '"mode": "replace"} -> (none)'),
-    (("--generated_mode", "add"), '"mode": "replace"} -> {"fraction": 0.5, "temperature": 1.0, "top_k": 0, '
-                                  '"prompt_tokens": 5, "mode": "add"}'),
+                                  '"mode": "add"} -> (none)'),
+    (("--generated_mode", "replace"), '"mode": "add"} -> {"fraction": 0.5, "temperature": 1.0, "top_k": 0, '
+                                      '"prompt_tokens": 5, "mode": "replace"}'),
 ])
 def test_a_rerun_with_other_settings_is_refused(setup, tmp_path, capsys, change, line):
     out = tmp_path / "run"
@@ -202,16 +203,16 @@ def test_the_default_share_is_written_on_gpus_where_distillation_is_on(setup, cu
         argv += ["--teacher", str(teacher)]
     args, training = _split(build_parser().parse_args(argv))
     plan = resolve_arguments(args, training, cuda_available=cuda, bf16_supported=cuda, world_size=1)
-    assert plan.args.generated_fraction == expected
+    assert plan.args.generated_fraction == expected and plan.args.generated_mode == DEFAULT_GENERATED_MODE
     assert DEFAULT_GENERATED_FRACTION > 0
 
 
 @pytest.mark.parametrize("cuda, extra, note", [
-    (True, (), f"{DEFAULT_GENERATED_FRACTION:g} of the training sequences written by the teacher before training, in "
-               "place of as many corpus blocks (T=1, top-k off, from the first 16 tokens of corpus blocks), kept in "),
-    (True, ("--generated_mode", "add", "--generated_top_k", 50, "--generated_fraction", 0.4),
-     "0.4 of the training sequences written by the teacher before training, added to the corpus (T=1, top-k 50, "
-     "from the first 16 tokens of corpus blocks), kept in "),
+    (True, (), f"{DEFAULT_GENERATED_FRACTION:g} of the training sequences written by the teacher before training, "
+               "added to the corpus (T=1, top-k off, from the first 16 tokens of corpus blocks), kept in "),
+    (True, ("--generated_mode", "replace", "--generated_top_k", 50, "--generated_fraction", 0.3),
+     "0.3 of the training sequences written by the teacher before training, in place of as many corpus blocks "
+     "(T=1, top-k 50, from the first 16 tokens of corpus blocks), kept in "),
     (False, (), "off"),
     (True, ("--no_distill",), "off (no teacher)"),
 ])
