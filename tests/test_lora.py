@@ -4,7 +4,6 @@ materialized Δ; the merged model's logits equal the adapted model's; pruned blo
 training and the merge; nothing of the weight's size is saved for the backward."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

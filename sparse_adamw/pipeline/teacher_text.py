@@ -9,10 +9,10 @@ its own samples carry that over: a share of the training sequences is written by
     replaced by sequences of the same length that the teacher writes, each prompted with the first
     `prompt_tokens` tokens of the block it replaces (so it starts from the corpus, then goes where the teacher
     takes it). The number of training sequences, and so the schedule, stays what it was.
-  - "add": the corpus stays whole and the teacher's sequences join it, fraction of the mix: round(n x fraction /
-    (1 - fraction)) of them, prompted from blocks drawn at random (each at most once until all were). The
-    fine-tune keeps the corpus's number of steps (fewer passes over the larger mix), so the run costs what it
-    did, plus the writing.
+  - "add" (the fine-tune's default, finetune_config.py): the corpus stays whole and the teacher's sequences join
+    it, fraction of the mix: round(n x fraction / (1 - fraction)) of them, prompted from blocks drawn at random
+    (each at most once until all were). The fine-tune keeps the corpus's number of steps (fewer passes over the
+    larger mix), so the run costs what it did, plus the writing.
 - How: sampled at `temperature` from the `top_k` most likely tokens (0, the default: the whole distribution; its
   text is noisier, and distilling on it recovered more out of domain than top-k 50 did), end-of-text suppressed
   so every sequence is whole, in equal batches with a static KV cache, by `decode` (below). The batch is the
