@@ -309,8 +309,7 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
                                          if pruned_from_packaged(args.model) else lora.DEFAULT_LEARNING_RATE)
     given = {"per_device_train_batch_size": training.get("per_device_train_batch_size"),
              "gradient_accumulation_steps": training.get("gradient_accumulation_steps"),
-             "gradient_checkpointing": next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None),
-                                            None)}
+             "gradient_checkpointing": _checkpointing_given(training)}
     memory_plan = _resolve_memory(args, training, on_cpu)
     _resolve_schedule(training, world_size, cpu_default, args.model)
     _resolve_precision(args, training, on_cpu, bf16_supported)
@@ -344,6 +343,11 @@ def resolve_arguments(args: FinetuneArguments, training: Dict[str, object], *, c
 _TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
+def _checkpointing_given(training: Dict[str, object]) -> Optional[bool]:
+    """Activation checkpointing as the command line gave it, under either of its names; None when not given."""
+    return next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None), None)
+
+
 def _resolve_memory(args: FinetuneArguments, training: Dict[str, object], on_cpu: bool) -> bool:
     """Whether the memory plan decides the micro-batch and checkpointing; fills the placeholders until it does."""
     if on_cpu:
@@ -354,7 +358,7 @@ def _resolve_memory(args: FinetuneArguments, training: Dict[str, object], on_cpu
         training["use_liger_kernel"] = False
     if args.max_memory_gb is not None and args.max_memory_gb <= 0:
         raise ValueError(f"--max_memory_gb must be positive, got {args.max_memory_gb}")
-    checkpointing = next((training[k] for k in CHECKPOINTING_ARGS if training.get(k) is not None), None)
+    checkpointing = _checkpointing_given(training)
     planned = (not on_cpu and training["gradient_accumulation_steps"] is None
                and (training["per_device_train_batch_size"] is None or checkpointing is None))
     if training["per_device_train_batch_size"] is None:
